@@ -1,0 +1,134 @@
+"""Problem sets in the seeds' formats, validated line by line before anything is submitted.
+
+Accepted: a JSON array or JSONL of records, either ``{"id", "question", "answer"}`` (optional
+``sound`` / ``image`` / ``video``) or the conversations format
+``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}`` (id optional there).
+Errors name the file and line: ``data/train.jsonl:17: missing field 'answer'``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from jobs.specs import MEDIA_FIELDS
+from state import InputError, atomic_write_bytes
+
+Problem = dict[str, Any]
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for a JSON array or a JSONL file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if text.lstrip().startswith("["):
+        yield from _array_records(path, text)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})") from None
+
+
+def _array_records(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """Decode a JSON array element by element so each error can name the element's line."""
+    decoder = json.JSONDecoder()
+    position = text.index("[") + 1
+
+    def skip(pos: int) -> int:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    def line_of(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    position = skip(position)
+    if position < len(text) and text[position] == "]":
+        return
+    while True:
+        try:
+            record, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+        yield line_of(position), record
+        position = skip(end)
+        if position < len(text) and text[position] == ",":
+            position = skip(position + 1)
+            continue
+        if position < len(text) and text[position] == "]":
+            if skip(position + 1) != len(text):
+                raise InputError(f"{path}:{line_of(position + 1)}: unexpected text after the JSON array")
+            return
+        raise InputError(f"{path}:{line_of(position)}: malformed JSON (expected ',' or ']' between records)")
+
+
+def _from_conversations(record: dict[str, Any], where: str) -> Problem:
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise InputError(f"{where}: 'conversations' must be a list of turns")
+    by_role: dict[str, str] = {}
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+            raise InputError(f"{where}: each turn of 'conversations' needs 'from' and a string 'value'")
+        by_role.setdefault(turn["from"], turn["value"])
+    for role in ("human", "gpt"):
+        if role not in by_role:
+            raise InputError(f"{where}: 'conversations' has no turn from {role!r}")
+    problem = {k: v for k, v in record.items() if k != "conversations"}
+    problem.update(question=by_role["human"], answer=by_role["gpt"])
+    return problem
+
+
+def _problem(record: Any, where: str, index: int, stem: str) -> Problem:
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    if "conversations" in record:
+        record = _from_conversations(record, where)
+        record.setdefault("id", f"{stem}_{index}")
+    for key in ("id", "question", "answer"):
+        if key not in record:
+            raise InputError(f"{where}: missing field {key!r}")
+    if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+        raise InputError(f"{where}: field 'id' must be a string or an integer")
+    for key in ("question", "answer", *MEDIA_FIELDS):
+        if key in record and not isinstance(record[key], str):
+            raise InputError(f"{where}: field {key!r} must be a string")
+    problem = {key: record[key] for key in ("question", "answer", *MEDIA_FIELDS) if key in record}
+    problem["id"] = str(record["id"])
+    return problem
+
+
+def load_problems(path: Path | str) -> list[Problem]:
+    """Every problem of ``path``, normalized to id / question / answer (+ media fields)."""
+    path = Path(path)
+    problems: list[Problem] = []
+    first_line: dict[str, int] = {}
+    for index, (number, record) in enumerate(_records(path)):
+        where = f"{path}:{number}"
+        problem = _problem(record, where, index, path.stem)
+        if problem["id"] in first_line:
+            raise InputError(f"{where}: duplicate id {problem['id']!r} (first on line {first_line[problem['id']]})")
+        first_line[problem["id"]] = number
+        problems.append(problem)
+    if not problems:
+        raise InputError(f"{path}: no problems in file")
+    return problems
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+
+
+def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

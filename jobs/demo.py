@@ -1,0 +1,133 @@
+"""Builds the demo's assets offline: a tiny Qwen2 model, its tokenizer, and an addition task.
+
+The task: add two numbers of 10-999, worked digit by digit with carries inside <think>, then
+``ANSWER: n``. The base model is warm-started on a deliberately small set of worked solutions
+so that it is weak but not hopeless (the self-training loop then has something to find).
+
+    python -m jobs.demo build demo_assets [--no-warm-start]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs.data import write_jsonl
+from jobs.runtime import log
+from jobs.specs import JobTarget, TrainConfig, TrainSpec
+
+IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def worked_solution(a: int, b: int) -> str:
+    """``<think>`` one line per digit, right to left, with the carry; then the answer."""
+    steps, carry = [], 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        total = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={total} c{total // 10}")
+        carry = total // 10
+    return "<think>\n" + "\n".join(steps) + f"\n</think>\nANSWER: {a + b}"
+
+
+def make_problems(rng: random.Random, count: int, prefix: str, worked: bool = False) -> list[dict[str, Any]]:
+    problems = []
+    for i in range(count):
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        answer = worked_solution(a, b) if worked else str(a + b)
+        problems.append({"id": f"{prefix}_{i:05d}", "question": f"{a}+{b}=?", "answer": answer})
+    return problems
+
+
+def build_tokenizer(out: Path) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # Byte-level BPE without merges: one token per byte, the same pipeline Qwen2Tokenizer uses, so
+    # transformers (which loads any qwen2 checkpoint's tokenizer as Qwen2Tokenizer) and vLLM agree.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=IM_END, pad_token=PAD, additional_special_tokens=[IM_START],
+        chat_template=CHAT_TEMPLATE,
+    )
+    # Tag tokens stay visible in decoded text (not special) but cost one token each.
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.save_pretrained(str(out))
+    return tokenizer
+
+
+def build_model(out: Path, seed: int = 0) -> None:
+    """A 1 M-parameter Qwen2 (head_dim 32, so vLLM's CPU attention can serve it too)."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer(out)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.convert_tokens_to_ids(IM_START),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=80
+    )
+    model.save_pretrained(str(out))
+
+
+def build(out: Path, warm_start: bool, seed: int = 0, num_warm: int = 160, warm_steps: int = 500) -> None:
+    from jobs.train import train_model
+
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "train.jsonl", make_problems(rng, 1000, "train"))
+    write_jsonl(out / "heldout.jsonl", make_problems(rng, 500, "heldout"))
+    write_jsonl(out / "warmstart.jsonl", make_problems(rng, num_warm, "warm", worked=True))
+    build_model(out / "random_init", seed)
+    if not warm_start:
+        return
+    warm = TrainConfig(
+        method="full", num_epochs=1, max_steps=warm_steps, batch_size=32, gradient_accumulation_steps=1,
+        warmup_ratio=0.05, gradient_checkpointing=False, replay_data=str(out / "warmstart.jsonl"),
+        logging_steps=50, save_steps=10_000,
+    )
+    spec = TrainSpec(
+        target=JobTarget(str(out), "warm_start"), data_path=None, init_model=str(out / "random_init"),
+        output_dir=str(out / "warm_start"), learning_rate=2e-3, train=warm, system_prompt=None, seed=seed,
+    )
+    metrics: dict[str, Any] = {}
+    train_model(spec, metrics)
+    log.info("warm start: %s", metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["build"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--no-warm-start", dest="warm_start", action="store_false")
+    parser.add_argument("--num-warm", type=int, default=160)
+    parser.add_argument("--warm-steps", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    done = args.out / ("warm_start/model" if args.warm_start else "random_init") / "config.json"
+    if done.exists():
+        print(f"{args.out}: demo assets already built")
+        return 0
+    build(args.out, args.warm_start, args.seed, args.num_warm, args.warm_steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

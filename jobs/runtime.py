@@ -1,0 +1,83 @@
+"""What every job does around its work: report to its ledger record, and log progress."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from jobs.specs import JobTarget
+from state import Ledger, Status
+
+log = logging.getLogger("selftrain")
+
+
+def _job_identity() -> dict[str, Any]:
+    """Job id / restart count from SLURM's or submitit's local environment, when there is one."""
+    job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if job_id:
+        job_id = f"{job_id}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    else:
+        job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+    return {
+        "job_id": job_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+    }
+
+
+@contextmanager
+def reporting(target: JobTarget) -> Iterator[dict[str, Any]]:
+    """Mark the record running, then done with the metrics the body filled in, or failed."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    ledger = Ledger(target.run_dir)
+
+    def started(record: dict[str, Any]) -> None:
+        # Counts executions, so that a resumed run can prove no finished work was redone.
+        record["executions"] = record.get("executions", 0) + 1
+
+    ledger.update(target.ledger_key, {"status": str(Status.RUNNING), **_job_identity()}, started)
+    metrics: dict[str, Any] = {}
+    try:
+        yield metrics
+    except BaseException as error:
+        ledger.set_status([target.ledger_key], Status.FAILED, error=f"{type(error).__name__}: {error}")
+        raise
+    ledger.set_status([target.ledger_key], Status.DONE, metrics=metrics, error=None)
+
+
+class Throughput:
+    """Periodic progress lines (problems/s, tokens/s, ETA) and the totals for the ledger."""
+
+    def __init__(self, total: int, every_s: float = 10.0):
+        self.total, self.every_s = total, every_s
+        self.done = self.tokens = 0
+        self.start = self.last_log = time.monotonic()
+
+    def add(self, problems: int, tokens: int) -> None:
+        self.done += problems
+        self.tokens += tokens
+        now = time.monotonic()
+        if now - self.last_log >= self.every_s or self.done == self.total:
+            self.last_log = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            log.info(
+                "%d/%d problems, %.2f problems/s, %.0f tokens/s, ETA %.0f s",
+                self.done, self.total, rate, self.tokens / max(now - self.start, 1e-9), eta,
+            )
+
+    def totals(self) -> dict[str, float]:
+        seconds = max(time.monotonic() - self.start, 1e-9)
+        return {
+            "problems": self.done,
+            "generated_tokens": self.tokens,
+            "seconds": round(seconds, 3),
+            "problems_per_s": round(self.done / seconds, 3),
+            "tokens_per_s": round(self.tokens / seconds, 1),
+        }

@@ -1,0 +1,151 @@
+"""Settings of each stage and the plain dataclasses handed to jobs.
+
+The stage settings double as the YAML schema's sections (pipeline.config validates them with
+pydantic), so a key exists once, here. Defaults are those of the ReST seed users know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Gt, Le
+
+PositiveInt = Annotated[int, Ge(1)]
+Fraction = Annotated[float, Ge(0), Le(1)]
+
+MEDIA_FIELDS = ("sound", "image", "video")
+
+# Read by pydantic when pipeline.config validates a section: an unknown key is an error, not ignored.
+REJECT_UNKNOWN_KEYS = {"extra": "forbid"}
+
+
+@dataclass
+class GenerateConfig:
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    backend: Literal["transformers"] = "transformers"
+    num_samples: PositiveInt = 16
+    temperature: Annotated[float, Ge(0)] = 0.9
+    top_p: Annotated[float, Gt(0), Le(1)] = 0.95
+    max_tokens: PositiveInt = 2048
+    # Problems per forward batch (transformers) or concurrent requests (servers).
+    batch_size: PositiveInt = 8
+    num_shards: PositiveInt = 4
+    system_prompt: str | None = None
+
+
+@dataclass
+class FilterConfig:
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    strategy: Literal["learning_zone", "all", "best", "top_k"] = "learning_zone"
+    top_k: PositiveInt = 3
+    include_mastered: bool = False
+    mastered_sample_rate: Fraction = 0.1
+    # multiple_choice | numeric | exact, or a function given as "package.module:function".
+    verifier: str = "multiple_choice"
+    answer_pattern: str = r"<answer>(.*?)</answer>"
+    # Correct-rate bounds of challenging | learning_zone | almost_mastered | mastered. With K=16
+    # they give the seed's table: 1-3, 4-11, 12-14, 15-16 correct.
+    zone_bounds: tuple[Fraction, Fraction, Fraction] = (0.25, 0.75, 0.9)
+    # Keep identical correct responses of one problem once.
+    dedupe: bool = False
+
+
+@dataclass
+class TrainConfig:
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    method: Literal["lora", "full"] = "lora"
+    # ReST-EM restarts from the base model every iteration; the seed continues from the previous.
+    init_from: Literal["previous", "base"] = "previous"
+    lora_r: PositiveInt = 64
+    lora_alpha: PositiveInt = 128
+    lora_dropout: Fraction = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    num_epochs: Annotated[float, Gt(0)] = 2
+    # Overrides num_epochs when > 0.
+    max_steps: int = -1
+    batch_size: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt = 8
+    warmup_ratio: Fraction = 0.1
+    weight_decay: Annotated[float, Ge(0)] = 0.0
+    lr_scheduler_type: str = "linear"
+    max_length: PositiveInt = 2048
+    gradient_checkpointing: bool = True
+    # GPU-only choices (paged 8-bit AdamW, bf16, 4-bit loading) are skipped with a log line on CPU.
+    optim: str = "paged_adamw_8bit"
+    bf16: bool = True
+    load_in_4bit: bool = True
+    # Extra SFT examples (same format as the problems, answers as full responses) mixed into
+    # every iteration's training set, e.g. the warm-start data.
+    replay_data: str | None = None
+    save_merged: bool = True
+    logging_steps: PositiveInt = 10
+    save_steps: PositiveInt = 200
+
+
+@dataclass
+class EvalConfig:
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    max_tokens: PositiveInt = 2048
+    batch_size: PositiveInt = 64
+
+
+@dataclass
+class JobTarget:
+    """Where a job reports: the run directory and the ledger record it owns."""
+
+    run_dir: str
+    ledger_key: str
+
+
+@dataclass
+class GenerateShardSpec:
+    target: JobTarget
+    problems_path: str
+    start: int
+    stop: int
+    model_path: str
+    output_path: str
+    generate: GenerateConfig
+    seed: int
+
+
+@dataclass
+class FilterSpec:
+    target: JobTarget
+    shard_paths: list[str]
+    num_problems: int
+    output_dir: str
+    filter: FilterConfig
+    num_samples: int
+    seed: int
+
+
+@dataclass
+class TrainSpec:
+    target: JobTarget
+    data_path: str
+    init_model: str
+    output_dir: str
+    learning_rate: float
+    train: TrainConfig
+    system_prompt: str | None
+    seed: int
+
+
+@dataclass
+class EvalSpec:
+    target: JobTarget
+    problems_path: str
+    model_path: str
+    output_dir: str
+    eval: EvalConfig
+    filter: FilterConfig
+    system_prompt: str | None
+    seed: int

@@ -1,0 +1,143 @@
+"""Training job: TRL SFT on the filtered set, LoRA (PEFT) or full fine-tuning.
+
+Writes ``<output>/model`` (the merged model the next iteration generates with), ``<output>/adapter``
+for LoRA, and ``<output>/model_card.json``. Checkpoints go to ``<output>/checkpoints``; a restarted
+job continues from the last one. GPU-only settings are skipped with one log line on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from jobs.backends import messages_for, pick_device
+from jobs.data import load_problems
+from jobs.runtime import log, reporting
+from jobs.specs import TrainConfig, TrainSpec
+from state import atomic_write_json
+
+
+def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: str | None) -> list[dict[str, Any]]:
+    """Prompt / completion conversations from filtered.json and the replay problems."""
+    pairs: list[tuple[dict[str, Any], str]] = []
+    if data_path:
+        pairs += [(s, s["response"]) for s in json.loads(Path(data_path).read_text(encoding="utf-8"))]
+    if replay_path:
+        pairs += [(p, p["answer"]) for p in load_problems(replay_path)]
+    return [
+        {"prompt": messages_for(problem, system_prompt), "completion": [{"role": "assistant", "content": response}]}
+        for problem, response in pairs
+    ]
+
+
+def _hardware_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
+    """Trainer options for this machine: GPU-only choices fall back on CPU, with one line each."""
+    options: dict[str, Any] = {"optim": config.optim, "bf16": config.bf16, "use_cpu": not on_gpu}
+    if on_gpu:
+        return options
+    if "8bit" in config.optim or config.optim.startswith("paged"):
+        log.info("no GPU: optimizer %s needs bitsandbytes on a GPU, using adamw_torch", config.optim)
+        options["optim"] = "adamw_torch"
+    if config.bf16:
+        log.info("no GPU: training in float32 instead of bf16")
+        options["bf16"] = False
+    if config.load_in_4bit:
+        log.info("no GPU: loading the model unquantized (4-bit loading needs a GPU)")
+    return options
+
+
+def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    config = spec.train
+    output = Path(spec.output_dir)
+    examples = sft_examples(spec.data_path, config.replay_data, spec.system_prompt)
+    if not examples:
+        raise ValueError(
+            "nothing to train on: no problem had a correct candidate and there is no replay_data"
+            " (raise generate.num_samples or generate.temperature, or warm-start the model first)"
+        )
+    device, dtype = pick_device()
+    on_gpu = device == "cuda"
+    quantization = None
+    if on_gpu and config.load_in_4bit and config.method == "lora":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    tokenizer = AutoTokenizer.from_pretrained(spec.init_model)
+    model = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization)
+    peft_config = None
+    if config.method == "lora":
+        peft_config = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules, task_type="CAUSAL_LM",
+        )
+    checkpoints = output / "checkpoints"
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        learning_rate=spec.learning_rate,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a ratio
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler_type,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=config.max_length,
+        completion_only_loss=True,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        seed=spec.seed,
+        disable_tqdm=True,
+        **_hardware_options(config, on_gpu),
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if resume:
+        log.info("resuming training from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    model_dir = output / "model"
+    if config.method == "lora":
+        adapter_dir = output / "adapter"
+        trainer.model.save_pretrained(str(adapter_dir))
+        if config.save_merged:
+            # Merge into an unquantized copy of the starting model: a 4-bit base cannot be merged.
+            base = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype)
+            PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(str(model_dir))
+    else:
+        trainer.save_model(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metrics.update(
+        train_samples=len(examples),
+        steps=trainer.state.global_step,
+        final_loss=losses[-1] if losses else result.training_loss,
+        train_loss=result.training_loss,
+        learning_rate=spec.learning_rate,
+        seconds=round(result.metrics.get("train_runtime", 0.0), 2),
+        samples_per_s=result.metrics.get("train_samples_per_second"),
+        resumed_from=resume,
+    )
+    atomic_write_json(output / "model_card.json", {"init_model": spec.init_model, "method": config.method, **metrics})
+    if model_dir.is_dir():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def run(spec: TrainSpec) -> dict[str, Any]:
+    with reporting(spec.target) as metrics:
+        train_model(spec, metrics)
+    return metrics

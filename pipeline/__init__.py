@@ -1,0 +1,1 @@
+"""The driver: configuration, planning, submission, waiting, and the iteration loop."""

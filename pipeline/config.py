@@ -1,0 +1,204 @@
+"""The run's YAML schema, loaded with dotted command-line overrides and validated in one place.
+
+Every problem is reported as one line naming the file and the key, e.g.
+``configs/demo.yaml: generate.temperature: Input should be greater than or equal to 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from annotated_types import Ge, Gt
+from pydantic import TypeAdapter, ValidationError
+
+from jobs.specs import REJECT_UNKNOWN_KEYS, EvalConfig, FilterConfig, GenerateConfig, PositiveInt, TrainConfig
+from jobs.answers import get_verifier
+from state import InputError
+
+
+@dataclass
+class Resources:
+    """What one stage's jobs ask the scheduler for."""
+
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    timeout_min: PositiveInt = 240
+    cpus_per_task: PositiveInt | None = None
+    gpus_per_task: Annotated[int, Ge(0)] = 0
+    mem_gb: Annotated[float, Gt(0)] | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+
+
+@dataclass
+class ExecutorConfig:
+    """How jobs run. Changing it does not change results, so a resumed run may change it."""
+
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    cluster: Literal["local", "slurm", "debug"] = "local"
+    max_attempts: PositiveInt = 3
+    poll_interval_s: Annotated[float, Gt(0)] = 2.0
+    generate: Resources = field(default_factory=Resources)
+    filter: Resources = field(default_factory=lambda: Resources(timeout_min=60))
+    train: Resources = field(default_factory=Resources)
+    eval: Resources = field(default_factory=lambda: Resources(timeout_min=60))
+
+
+@dataclass
+class ModelConfig:
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    path: str
+
+
+@dataclass
+class DataConfig:
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    train: str
+    # Held-out problems for greedy accuracy after every iteration (and of the base model).
+    heldout: str | None = None
+
+
+@dataclass
+class RunConfig:
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    model: ModelConfig
+    data: DataConfig
+    run_name: str = "run"
+    runs_dir: str = "runs"
+    seed: int = 42
+    num_iterations: PositiveInt = 3
+    # learning_rates[i] is iteration i+1's.
+    learning_rates: list[Annotated[float, Gt(0)]] = field(default_factory=lambda: [2e-5, 1e-5, 5e-6])
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+
+_ADAPTER = TypeAdapter(RunConfig)
+# Sections that only say how jobs run; they may change between a run's invocations.
+EXECUTION_ONLY = ("executor",)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> str:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to ``data``; return the dotted key."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise InputError(f"command line: {assignment!r}: an override looks like key.sub_key=value")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise InputError(f"command line: {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return key
+
+
+def _known_keys(path: list[str]) -> list[str]:
+    """The keys the schema allows in the section at ``path`` (for "did you mean")."""
+    schema: Any = RunConfig
+    for part in path:
+        schema = typing.get_type_hints(schema).get(part) if dataclasses.is_dataclass(schema) else None
+    return [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "unexpected_keyword_argument":
+        hint = difflib.get_close_matches(loc[-1], _known_keys(loc[:-1]), n=1)
+        return f"{key}: unknown key" + (f" (did you mean {'.'.join([*loc[:-1], hint[0]])!r}?)" if hint else "")
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    value = error.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
+    return f"{key}: {error['msg']}{shown}"
+
+
+def _check(config: RunConfig) -> None:
+    """Rules that span keys or touch the filesystem; raise ``ValueError('key: why')``."""
+    if len(config.learning_rates) < config.num_iterations:
+        raise ValueError(
+            f"learning_rates: has {len(config.learning_rates)} entries but num_iterations is {config.num_iterations}"
+        )
+    for key, path in (("model.path", config.model.path), ("data.train", config.data.train), ("data.heldout", config.data.heldout)):
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{key}: {path} does not exist")
+    if config.train.replay_data is not None and not Path(config.train.replay_data).is_file():
+        raise ValueError(f"train.replay_data: {config.train.replay_data} does not exist")
+    try:
+        get_verifier(config.filter.verifier)
+    except ValueError as error:
+        raise ValueError(f"filter.verifier: {error}") from None
+    low, mid, high = config.filter.zone_bounds
+    if not 0 < low <= mid <= high <= 1:
+        raise ValueError(f"filter.zone_bounds: must rise within (0, 1], got {list(config.filter.zone_bounds)}")
+    if config.train.method == "lora" and not config.train.save_merged:
+        raise ValueError("train.save_merged: the transformers backend generates with a merged model; keep it true")
+
+
+def load_config(path: Path | str, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InputError(f"{where}: invalid YAML ({getattr(error, 'problem', None) or error})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the config must be a mapping of keys to values")
+    from_command_line = {apply_override(data, item) for item in overrides}
+    try:
+        config = _ADAPTER.validate_python(data)
+        _check(config)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        source = "command line" if key in from_command_line else str(path)
+        raise InputError(f"{source}: {_describe(first)}") from None
+    except ValueError as error:
+        raise InputError(f"{path}: {error}") from None
+    return config
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``["generate.num_samples: 8 -> 16", ...]`` for the keys whose values differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if not prefix and key in EXECUTION_ONLY:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

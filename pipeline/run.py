@@ -1,0 +1,110 @@
+"""``python -m pipeline.run CONFIG [key=value ...] [--dry-run]``: run (or resume) a self-training run.
+
+Everything the user gave is checked before anything is written or submitted: a bad config,
+bad data or a changed config for an existing run gives one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from jobs.data import load_problems, write_jsonl
+from pipeline.config import RunConfig, differences, dump_yaml, load_config
+from pipeline.driver import Driver, StageFailed
+from pipeline.plan import Planner, shard_ranges
+from pipeline.status import summarize
+from state import InputError, Ledger, atomic_write_bytes
+from state.ledger import now
+
+
+def check_resumable(config: RunConfig, source: str) -> bool:
+    """True if the run exists with the same config; refuse a different one."""
+    stored = config.run_dir / "config.yaml"
+    if not stored.exists():
+        return False
+    changed = differences(yaml.safe_load(stored.read_text()), yaml.safe_load(dump_yaml(config)))
+    if changed:
+        raise InputError(
+            f"{source}: run {config.run_name!r} exists in {config.run_dir} with a different config ("
+            + "; ".join(changed)
+            + "); rerun with the same config to resume, or start a new run with run_name=NEW_NAME"
+        )
+    return True
+
+
+def print_plan(config: RunConfig, planner: Planner, num_heldout: int, console: Console) -> None:
+    console.print(f"run {config.run_name!r} in {planner.run_dir}, cluster {config.executor.cluster}")
+    console.print(f"{planner.num_train} training problems, {num_heldout} held-out, {config.num_iterations} iterations")
+    table = Table("stage", "jobs", "resources", "writes")
+    if config.data.heldout:
+        stage = planner.eval(0)
+        table.add_row("baseline eval", "1", _resources(stage.resources), stage.tasks[0].spec.output_dir)
+    for iteration in range(1, config.num_iterations + 1):
+        for stage in planner.iteration(iteration):
+            if stage.name == "generate":
+                ranges = shard_ranges(planner.num_train, config.generate.num_shards)
+                jobs = f"array of {len(ranges)} (problems per shard {min(b - a for a, b in ranges)}-{max(b - a for a, b in ranges)})"
+                writes = str(Path(stage.tasks[0].spec.output_path).parent)
+            else:
+                jobs, writes = "1", getattr(stage.tasks[0].spec, "output_dir", "")
+            extra = f" lr {config.learning_rates[iteration - 1]:g}" if stage.name == "train" else ""
+            table.add_row(f"iteration {iteration} {stage.name}", jobs, _resources(stage.resources) + extra, writes)
+    console.print(table)
+    console.print("dry run: nothing submitted")
+
+
+def _resources(resources: object) -> str:
+    fields = vars(resources)
+    return ", ".join(f"{k}={v}" for k, v in fields.items() if v not in (None, 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generate.num_samples=8")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        config = load_config(args.config, args.overrides)
+        train = load_problems(config.data.train)
+        heldout = load_problems(config.data.heldout) if config.data.heldout else []
+        resuming = check_resumable(config, str(args.config))
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return InputError.exit_code
+    planner = Planner(config, config.run_dir, len(train))
+    if args.dry_run:
+        print_plan(config, planner, len(heldout), console)
+        return 0
+
+    ledger = Ledger(config.run_dir)
+    if not resuming:
+        write_jsonl(planner.train_problems, train)
+        if heldout:
+            write_jsonl(planner.heldout_problems, heldout)
+        ledger.update("run", {"run_name": config.run_name, "created_at": now(), "num_iterations": config.num_iterations})
+        # Written last: its presence means the run directory is complete and resumable.
+        atomic_write_bytes(config.run_dir / "config.yaml", dump_yaml(config).encode())
+    else:
+        console.print(f"resuming run {config.run_name!r} from {config.run_dir}")
+    ledger.update("run", {"status": "running", "num_iterations": config.num_iterations})
+    try:
+        Driver(config, planner, console).run()
+    except StageFailed as error:
+        ledger.update("run", {"status": "failed", "error": str(error).splitlines()[0]})
+        console.print(f"[red]run stopped:[/red] {error}", markup=True, highlight=False)
+        return 1
+    summary = summarize(config.run_dir)
+    console.print(f"run {config.run_name!r} done: {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny random Qwen2 model with the demo task's data, and CLI helpers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random-init tiny model + addition problems (no warm start: tests need speed, not skill)."""
+    from jobs.demo import build
+
+    out = tmp_path_factory.mktemp("assets")
+    build(out, warm_start=False)
+    return out
+
+
+def small_config(assets: Path, runs_dir: Path, **sections: Any) -> dict[str, Any]:
+    """A config that runs each stage in seconds; ``sections`` update it key by key."""
+    train = runs_dir.parent / "train_small.jsonl"
+    heldout = runs_dir.parent / "heldout_small.jsonl"
+    if not train.exists():
+        train.write_text("".join((assets / "train.jsonl").read_text().splitlines(keepends=True)[:24]))
+        heldout.write_text("".join((assets / "heldout.jsonl").read_text().splitlines(keepends=True)[:8]))
+    config: dict[str, Any] = {
+        "run_name": "small",
+        "runs_dir": str(runs_dir),
+        "num_iterations": 2,
+        "learning_rates": [1e-3, 5e-4],
+        "model": {"path": str(assets / "random_init")},
+        "data": {"train": str(train), "heldout": str(heldout)},
+        "generate": {"num_samples": 2, "max_tokens": 12, "batch_size": 4, "num_shards": 3},
+        "filter": {"verifier": "numeric", "strategy": "all"},
+        "train": {
+            "method": "lora", "lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+            "max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
+            "replay_data": str(assets / "warmstart.jsonl"), "logging_steps": 1,
+        },
+        "eval": {"max_tokens": 12, "batch_size": 8},
+        "executor": {"cluster": "local", "poll_interval_s": 0.3, "generate": {"cpus_per_task": 1}},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def tree_snapshot(folder: Path) -> dict[str, bytes]:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

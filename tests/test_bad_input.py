@@ -1,0 +1,97 @@
+"""Bad config, bad data, bad overrides: one clear line, exit 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli, small_config, tree_snapshot, write_config
+
+
+def assert_refused(result, *expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+CONFIG_CASES = [
+    # (change to the config, override args, expected words in the error line)
+    ({"generate": {"num_sampels": 8}}, [], ["generate.num_sampels: unknown key", "generate.num_samples"]),
+    ({"generate": {"num_samples": "lots"}}, [], ["generate.num_samples", "valid integer", "'lots'"]),
+    ({"filter": {"top_k": 0}}, [], ["filter.top_k", "greater than or equal to 1"]),
+    ({"generate": {"temperature": -0.5}}, [], ["generate.temperature", "greater than or equal to 0"]),
+    ({"learning_rates": [1e-3]}, [], ["learning_rates", "num_iterations is 2"]),
+    ({"filter": {"strategy": "best_of"}}, [], ["filter.strategy", "'best_of'"]),
+    ({"model": {"path": "/nonexistent/model"}}, [], ["model.path", "/nonexistent/model"]),
+    ({"filter": {"verifier": "nosuchmodule:fn"}}, [], ["filter.verifier", "nosuchmodule"]),
+    ({}, ["generate.num_samples=-1"], ["command line", "generate.num_samples"]),
+    ({}, ["generate.no_such_key=1"], ["command line", "generate.no_such_key: unknown key"]),
+    ({}, ["num_iterations"], ["command line", "key.sub_key=value"]),
+]
+
+
+@pytest.mark.parametrize(("change", "overrides", "expected"), CONFIG_CASES)
+def test_bad_config(tiny_assets: Path, tmp_path: Path, change, overrides, expected) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "bad.yaml", small_config(tiny_assets, runs, **change))
+    result = run_cli("-m", "pipeline.run", str(config), *overrides)
+    file_expected = [] if overrides else [str(config)]
+    assert_refused(result, *expected, *file_expected)
+    assert not runs.exists(), "nothing may be written for a bad config"
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("run_name: x\ngenerate:\n  num_samples: [1, 2\n")
+    assert_refused(run_cli("-m", "pipeline.run", str(config)), f"{config}:", "invalid YAML")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    assert_refused(run_cli("-m", "pipeline.run", str(tmp_path / "nope.yaml")), "nope.yaml: config file not found")
+
+
+def _problem(i: int, **extra) -> str:
+    return json.dumps({"id": f"p{i}", "question": f"{i}+1=?", "answer": str(i + 1), **extra})
+
+
+DATA_CASES = [
+    ("bad.jsonl", "\n".join([_problem(1), "{not json", _problem(3)]), ":2:", "malformed JSON"),
+    ("missing.jsonl", "\n".join([_problem(1), json.dumps({"id": "p2", "question": "q"})]), ":2:", "missing field 'answer'"),
+    ("dup.jsonl", "\n".join([_problem(1), _problem(2), _problem(1)]), ":3:", "duplicate id 'p1' (first on line 1)"),
+    ("array.json", "[\n" + ",\n".join([_problem(1), '{"id": "p2", "answer": "3"}']) + "\n]", ":3:", "missing field 'question'"),
+    ("conv.json", json.dumps([{"conversations": [{"from": "human", "value": "q"}]}]), ":1:", "no turn from 'gpt'"),
+    ("type.jsonl", json.dumps({"id": "p1", "question": 5, "answer": "1"}), ":1:", "'question' must be a string"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "where", "why"), DATA_CASES)
+def test_bad_data(tiny_assets: Path, tmp_path: Path, name: str, text: str, where: str, why: str) -> None:
+    data = tmp_path / name
+    data.write_text(text)
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "c.yaml", small_config(tiny_assets, runs, data={"train": str(data)}))
+    assert_refused(run_cli("-m", "pipeline.run", str(config)), f"{data}{where}", why)
+    assert not runs.exists()
+
+
+def test_seed_formats_load(tmp_path: Path) -> None:
+    from jobs.data import load_problems
+
+    path = tmp_path / "mixed.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"id": "sample_001", "sound": "a.wav", "question": "<sound> How many?", "answer": "(A) 3 sounds"},
+                {"sound": "b.wav", "conversations": [{"from": "human", "value": "<sound> What?"}, {"from": "gpt", "value": "(B) Piano"}]},
+            ],
+            indent=2,
+        )
+    )
+    problems = load_problems(path)
+    assert problems[0] == {"id": "sample_001", "sound": "a.wav", "question": "<sound> How many?", "answer": "(A) 3 sounds"}
+    assert problems[1] == {"id": "mixed_1", "sound": "b.wav", "question": "<sound> What?", "answer": "(B) Piano"}

@@ -1,0 +1,1 @@
+"""Small operator CLIs over pipeline and state."""
