@@ -111,6 +111,6 @@ def get_verifier(name: str) -> Verifier:
         function = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"cannot import verifier {name!r}: {error}") from None
-    if not callable(function):
-        raise ValueError(f"verifier {name!r} is not callable")
-    return function
+    if callable(function):
+        return function
+    raise ValueError(f"verifier {name!r} is not callable")

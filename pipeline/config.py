@@ -17,8 +17,15 @@ import yaml
 from annotated_types import Ge, Gt
 from pydantic import TypeAdapter, ValidationError
 
-from jobs.specs import REJECT_UNKNOWN_KEYS, EvalConfig, FilterConfig, GenerateConfig, PositiveInt, TrainConfig
 from jobs.answers import get_verifier
+from jobs.specs import (
+    REJECT_UNKNOWN_KEYS,
+    EvalConfig,
+    FilterConfig,
+    GenerateConfig,
+    PositiveInt,
+    TrainConfig,
+)
 from state import InputError
 
 

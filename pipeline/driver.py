@@ -65,7 +65,7 @@ class Driver:
         )
         try:
             jobs = submit_array(executor, tasks[0].function, [t.spec for t in tasks])
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - sbatch refusals, OS errors: all end the stage alike
             self.ledger.set_status([t.key for t in tasks], Status.FAILED, error=f"submission failed: {error}")
             raise StageFailed(f"{stage.key}: submission failed: {error}") from None
         self.watcher.track(jobs)
@@ -150,7 +150,13 @@ class Driver:
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         # Bars on a terminal; in a log file (a batch job, CI) one line per stage is easier to read.

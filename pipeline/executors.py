@@ -8,6 +8,7 @@ process submitted, which is what lets a rerun reattach to work still in flight.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,9 @@ def submit_array(
     if isinstance(executor, submitit.DebugExecutor):
         # Debug jobs run in this process when asked for their result; they report to the ledger.
         for job in jobs:
-            try:
+            # A failing job has recorded its failure in the ledger, where the driver looks.
+            with contextlib.suppress(Exception):
                 job.result()
-            except Exception:  # noqa: BLE001 - the job recorded its failure in the ledger
-                pass
     return jobs
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,6 @@ from jobs import eval as eval_job
 from jobs import filter as filter_job
 from jobs import generate as generate_job
 from jobs import train as train_job
-
 from jobs.specs import EvalSpec, FilterSpec, GenerateShardSpec, JobTarget, TrainSpec
 from pipeline.config import Resources, RunConfig
 
@@ -47,7 +47,7 @@ def shard_ranges(num_problems: int, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous, near-equal slices; never an empty shard."""
     num_shards = min(num_shards, num_problems)
     bounds = [round(i * num_problems / num_shards) for i in range(num_shards + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return list(itertools.pairwise(bounds))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, small_config, tree_snapshot, write_config
+from tests.conftest import run_cli, small_config, write_config
 
 
 def assert_refused(result, *expected: str) -> None:

@@ -83,9 +83,21 @@ PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd slurm-wlm-basic-plugins
     slurm-wlm-mysql-plugin mariadb-server)
 
 log() { echo "local_slurm: $*" >&2; }
+# Daemons started by this invocation of `start` (pid file, name); a failed
+# start stops them again so that a caller that gets exit 1 has nothing to
+# clean up (logs stay in DIR/log).
+STARTED=()
 die() {
     log "ERROR: $*"
+    undo_start
     exit 1
+}
+undo_start() {
+    local i
+    for ((i = ${#STARTED[@]} - 2; i >= 0; i -= 2)); do
+        stop_pidfile "${STARTED[i]}" "${STARTED[i + 1]}"
+    done
+    STARTED=()
 }
 # One line (on stderr, like all messages: stdout is kept for the export line
 # that callers eval) and exit 2: "this machine cannot do it", callers skip.
@@ -157,7 +169,7 @@ wait_pidfile() {
     done
     log "$name did not come up; last lines of $logfile:"
     tail -n 30 "$logfile" >&2 2>/dev/null || true
-    exit 1
+    die "$name did not come up"
 }
 
 # port_busy PORT: true if something accepts connections on 127.0.0.1:PORT.
@@ -166,11 +178,20 @@ wait_pidfile() {
 # instead of a daemon dying in the background and a timeout.
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-need_free_port() {
-    local port="$1" name="$2" var="$3"
-    if port_busy "$port"; then
-        die "port $port for $name is in use by another process; choose another with $var=PORT"
-    fi
+# check_ports: every daemon of ours that is not running needs its port free.
+check_ports() {
+    local name port var
+    while read -r name port var; do
+        pid_alive "$RUN/$name.pid" "$name" && continue
+        if port_busy "$port"; then
+            die "port $port for $name is in use by another process; choose another with $var=PORT"
+        fi
+    done <<EOF
+mariadbd $MYSQL_PORT SELFTRAIN_SLURM_MYSQL_PORT
+slurmdbd $DBD_PORT SELFTRAIN_SLURMDBD_PORT
+slurmctld $CTLD_PORT SELFTRAIN_SLURMCTLD_PORT
+slurmd $SLURMD_PORT SELFTRAIN_SLURMD_PORT
+EOF
 }
 
 munge_works() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
@@ -251,7 +272,8 @@ start_munge() {
     rm -f /run/munge/munged.pid
     # munged must run as the key's owner; it daemonizes itself and writes its
     # pid into /run/munge (the only place the munge user may write), which we
-    # copy into DIR/run to remember that we started it.
+    # copy into DIR/run to remember that we started it. --force: take over a
+    # socket left behind by a munged that died (we checked none answers).
     runuser -u munge -- /usr/sbin/munged --force 9>&- </dev/null >>"$LOG/munged.out" 2>&1 ||
         { tail -n 20 "$LOG/munged.out" /var/log/munge/munged.log >&2 2>/dev/null || true; die "munged failed to start"; }
     local i
@@ -261,6 +283,7 @@ start_munge() {
     done
     munge_works || die "munged started but munge -n | unmunge fails (see /var/log/munge/munged.log)"
     cp /run/munge/munged.pid "$RUN/munged.pid"
+    STARTED+=("$RUN/munged.pid" munged)
     log "started munged (pid $(pid_of "$RUN/munged.pid"))"
 }
 
@@ -287,7 +310,6 @@ start_mariadb() {
             >"$LOG/mariadb-install-db.log" 2>&1 ||
             { tail -n 30 "$LOG/mariadb-install-db.log" >&2; die "mariadb-install-db failed"; }
     fi
-    need_free_port "$MYSQL_PORT" mariadbd SELFTRAIN_SLURM_MYSQL_PORT
     # Own port/socket/datadir, loopback only; --user=root because mariadbd
     # refuses to run as root otherwise and the datadir is root's. The InnoDB
     # settings are the ones slurmdbd 22.05 warns about ("Database settings not
@@ -312,6 +334,7 @@ start_mariadb() {
     done
     mysql_root -e 'SELECT 1' >/dev/null 2>&1 ||
         { tail -n 30 "$LOG/mariadbd.log" >&2 2>/dev/null || true; die "MariaDB did not come up"; }
+    STARTED+=("$RUN/mariadbd.pid" mariadbd)
     log "started mariadbd (pid $(pid_of "$RUN/mariadbd.pid"), 127.0.0.1:$MYSQL_PORT)"
 }
 
@@ -454,7 +477,6 @@ EOF
 start_slurmdbd() {
     if pid_alive "$RUN/slurmdbd.pid" slurmdbd; then return 0; fi
     rm -f "$RUN/slurmdbd.pid"
-    need_free_port "$DBD_PORT" slurmdbd SELFTRAIN_SLURMDBD_PORT
     # The daemons fork into the background themselves and write PidFile;
     # 9>&- keeps them from inheriting our lock (a later start would hang on it).
     # slurmdbd has no -f option: it reads slurmdbd.conf from the directory of
@@ -462,6 +484,7 @@ start_slurmdbd() {
     setsid /usr/sbin/slurmdbd 9>&- </dev/null >>"$LOG/slurmdbd.out" 2>&1 ||
         { tail -n 30 "$LOG/slurmdbd.out" "$LOG/slurmdbd.log" >&2 2>/dev/null || true; die "slurmdbd failed to start"; }
     wait_pidfile "$RUN/slurmdbd.pid" slurmdbd 20 "$LOG/slurmdbd.log"
+    STARTED+=("$RUN/slurmdbd.pid" slurmdbd)
     log "started slurmdbd (pid $(pid_of "$RUN/slurmdbd.pid"), 127.0.0.1:$DBD_PORT)"
 }
 
@@ -491,22 +514,22 @@ register_cluster() {
 start_slurmctld() {
     if pid_alive "$RUN/slurmctld.pid" slurmctld; then return 0; fi
     rm -f "$RUN/slurmctld.pid"
-    need_free_port "$CTLD_PORT" slurmctld SELFTRAIN_SLURMCTLD_PORT
     setsid /usr/sbin/slurmctld -f "$SLURM_CONF_FILE" 9>&- </dev/null >>"$LOG/slurmctld.out" 2>&1 ||
         { tail -n 30 "$LOG/slurmctld.out" "$LOG/slurmctld.log" >&2 2>/dev/null || true; die "slurmctld failed to start"; }
     wait_pidfile "$RUN/slurmctld.pid" slurmctld 20 "$LOG/slurmctld.log"
+    STARTED+=("$RUN/slurmctld.pid" slurmctld)
     log "started slurmctld (pid $(pid_of "$RUN/slurmctld.pid"), 127.0.0.1:$CTLD_PORT)"
 }
 
 start_slurmd() {
     if pid_alive "$RUN/slurmd.pid" slurmd; then return 0; fi
     rm -f "$RUN/slurmd.pid"
-    need_free_port "$SLURMD_PORT" slurmd SELFTRAIN_SLURMD_PORT
     # SLURM_CONF stays in slurmd's environment; its slurmstepd children
     # inherit it, which is how `stop` recognizes stray steps of this cluster.
     setsid /usr/sbin/slurmd -f "$SLURM_CONF_FILE" -N "$(hostname -s)" 9>&- </dev/null >>"$LOG/slurmd.out" 2>&1 ||
         { tail -n 30 "$LOG/slurmd.out" "$LOG/slurmd.log" >&2 2>/dev/null || true; die "slurmd failed to start"; }
     wait_pidfile "$RUN/slurmd.pid" slurmd 20 "$LOG/slurmd.log"
+    STARTED+=("$RUN/slurmd.pid" slurmd)
     log "started slurmd (pid $(pid_of "$RUN/slurmd.pid"), 127.0.0.1:$SLURMD_PORT)"
 }
 
@@ -549,7 +572,7 @@ wait_idle() {
         echo "---- $LOG/$f.log" >&2
         tail -n 20 "$LOG/$f.log" >&2 2>/dev/null || true
     done
-    exit 1
+    die "node not idle"
 }
 
 # ----------------------------------------------------------------- actions --
@@ -557,6 +580,7 @@ do_start() {
     install_packages
     mkdir -p "$ETC" "$RUN" "$LOG" "$DIR/state/slurmctld" "$DIR/spool/slurmd" "$DIR/mysql"
     write_configs
+    check_ports
     start_munge
     start_mariadb
     setup_database
@@ -622,20 +646,22 @@ other_slurm_daemons() {
 
 do_stop() {
     local i pids pid
-    if [ ! -d "$RUN" ]; then
-        log "nothing to stop in $DIR"
-        return 0
-    fi
-    # Cancel jobs first so their slurmstepd/job processes end through SLURM
-    # (slurmstepd is not a child of slurmd and would otherwise outlive it).
-    if pid_alive "$RUN/slurmctld.pid" slurmctld && pid_alive "$RUN/slurmd.pid" slurmd; then
+    # Cancel all jobs first, so that their slurmstepd/job processes end
+    # through SLURM (slurmstepd is not a child of slurmd and would otherwise
+    # outlive it) and a later `start` does not resume old pending jobs. A test
+    # cluster: nothing is meant to survive `stop` but accounting (sacct).
+    if pid_alive "$RUN/slurmctld.pid" slurmctld; then
         if [ -n "$(timeout 10 squeue -h -o %i 2>/dev/null || true)" ]; then
             log "cancelling remaining jobs"
             timeout 10 squeue -h -o %i 2>/dev/null | xargs -r timeout 10 scancel --full >/dev/null 2>&1 || true
-            for ((i = 0; i < 150; i++)); do
-                [ -z "$(timeout 10 squeue -h -t RUNNING,COMPLETING -o %i 2>/dev/null || true)" ] && break
-                sleep 0.1
-            done
+            # Wait for the steps to end (KillWait=5 bounds it); without slurmd
+            # nothing would confirm it, the safety net below handles that.
+            if pid_alive "$RUN/slurmd.pid" slurmd; then
+                for ((i = 0; i < 150; i++)); do
+                    [ -z "$(timeout 10 squeue -h -t RUNNING,COMPLETING -o %i 2>/dev/null || true)" ] && break
+                    sleep 0.1
+                done
+            fi
         fi
     fi
     stop_pidfile "$RUN/slurmd.pid" slurmd
@@ -701,15 +727,23 @@ do_status() {
 
 # One start/stop at a time per DIR (e.g. parallel test workers). The lock fd
 # is closed for every daemon we start (9>&-), so it dies with this script.
-mkdir -p "$DIR"
-exec 9>"$DIR/.lock"
+lock_dir() {
+    mkdir -p "$DIR"
+    exec 9>"$DIR/.lock"
+    flock 9
+}
+
 case "$ACTION" in
 start)
-    flock 9
+    lock_dir
     do_start
     ;;
 stop)
-    flock 9
+    if [ ! -d "$RUN" ]; then
+        log "nothing to stop in $DIR"
+        exit 0
+    fi
+    lock_dir
     do_stop
     ;;
 status)

@@ -1,0 +1,52 @@
+"""The generation shard: the seed's record format, item-level resume, atomic visibility."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jobs.generate import generate_shard, partial_path
+from jobs.specs import GenerateConfig, GenerateShardSpec, JobTarget
+
+
+def spec_for(assets: Path, output: Path, stop: int = 6) -> GenerateShardSpec:
+    return GenerateShardSpec(
+        target=JobTarget(str(output.parent), "unused"),
+        problems_path=str(assets / "train.jsonl"),
+        start=0,
+        stop=stop,
+        model_path=str(assets / "random_init"),
+        output_path=str(output),
+        generate=GenerateConfig(num_samples=3, max_tokens=8, batch_size=2),
+        seed=1,
+    )
+
+
+def test_shard_writes_seed_records_and_resumes_per_item(tiny_assets: Path, tmp_path: Path) -> None:
+    output = tmp_path / "shard_00000.jsonl"
+    spec = spec_for(tiny_assets, output)
+    problems = [json.loads(line) for line in (tiny_assets / "train.jsonl").read_text().splitlines()[:6]]
+
+    # A shard killed mid-write left two whole items and a torn third line behind.
+    partial = partial_path(output)
+    first_two = [{"id": p["id"], "question": p["question"], "ground_truth": p["answer"], "candidates": [], "num_candidates": 0}
+                 for p in problems[:2]]
+    partial.write_text("".join(json.dumps(r) + "\n" for r in first_two) + '{"id": "train_00002", "quest')
+    metrics: dict = {}
+    generate_shard(spec, metrics)
+
+    assert not partial.exists() and output.exists(), "the shard becomes visible whole, by rename"
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["id"] for r in records] == [p["id"] for p in problems], "each problem exactly once, in order"
+    assert records[:2] == first_two, "items written before the restart are kept, not regenerated"
+    assert metrics["resumed_items"] == 2 and metrics["problems"] == 4
+    fresh = records[2]
+    assert set(fresh) == {"id", "question", "ground_truth", "candidates", "num_candidates"}
+    assert fresh["num_candidates"] == 3 and len(fresh["candidates"]) == 3
+    assert set(fresh["candidates"][0]) == {"raw_output", "thinking_prediction", "answer_text", "answer_prediction", "num_tokens"}
+    assert metrics["tokens_per_s"] > 0 and metrics["problems_per_s"] > 0
+
+    # Running a complete shard again changes nothing.
+    before = output.read_bytes()
+    generate_shard(spec, {})
+    assert output.read_bytes() == before

@@ -1,0 +1,164 @@
+"""The whole loop on the embedded default (submitit's local executor), with real jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    ROOT,
+    read_json,
+    run_cli,
+    small_config,
+    tree_snapshot,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def all_records(run_dir: Path) -> dict[str, dict]:
+    root = run_dir / "ledger"
+    return {str(p.relative_to(root).with_suffix("")): read_json(p) for p in root.rglob("*.json")}
+
+
+def job_records(run_dir: Path) -> dict[str, dict]:
+    """Records that jobs executed (shards and one-job stages), by key."""
+    return {k: r for k, r in all_records(run_dir).items() if "executions" in r}
+
+
+def assert_each_problem_once(run_dir: Path, iterations: int, num_problems: int) -> None:
+    for i in range(1, iterations + 1):
+        ids = []
+        for shard in sorted((run_dir / f"iter_{i:03d}" / "generate").glob("shard_*.jsonl")):
+            ids += [json.loads(line)["id"] for line in shard.read_text().splitlines()]
+        assert len(ids) == num_problems and len(set(ids)) == num_problems, f"iteration {i}"
+
+
+def test_two_iterations_end_to_end_then_resume_is_a_no_op(tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "small.yaml", small_config(tiny_assets, runs))
+    run_dir = runs / "small"
+
+    dry = run_cli("-m", "pipeline.run", str(config), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "array of 3" in dry.stdout and "iteration 2 train" in dry.stdout and "nothing submitted" in dry.stdout
+    assert not runs.exists(), "--dry-run writes nothing"
+
+    first = run_cli("-m", "pipeline.run", str(config))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "analytics across iterations" in first.stdout and "Held-out accuracy" in first.stdout
+
+    status = run_cli("tools/status.py", str(run_dir), "--json")
+    assert status.returncode == 0, status.stderr
+    summary = json.loads(status.stdout)
+    assert summary["base_heldout_accuracy"] is not None
+    assert [it["iteration"] for it in summary["iterations"]] == [1, 2]
+    for it in summary["iterations"]:
+        assert {s: it["stages"][s]["status"] for s in it["stages"]} == dict.fromkeys(("generate", "filter", "train", "eval"), "done")
+        shards = it["stages"]["generate"]["shards"]
+        assert [s["index"] for s in shards] == [0, 1, 2]
+        assert all(s["status"] == "done" and s["attempts"] == 1 and len(s["job_ids"]) == 1 for s in shards)
+        assert it["metrics"]["heldout_accuracy"] is not None and it["metrics"]["mean_correct_rate"] is not None
+        assert set(it["metrics"]["categories"]) == {"too_hard", "challenging", "learning_zone", "almost_mastered", "mastered"}
+    table = run_cli("tools/status.py", str(run_dir))
+    assert table.returncode == 0 and "3 done" in table.stdout
+
+    # The filter's outputs in the seed's layout; LoRA adapter and merged model; the model card.
+    filtered = run_dir / "iter_001" / "filter"
+    for name in ("filtered.json", "filtered_stats.json", "filtered_analytics.json", "filtered_by_category.json",
+                 "filtered_no_correct.json", "filtered_analytics.log"):
+        assert (filtered / name).is_file(), name
+    train = run_dir / "iter_002" / "train"
+    assert (train / "adapter" / "adapter_config.json").is_file() and (train / "model" / "config.json").is_file()
+    card = read_json(train / "model_card.json")
+    assert card["init_model"] == str(run_dir / "iter_001" / "train" / "model"), "iteration 2 continues from iteration 1"
+    assert card["learning_rate"] == 5e-4 and card["steps"] == 2
+    assert_each_problem_once(run_dir, 2, 24)
+
+    # Rerunning the finished run resubmits nothing.
+    before = {k: (r.get("executions"), r.get("attempts")) for k, r in job_records(run_dir).items()}
+    again = run_cli("-m", "pipeline.run", str(config))
+    assert again.returncode == 0, again.stderr
+    assert {k: (r.get("executions"), r.get("attempts")) for k, r in job_records(run_dir).items()} == before
+
+    # A changed config is refused, naming what changed, and the run directory stays as it was.
+    snapshot = tree_snapshot(run_dir)
+    changed = run_cli("-m", "pipeline.run", str(config), "generate.num_samples=4")
+    assert changed.returncode == 2
+    assert "generate.num_samples: 2 -> 4" in changed.stderr and "run_name=NEW_NAME" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1
+    assert tree_snapshot(run_dir) == snapshot
+    # Execution settings may change between invocations of one run.
+    assert run_cli("-m", "pipeline.run", str(config), "executor.poll_interval_s=0.5").returncode == 0
+
+
+def test_sigkill_during_iteration_2_generation_then_rerun(tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    # Many small batches make iteration 2's generation last long enough to be caught.
+    config = write_config(
+        tmp_path / "kill.yaml",
+        small_config(tiny_assets, runs, generate={"batch_size": 1, "max_tokens": 24}, data={"heldout": None}),
+    )
+    run_dir = runs / "small"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    stage = run_dir / "ledger" / "iter_002" / "generate.json"
+    deadline = time.monotonic() + 300
+    while not stage.exists():
+        assert driver.poll() is None, driver.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert read_json(stage)["status"] == "running"
+    assert read_json(run_dir / "ledger" / "iter_001" / "train.json")["status"] == "done"
+
+    rerun = run_cli("-m", "pipeline.run", str(config))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming run" in rerun.stdout
+    records = job_records(run_dir)
+    assert records, "the ledger lists the executed jobs"
+    twice = {k: r["executions"] for k, r in records.items() if r["executions"] != 1}
+    assert not twice, f"work ran twice: {twice}"
+    assert all(r["status"] == "done" for r in records.values())
+    assert_each_problem_once(run_dir, 2, 24)
+
+
+def test_a_shard_killed_from_outside_is_retried_and_resumes(tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(
+        tmp_path / "retry.yaml",
+        small_config(
+            tiny_assets, runs, num_iterations=1, learning_rates=[1e-3],
+            generate={"batch_size": 1, "max_tokens": 24, "num_shards": 2}, data={"heldout": None},
+        ),
+    )
+    run_dir = runs / "small"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    shard = run_dir / "ledger" / "iter_001" / "generate" / "shard_00000.json"
+    partial = run_dir / "iter_001" / "generate" / "shard_00000.jsonl.partial"
+    deadline = time.monotonic() + 300
+    # Kill the shard's worker once it has written some items, as an OOM killer or a node would.
+    while not (partial.exists() and partial.read_text().count("\n") >= 2):
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(read_json(shard)["pid"], signal.SIGKILL)
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output.decode()
+
+    record = read_json(shard)
+    assert record["status"] == "done" and record["attempts"] == 2 and len(record["job_ids"]) == 2
+    assert record["metrics"]["resumed_items"] >= 2, "the retry kept the items written before the kill"
+    assert read_json(run_dir / "ledger" / "iter_001" / "generate" / "shard_00001.json")["attempts"] == 1
+    assert_each_problem_once(run_dir, 1, 24)
