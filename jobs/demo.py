@@ -1,8 +1,8 @@
 """Builds the demo's assets offline: a tiny Qwen2 model, its tokenizer, and an addition task.
 
 The task: add two numbers of 10-999, worked digit by digit with carries inside <think>, then
-``ANSWER: n``. The base model is warm-started on a deliberately small set of worked solutions
-so that it is weak but not hopeless (the self-training loop then has something to find).
+``ANSWER: n``. The base model is warm-started on a small set of worked solutions until its
+greedy accuracy on a dev split reaches a target (15 %), so that it is weak but not hopeless.
 
     python -m jobs.demo build demo_assets [--no-warm-start]
 """
@@ -10,14 +10,25 @@ so that it is weak but not hopeless (the self-training loop then has something t
 from __future__ import annotations
 
 import argparse
+import logging
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from jobs.data import write_jsonl
 from jobs.runtime import log
-from jobs.specs import JobTarget, TrainConfig, TrainSpec
+from jobs.specs import (
+    EvalConfig,
+    EvalSpec,
+    FilterConfig,
+    JobTarget,
+    TrainConfig,
+    TrainSpec,
+)
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 CHAT_TEMPLATE = (
@@ -87,29 +98,56 @@ def build_model(out: Path, seed: int = 0) -> None:
     model.save_pretrained(str(out))
 
 
-def build(out: Path, warm_start: bool, seed: int = 0, num_warm: int = 160, warm_steps: int = 500) -> None:
+def warm_start(out: Path, seed: int, target: float, chunk_steps: int = 25, max_chunks: int = 24) -> float:
+    """Train on the worked solutions in short chunks until greedy dev accuracy reaches ``target``.
+
+    How many steps make the model "weak but not hopeless" depends on the machine's arithmetic
+    down to thread scheduling, so the build measures it instead of hard-coding a step count.
+    Returns the dev accuracy of the model written to ``out/base_model``.
+    """
+    from jobs.eval import evaluate
     from jobs.train import train_model
 
+    chunk_config = TrainConfig(
+        method="full", max_steps=chunk_steps, batch_size=32, gradient_accumulation_steps=1, warmup_ratio=0.0,
+        lr_scheduler_type="linear", gradient_checkpointing=False, replay_data=str(out / "warmstart.jsonl"),
+        logging_steps=chunk_steps, save_steps=10_000,
+    )
+    model, accuracy = out / "random_init", 0.0
+    for chunk in range(1, max_chunks + 1):
+        folder = out / "warm_start" / f"chunk_{chunk:02d}"
+        spec = TrainSpec(
+            target=JobTarget(str(out), "warm_start"), data_path=None, init_model=str(model), output_dir=str(folder),
+            learning_rate=2e-3, train=chunk_config, system_prompt=None, seed=seed + chunk,
+        )
+        train_model(spec, {})
+        model = folder / "model"
+        metrics: dict[str, Any] = {}
+        evaluate(
+            EvalSpec(JobTarget(str(out), "warm_start"), str(out / "dev.jsonl"), str(model), str(folder),
+                     EvalConfig(max_tokens=80, batch_size=100), FilterConfig(verifier="numeric"), None, seed),
+            metrics,
+        )
+        accuracy = metrics["heldout_accuracy"]
+        log.info("warm start: %d steps, dev accuracy %.1f%%", chunk * chunk_steps, 100 * accuracy)
+        if accuracy >= target:
+            break
+    shutil.copytree(model, out / "base_model")
+    shutil.rmtree(out / "warm_start")
+    return accuracy
+
+
+def build(out: Path, with_warm_start: bool, seed: int = 0, num_warm: int = 160, target: float = 0.15) -> None:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", make_problems(rng, 1000, "train"))
     write_jsonl(out / "heldout.jsonl", make_problems(rng, 500, "heldout"))
+    write_jsonl(out / "dev.jsonl", make_problems(rng, 200, "dev"))
     write_jsonl(out / "warmstart.jsonl", make_problems(rng, num_warm, "warm", worked=True))
     build_model(out / "random_init", seed)
-    if not warm_start:
-        return
-    warm = TrainConfig(
-        method="full", num_epochs=1, max_steps=warm_steps, batch_size=32, gradient_accumulation_steps=1,
-        warmup_ratio=0.05, gradient_checkpointing=False, replay_data=str(out / "warmstart.jsonl"),
-        logging_steps=50, save_steps=10_000,
-    )
-    spec = TrainSpec(
-        target=JobTarget(str(out), "warm_start"), data_path=None, init_model=str(out / "random_init"),
-        output_dir=str(out / "warm_start"), learning_rate=2e-3, train=warm, system_prompt=None, seed=seed,
-    )
-    metrics: dict[str, Any] = {}
-    train_model(spec, metrics)
-    log.info("warm start: %s", metrics)
+    if with_warm_start:
+        accuracy = warm_start(out, seed, target)
+        print(f"{out / 'base_model'}: warm-started base model, {accuracy:.1%} greedy accuracy on the dev split")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,14 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--no-warm-start", dest="warm_start", action="store_false")
     parser.add_argument("--num-warm", type=int, default=160)
-    parser.add_argument("--warm-steps", type=int, default=500)
+    parser.add_argument("--target", type=float, default=0.15, help="dev accuracy at which the warm start stops")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    done = args.out / ("warm_start/model" if args.warm_start else "random_init") / "config.json"
-    if done.exists():
-        print(f"{args.out}: demo assets already built")
-        return 0
-    build(args.out, args.warm_start, args.seed, args.num_warm, args.warm_steps)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    done = args.out / ("base_model" if args.warm_start else "random_init") / "config.json"
+    # Concurrent builds (two terminals, parallel tests) wait for each other instead of mixing files.
+    with FileLock(f"{args.out}.lock"):
+        if done.exists():
+            print(f"{args.out}: demo assets already built")
+            return 0
+        shutil.rmtree(args.out, ignore_errors=True)
+        build(args.out, args.warm_start, args.seed, args.num_warm, args.target)
     return 0
 
 

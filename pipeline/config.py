@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from annotated_types import Ge, Gt
-from pydantic import TypeAdapter, ValidationError
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from jobs.answers import get_verifier
 from jobs.specs import (
@@ -28,6 +28,15 @@ from jobs.specs import (
 )
 from state import InputError
 
+# Values end up in #SBATCH lines: a line break would start a shell command of its own.
+PATTERN_RULES = {
+    r"^[^\x00-\x1f\x7f]*$": "must not contain line breaks or other control characters",
+    r"^[a-z][a-z0-9-]*$": "must be an sbatch option name such as mail-type",
+    # Names a folder and every job of the run.
+    r"^[A-Za-z0-9][A-Za-z0-9._-]*$": "may hold only letters, digits, '.', '_' and '-'",
+}
+SbatchValue, SbatchOption, RunName = (Annotated[str, StringConstraints(pattern=p)] for p in PATTERN_RULES)
+
 
 @dataclass
 class Resources:
@@ -36,13 +45,18 @@ class Resources:
     __pydantic_config__ = REJECT_UNKNOWN_KEYS
 
     timeout_min: PositiveInt = 240
+    nodes: PositiveInt = 1
     cpus_per_task: PositiveInt | None = None
     gpus_per_task: Annotated[int, Ge(0)] = 0
     mem_gb: Annotated[float, Gt(0)] | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
+    partition: SbatchValue | None = None
+    account: SbatchValue | None = None
+    qos: SbatchValue | None = None
+    constraint: SbatchValue | None = None
+    # How many tasks of one array may run at once (sbatch --array=...%N).
+    array_parallelism: PositiveInt = 256
+    # Any other sbatch option, without the dashes: {"mail-type": "END", "exclude": "node7"}.
+    extra_sbatch: dict[SbatchOption, SbatchValue] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +68,8 @@ class ExecutorConfig:
     cluster: Literal["local", "slurm", "debug"] = "local"
     max_attempts: PositiveInt = 3
     poll_interval_s: Annotated[float, Gt(0)] = 2.0
+    # Polls back off up to this while nothing changes.
+    max_poll_interval_s: Annotated[float, Gt(0)] = 30.0
     generate: Resources = field(default_factory=Resources)
     filter: Resources = field(default_factory=lambda: Resources(timeout_min=60))
     train: Resources = field(default_factory=Resources)
@@ -82,7 +98,7 @@ class RunConfig:
 
     model: ModelConfig
     data: DataConfig
-    run_name: str = "run"
+    run_name: RunName = "run"
     runs_dir: str = "runs"
     seed: int = 42
     num_iterations: PositiveInt = 3
@@ -129,13 +145,16 @@ def _known_keys(path: list[str]) -> list[str]:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    loc = [str(part) for part in error["loc"]]
+    # A key with a line break in it is shown quoted, so that the message stays one line.
+    loc = [str(part) if str(part).isprintable() else repr(part) for part in error["loc"]]
     key = ".".join(loc)
     if error["type"] == "unexpected_keyword_argument":
         hint = difflib.get_close_matches(loc[-1], _known_keys(loc[:-1]), n=1)
         return f"{key}: unknown key" + (f" (did you mean {'.'.join([*loc[:-1], hint[0]])!r}?)" if hint else "")
     if error["type"] == "missing":
         return f"{key}: required key is missing"
+    if error["type"] == "string_pattern_mismatch":
+        return f"{key.removesuffix('.[key]')}: {PATTERN_RULES[error['ctx']['pattern']]} (got {error['input']!r})"
     value = error.get("input")
     shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
     return f"{key}: {error['msg']}{shown}"

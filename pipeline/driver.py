@@ -8,18 +8,22 @@ done is redone: a rerun finds ``done`` records and skips them, and reattaches to
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from submitit.core.utils import FailedJobError
 
 from pipeline.config import RunConfig
-from pipeline.executors import JobWatcher, make_executor, submit_array
+from pipeline.executors import make_executor, max_array_size, submit_array
 from pipeline.plan import BASELINE, Planner, StagePlan, Task
 from pipeline.status import iteration_table, summarize
-from state import Ledger, Status
+from pipeline.watch import UNKNOWN, JobInfo, JobWatcher, SchedulerUnavailable
+from state import InputError, Ledger, Status
 from state.ledger import now
 
 IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING))
@@ -30,6 +34,10 @@ class StageFailed(Exception):
     """A stage's tasks failed ``max_attempts`` times; the message says which and why."""
 
 
+class SubmissionRefused(InputError):
+    """The scheduler refused a job as asked for (e.g. GPUs on a cluster without any): fix the config."""
+
+
 def log_tail(path: str | None, lines: int = 15) -> str:
     if not path or not Path(path).exists():
         return ""
@@ -38,18 +46,19 @@ def log_tail(path: str | None, lines: int = 15) -> str:
 
 
 class Driver:
-    def __init__(self, config: RunConfig, planner: Planner, console: Console | None = None):
+    def __init__(self, config: RunConfig, planner: Planner, console: Console):
         self.config = config
         self.planner = planner
         self.run_dir = planner.run_dir
         self.ledger = Ledger(self.run_dir)
         self.watcher = JobWatcher(config.executor.cluster)
-        self.console = console or Console()
+        self.console = console
         self.submissions = 0
+        self.max_array_size = max_array_size(config.executor.cluster)
 
     # -- one stage -----------------------------------------------------------------------
 
-    def _submit(self, stage: StagePlan, tasks: list[Task]) -> None:
+    def submit(self, stage: StagePlan, tasks: list[Task]) -> None:
         """Submit ``tasks`` as one array; the ledger knows the attempt before the job can start."""
 
         def next_attempt(record: dict[str, Any]) -> None:
@@ -64,26 +73,65 @@ class Driver:
             self.config.executor.cluster, folder, stage.resources, f"{self.config.run_name}.{stage.key.replace('/', '.')}"
         )
         try:
-            jobs = submit_array(executor, tasks[0].function, [t.spec for t in tasks])
-        except Exception as error:  # noqa: BLE001 - sbatch refusals, OS errors: all end the stage alike
-            self.ledger.set_status([t.key for t in tasks], Status.FAILED, error=f"submission failed: {error}")
-            raise StageFailed(f"{stage.key}: submission failed: {error}") from None
+            # submitit prints sbatch's refusal itself; we report it once, in our own words.
+            with contextlib.redirect_stderr(io.StringIO()):
+                jobs = submit_array(executor, tasks[0].function, [t.spec for t in tasks], self.max_array_size)
+        except FailedJobError as error:
+            message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            self.ledger.set_status([t.key for t in tasks], Status.FAILED, error=f"submission refused: {message}")
+            raise SubmissionRefused(f"{stage.key}: the scheduler refused the job: {message}") from None
         self.watcher.track(jobs)
 
-        def add_job_id(job: Any) -> Callable[[dict[str, Any]], None]:
-            def mutate(record: dict[str, Any]) -> None:
-                record["job_id"] = job.job_id
-                record["job_ids"] = [*record.get("job_ids", []), job.job_id]
-                record["log"] = str(job.paths.stderr)
+        def append_job_id(record: dict[str, Any]) -> None:
+            record["job_ids"] = [*record.get("job_ids", []), record["job_id"]]
 
-            return mutate
+        self.ledger.update_many(
+            {t.key: {"job_id": job.job_id, "log": str(job.paths.stderr)} for t, job in zip(tasks, jobs, strict=True)},
+            append_job_id,
+        )
 
-        for task, job in zip(tasks, jobs, strict=True):
-            self.ledger.update(task.key, mutate=add_job_id(job))
+    def mark_lost(self, tasks: list[Task], records: dict[str, dict[str, Any]]) -> None:
+        """Fail the in-flight tasks whose job is gone without reporting (killed from outside)."""
+        in_flight = {t.key: records[t.key] for t in tasks if records[t.key].get("status") in IN_FLIGHT}
+        try:
+            infos = self.watcher.poll(r.get("job_id") for r in in_flight.values())
+        except SchedulerUnavailable as error:
+            # A controller restart or a sacct hiccup says nothing about the jobs: ask again later.
+            self.console.log(f"cannot ask the scheduler about jobs now: {error}")
+            return
+        for key, record in in_flight.items():
+            job_id = record.get("job_id")
+            info = infos.get(job_id, UNKNOWN)
+            if job_id and self.watcher.alive(job_id, info):
+                continue
 
-    def _lost(self, record: dict[str, Any]) -> bool:
-        """In flight per the ledger, but its job is gone without reporting (killed from outside)."""
-        return record.get("status") in IN_FLIGHT and not self.watcher.alive(record.get("job_id"))
+            def fail(current: dict[str, Any], job_id: str | None = job_id, info: JobInfo = info) -> None:
+                # The job may have reported between our read and the poll: its word wins.
+                if current.get("status") in IN_FLIGHT and current.get("job_id") == job_id:
+                    current.update(
+                        status=str(Status.FAILED), ended_at=now(), slurm_state=info.state, exit_code=info.exit_code,
+                        error=f"job {job_id} ended ({info.describe()}) without reporting",
+                    )
+
+            records[key] = self.ledger.update(key, mutate=fail)
+
+    def stages(self) -> list[tuple[int, StagePlan]]:
+        """Every stage of the run with its iteration (0: the base model's eval), in running order."""
+        stages = [(0, self.planner.eval(0))] if self.config.data.heldout else []
+        for iteration in range(1, self.config.num_iterations + 1):
+            stages += [(iteration, stage) for stage in self.planner.iteration(iteration)]
+        return stages
+
+    def current_stage(self) -> StagePlan | None:
+        """The first stage that is not done, or None when the run is complete."""
+        pending = (s for _, s in self.stages() if self.ledger.read(s.key).get("status") != str(Status.DONE))
+        return next(pending, None)
+
+    def failed_tasks(self, stage: StagePlan) -> list[Task]:
+        """Tasks that failed, were cancelled or timed out (after asking the scheduler)."""
+        records = {t.key: self.ledger.read(t.key) for t in stage.tasks}
+        self.mark_lost(stage.tasks, records)
+        return [t for t in stage.tasks if records[t.key].get("status") == str(Status.FAILED)]
 
     def run_stage(self, stage: StagePlan, on_progress: Callable[[int, int], None] | None = None) -> None:
         if self.ledger.read(stage.key).get("status") == str(Status.DONE):
@@ -93,33 +141,31 @@ class Driver:
         if is_array:
             self.ledger.update(stage.key, {"status": str(Status.RUNNING), "num_tasks": len(stage.tasks)})
         started = time.monotonic()
-        max_attempts = self.config.executor.max_attempts
+        executor = self.config.executor
+        interval, last_seen = executor.poll_interval_s, None
         while True:
             records = {t.key: self.ledger.read(t.key) for t in stage.tasks}
-            for task in stage.tasks:
-                record = records[task.key]
-                if self._lost(record):
-                    state = self.watcher.state(record.get("job_id"))
-                    records[task.key] = self.ledger.update(
-                        task.key, {"status": str(Status.FAILED), "error": f"job {record.get('job_id')} ended ({state}) without reporting"}
-                    )
-            done = [t for t in stage.tasks if records[t.key].get("status") == str(Status.DONE)]
+            self.mark_lost(stage.tasks, records)
+            statuses = [records[t.key].get("status") for t in stage.tasks]
+            done = statuses.count(str(Status.DONE))
             if on_progress:
-                on_progress(len(done), len(stage.tasks))
-            if len(done) == len(stage.tasks):
+                on_progress(done, len(stage.tasks))
+            if done == len(stage.tasks):
                 break
             failed = [t for t in stage.tasks if records[t.key].get("status") in (None, str(Status.FAILED), str(Status.PLANNED))]
-            retry = [t for t in failed if records[t.key].get("attempts", 0) < max_attempts]
+            retry = [t for t in failed if records[t.key].get("attempts", 0) < executor.max_attempts]
             exhausted = [t for t in failed if t not in retry]
-            in_flight = [t for t in stage.tasks if records[t.key].get("status") in IN_FLIGHT]
-            if exhausted and not in_flight:
+            if exhausted and not any(status in IN_FLIGHT for status in statuses):
                 if is_array:
                     self.ledger.set_status([stage.key], Status.FAILED, error=f"{len(exhausted)} task(s) failed")
                 raise StageFailed(self._failure_summary(exhausted, records))
             if retry:
-                self._submit(stage, retry)
+                self.submit(stage, retry)
                 continue
-            time.sleep(self.config.executor.poll_interval_s)
+            # Back off while nothing changes, so that a long stage costs the scheduler few queries.
+            interval = executor.poll_interval_s if statuses != last_seen else min(interval * 1.5, executor.max_poll_interval_s)
+            last_seen = statuses
+            time.sleep(interval)
         if is_array:
             metrics = self._array_metrics(stage, records, time.monotonic() - started)
             self.ledger.set_status([stage.key], Status.DONE, metrics=metrics)
@@ -170,10 +216,9 @@ class Driver:
                 shown = {k: v for k, v in metrics.items() if k in HEADLINE_METRICS}
                 self.console.log(f"{label}: done in {time.monotonic() - started:.0f} s {shown}", highlight=False)
 
-            if self.config.data.heldout:
-                run(self.planner.eval(0), f"{BASELINE}: eval base model")
-            for iteration in range(1, self.config.num_iterations + 1):
-                for stage in self.planner.iteration(iteration):
-                    run(stage, f"iteration {iteration}: {stage.name}")
-                self.console.print(iteration_table(summarize(self.run_dir)))
+            plan = self.stages()
+            for index, (iteration, stage) in enumerate(plan):
+                run(stage, f"iteration {iteration}: {stage.name}" if iteration else f"{BASELINE}: eval base model")
+                if iteration and (index + 1 == len(plan) or plan[index + 1][0] != iteration):
+                    self.console.print(iteration_table(summarize(self.run_dir)))
         self.ledger.update("run", {"status": str(Status.DONE), "ended_at": now()})

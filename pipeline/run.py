@@ -18,6 +18,7 @@ from jobs.data import load_problems, write_jsonl
 from pipeline.config import RunConfig, differences, dump_yaml, load_config
 from pipeline.driver import Driver, StageFailed
 from pipeline.plan import Planner, shard_ranges
+from pipeline.status import console as make_console
 from pipeline.status import summarize
 from state import InputError, Ledger, atomic_write_bytes
 from state.ledger import now
@@ -64,13 +65,23 @@ def _resources(resources: object) -> str:
     return ", ".join(f"{k}={v}" for k, v in fields.items() if v not in (None, 0))
 
 
+def open_run(run_dir: Path, console: Console) -> Driver:
+    """A driver for an existing run directory, from the config and data frozen in it."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise InputError(f"{run_dir}: not a run directory (no config.yaml in it)")
+    config = load_config(config_path)
+    num_train = sum(1 for line in (run_dir / "data" / "train.jsonl").open() if line.strip())
+    return Driver(config, Planner(config, run_dir, num_train), console)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generate.num_samples=8")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
     args = parser.parse_args(argv)
-    console = Console()
+    console = make_console()
     try:
         config = load_config(args.config, args.overrides)
         train = load_problems(config.data.train)
@@ -97,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     ledger.update("run", {"status": "running", "num_iterations": config.num_iterations})
     try:
         Driver(config, planner, console).run()
+    except InputError as error:
+        ledger.update("run", {"status": "failed", "error": str(error)})
+        print(f"error: {error}", file=sys.stderr)
+        return InputError.exit_code
     except StageFailed as error:
         ledger.update("run", {"status": "failed", "error": str(error).splitlines()[0]})
         console.print(f"[red]run stopped:[/red] {error}", markup=True, highlight=False)

@@ -6,8 +6,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
+from jobs.filter import RATE_BUCKETS
 from pipeline.plan import BASELINE, STAGES, iteration_name, stage_key
 from state import Ledger
 
@@ -18,6 +20,12 @@ CATEGORY_ROWS = (
     ("almost_mastered", "Almost mastered", ""),
     ("mastered", "Mastered", "Increasing"),
 )
+
+
+def console() -> Console:
+    """A console for terminals and log files alike: logs get room for the tables' columns."""
+    plain = Console()
+    return plain if plain.is_terminal else Console(width=120)
 
 
 def _job_fields(record: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +65,11 @@ def summarize(run_dir: Path | str) -> dict[str, Any]:
                     "categories": filtered.get("categories"),
                     "filtered_samples": filtered.get("filtered_samples"),
                     "final_loss": stages["train"]["metrics"].get("final_loss"),
+                    "total_problems": filtered.get("total_problems"),
+                    "total_candidates": filtered.get("total_candidates"),
+                    "overall_accuracy": filtered.get("overall_accuracy"),
+                    "correct_count_histogram": filtered.get("correct_count_histogram"),
+                    "correct_rate_buckets": filtered.get("correct_rate_buckets"),
                 },
             }
         )
@@ -98,6 +111,79 @@ def iteration_table(summary: dict[str, Any]) -> Table:
         *[_percent(e["metrics"]["heldout_accuracy"]) for e in summary["iterations"]], "Increasing",
     )
     return table
+
+
+def distribution_table(summary: dict[str, Any]) -> Table:
+    """Per iteration: problems by correct rate and by number of correct candidates (the histogram)."""
+    table = Table(title=f"{summary['run_name']}: correct-rate distribution per iteration")
+    table.add_column("Problems with")
+    for entry in summary["iterations"]:
+        table.add_column(f"Iteration {entry['iteration']}", justify="right")
+    metrics = [entry["metrics"] for entry in summary["iterations"]]
+    # The ledger stores keys sorted as text ("10" before "2"): order them as numbers and buckets.
+    max_k = max((int(k) for m in metrics for k in m.get("correct_count_histogram") or {}), default=-1)
+    rows = [("correct_rate_buckets", bucket, f"{bucket} correct rate") for bucket in RATE_BUCKETS]
+    rows += [("correct_count_histogram", str(count), f"{count} correct") for count in range(max_k + 1)]
+    for key, name, label in rows:
+        cells = []
+        for m in metrics:
+            counts = m.get(key) or {}
+            total = sum(counts.values())
+            cells.append(f"{counts.get(name, 0)} ({counts.get(name, 0) / total:.0%})" if total else "-")
+        table.add_row(label, *cells)
+    return table
+
+
+# The seed's "Tips & Troubleshooting" warning signs: (what, threshold, meaning, advice). Flags are
+# the config keys of this project.
+TOO_MANY_TOO_HARD = (
+    "Too many \"too hard\" problems (>50%)",
+    "the model is too weak for the dataset",
+    [
+        "Increase samples per problem (16 -> 32 -> 64): generate.num_samples",
+        "Increase temperature (0.8 -> 1.0 -> 1.2): generate.temperature",
+        "Do more SFT first before starting ReST",
+        "Add easier problems to the dataset",
+    ],
+)
+TOO_MANY_MASTERED = (
+    "Too many \"mastered\" problems (>50%)",
+    "the dataset is too easy",
+    [
+        "Model has likely learned this dataset - consider stopping ReST",
+        "Add harder problems to the dataset",
+        "Move to GRPO for further refinement",
+    ],
+)
+SMALL_FILTERED_SET = (
+    "Very small filtered dataset (<1000 samples)",
+    "risk of overfitting",
+    [
+        "Include more categories: filter.include_mastered=true",
+        "Reduce filtering aggressiveness: filter.strategy=all, or a larger filter.top_k",
+        "Train for fewer epochs (1 instead of 2): train.num_epochs=1",
+        "Use a lower learning rate: learning_rates",
+    ],
+)
+WARNING_SHARE = 0.5
+MIN_FILTERED_SAMPLES = 1000
+
+
+def warning_signs(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The seed's warning signs each iteration shows, with the seed's advice."""
+    signs = []
+    for entry in summary["iterations"]:
+        metrics = entry["metrics"]
+        categories = metrics["categories"] or {}
+        found = []
+        for key, sign in (("too_hard", TOO_MANY_TOO_HARD), ("mastered", TOO_MANY_MASTERED)):
+            if categories.get(key, 0) > WARNING_SHARE:
+                found.append((sign, f"{categories[key]:.1%} {key}"))
+        if metrics["filtered_samples"] is not None and metrics["filtered_samples"] < MIN_FILTERED_SAMPLES:
+            found.append((SMALL_FILTERED_SET, f"{metrics['filtered_samples']} samples"))
+        for (title, meaning, advice), value in found:
+            signs.append({"iteration": entry["iteration"], "sign": title, "value": value, "meaning": meaning, "advice": advice})
+    return signs
 
 
 def stage_table(summary: dict[str, Any]) -> Table:

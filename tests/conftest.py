@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from jobs.demo import build
 
     out = tmp_path_factory.mktemp("assets")
-    build(out, warm_start=False)
+    build(out, with_warm_start=False)
     return out
 
 
@@ -46,7 +48,7 @@ def small_config(assets: Path, runs_dir: Path, **sections: Any) -> dict[str, Any
             "replay_data": str(assets / "warmstart.jsonl"), "logging_steps": 1,
         },
         "eval": {"max_tokens": 12, "batch_size": 8},
-        "executor": {"cluster": "local", "poll_interval_s": 0.3, "generate": {"cpus_per_task": 1}},
+        "executor": {"cluster": "local", "poll_interval_s": 0.3, "max_poll_interval_s": 1.0, "generate": {"cpus_per_task": 1}},
     }
     for section, values in sections.items():
         if isinstance(values, dict):
@@ -75,3 +77,27 @@ def tree_snapshot(folder: Path) -> dict[str, bytes]:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[str]:
+    """A real single-node SLURM cluster (tools/local_slurm.sh); SLURM_CONF points the clients at it.
+
+    Where it cannot start (not root, not Debian) the SLURM tests are skipped, except under CI,
+    where that is a failure: CI must run them for real.
+    """
+    start = subprocess.run(["bash", str(ROOT / "tools" / "local_slurm.sh"), "start"], capture_output=True, text=True, check=False)
+    if start.returncode != 0:
+        reason = (start.stderr.strip().splitlines() or ["no output"])[-1]
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the local SLURM cluster did not start under CI: {reason}")
+        pytest.skip(f"no local SLURM cluster here: {reason}")
+    conf = start.stdout.strip().split("=", 1)[1]
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    subprocess.run(["bash", str(ROOT / "tools" / "local_slurm.sh"), "stop"], capture_output=True, check=False)
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous

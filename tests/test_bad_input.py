@@ -29,6 +29,10 @@ CONFIG_CASES = [
     ({"filter": {"strategy": "best_of"}}, [], ["filter.strategy", "'best_of'"]),
     ({"model": {"path": "/nonexistent/model"}}, [], ["model.path", "/nonexistent/model"]),
     ({"filter": {"verifier": "nosuchmodule:fn"}}, [], ["filter.verifier", "nosuchmodule"]),
+    # Values reach #SBATCH lines and paths: nothing may smuggle in a shell command.
+    ({"executor": {"generate": {"partition": "gpu\ntouch /tmp/pwned"}}}, [], ["executor.generate.partition", "line breaks"]),
+    ({"executor": {"train": {"extra_sbatch": {"x\necho": "1"}}}}, [], ["executor.train.extra_sbatch", "sbatch option name"]),
+    ({"run_name": "demo$(touch /tmp/pwned)"}, [], ["run_name: may hold only letters"]),
     ({}, ["generate.num_samples=-1"], ["command line", "generate.num_samples"]),
     ({}, ["generate.no_such_key=1"], ["command line", "generate.no_such_key: unknown key"]),
     ({}, ["num_iterations"], ["command line", "key.sub_key=value"]),

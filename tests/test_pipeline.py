@@ -162,3 +162,16 @@ def test_a_shard_killed_from_outside_is_retried_and_resumes(tiny_assets: Path, t
     assert record["metrics"]["resumed_items"] >= 2, "the retry kept the items written before the kill"
     assert read_json(run_dir / "ledger" / "iter_001" / "generate" / "shard_00001.json")["attempts"] == 1
     assert_each_problem_once(run_dir, 1, 24)
+
+
+def test_debug_cluster_runs_the_same_jobs_in_process(tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(
+        tmp_path / "debug.yaml",
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], executor={"cluster": "debug"}),
+    )
+    result = run_cli("-m", "pipeline.run", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(run_cli("tools/status.py", str(runs / "small"), "--json").stdout)
+    assert [s["status"] for s in summary["iterations"][0]["stages"].values()] == ["done"] * 4
+    assert_each_problem_once(runs / "small", 1, 24)

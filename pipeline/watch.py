@@ -1,0 +1,158 @@
+"""Which jobs still live, and how the dead ones ended: one scheduler query per poll for all jobs.
+
+The driver never waits on ``job.result()``: jobs report to the ledger themselves, and the watcher
+only answers "is it still alive, and if not, how did it end?" so that a job killed from outside
+(SIGKILL, scancel, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL) is noticed instead of waited on forever. It
+also answers for jobs an earlier driver process submitted, which lets a rerun reattach to them.
+
+On SLURM that is a single ``sacct`` call per poll for every job of the run (per-job polling is
+what overloads controllers' RPC limits on shared clusters).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+# States in which a SLURM job may still run (or run again).
+SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
+               "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+# sacct may not know a job for a moment after submission; after this long, an unknown job is gone.
+UNKNOWN_GRACE_S = 120.0
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "Reason", "NodeList", "Elapsed")
+
+
+class SchedulerUnavailable(RuntimeError):
+    """The scheduler could not be asked (sacct missing, controller down): state unknown, not dead."""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    state: str
+    exit_code: str | None = None
+    reason: str | None = None
+    node: str | None = None
+    elapsed: str | None = None
+
+    def describe(self) -> str:
+        return self.state + (f", exit code {self.exit_code}" if self.exit_code and self.exit_code != "0:0" else "")
+
+
+UNKNOWN = JobInfo("UNKNOWN")
+
+
+def expand_job_ids(job_id: str) -> list[str]:
+    """``"7_[0-2,5%2]"`` (a pending array as sacct prints it) -> ``["7_0", "7_1", "7_2", "7_5"]``."""
+    match = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
+    if not match:
+        return [job_id]
+    base, spec = match.group(1), match.group(2).split("%")[0]
+    ids = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        ids += [f"{base}_{i}" for i in range(int(first), int(last or first) + 1)]
+    return ids
+
+
+def parse_sacct(text: str) -> dict[str, JobInfo]:
+    infos = {}
+    for line in text.splitlines():
+        fields = line.split("|")
+        if len(fields) < len(SACCT_FIELDS):
+            continue
+        job_id, state, exit_code, reason, node, elapsed = fields[: len(SACCT_FIELDS)]
+        # "CANCELLED by 0" -> "CANCELLED"
+        info = JobInfo(state.split()[0] if state else "UNKNOWN", exit_code or None, reason or None, node or None, elapsed or None)
+        for one in expand_job_ids(job_id):
+            infos[one] = info
+    return infos
+
+
+def sacct(job_ids: Iterable[str]) -> dict[str, JobInfo]:
+    """SLURM's accounting for these jobs (array tasks included), in one call."""
+    # Asking for whole arrays keeps the command short for thousands of tasks.
+    arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
+    if not arrays:
+        return {}
+    command = ["sacct", "-X", "--parsable2", "--noheader", "-j", ",".join(arrays), f"--format={','.join(SACCT_FIELDS)}"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise SchedulerUnavailable(f"sacct: {error}") from None
+    if result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
+        raise SchedulerUnavailable(lines[-1])
+    return parse_sacct(result.stdout)
+
+
+def _local_info(pid: int) -> JobInfo:
+    """A local job's controller (pid = job id) still runs: alive, not a zombie, and submitit's."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return JobInfo("FINISHED")
+    alive = stat.rsplit(")", 1)[1].split()[0] != "Z" and b"submitit" in cmdline
+    return JobInfo("RUNNING" if alive else "FINISHED")
+
+
+class JobWatcher:
+    def __init__(self, cluster: str):
+        self.cluster = cluster
+        self.jobs: dict[str, submitit.Job] = {}
+        self._first_unknown: dict[str, float] = {}
+
+    def track(self, jobs: Sequence[submitit.Job]) -> None:
+        for job in jobs:
+            self.jobs[job.job_id] = job
+
+    def poll(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
+        """The state of each job, with one scheduler query for all of them."""
+        job_ids = [j for j in job_ids if j]
+        if self.cluster == "debug":
+            return {j: JobInfo("FINISHED") for j in job_ids}
+        if self.cluster == "local":
+            return {j: JobInfo(self.jobs[j].state) if j in self.jobs else _local_info(int(j)) for j in job_ids}
+        infos = sacct(job_ids)
+        # Right after an array ends, sacct may show one bare row for the whole array: then every
+        # task has ended (whether it succeeded is the ledger's word, not sacct's).
+        return {j: infos.get(j) or infos.get(j.split("_")[0], UNKNOWN) for j in job_ids}
+
+    def alive(self, job_id: str, info: JobInfo) -> bool:
+        if self.cluster != "slurm":
+            return info.state == "RUNNING"
+        if info.state == "UNKNOWN":
+            # Freshly submitted (or an array sacct still reports as one row): alive for a grace period.
+            first = self._first_unknown.setdefault(job_id, time.monotonic())
+            return time.monotonic() - first < UNKNOWN_GRACE_S
+        self._first_unknown.pop(job_id, None)
+        return info.state in SLURM_ALIVE
+
+
+def job_rows(summary: dict, cluster: str) -> list[dict]:
+    """Every job of the run's records with the scheduler's live word beside the ledger's.
+
+    One scheduler query for all of them; used by tools/status.py.
+    """
+    rows = []
+    for iteration in summary["iterations"]:
+        for stage, info in iteration["stages"].items():
+            entries = [(f"{stage} shard {s['index']}", s) for s in info.get("shards", [])] or [(stage, info)]
+            for label, record in entries:
+                if record["job_ids"]:
+                    rows.append({"iteration": iteration["iteration"], "task": label, "status": record["status"],
+                                 "attempts": record["attempts"], "job_id": record["job_ids"][-1]})
+    try:
+        infos = JobWatcher(cluster).poll(row["job_id"] for row in rows)
+    except SchedulerUnavailable as error:
+        infos = dict.fromkeys((row["job_id"] for row in rows), JobInfo("UNAVAILABLE", reason=str(error)))
+    for row in rows:
+        live = infos.get(row["job_id"], UNKNOWN)
+        row.update(scheduler_state=live.state, reason=live.reason, node=live.node, elapsed=live.elapsed, exit_code=live.exit_code)
+    return rows

@@ -1,0 +1,161 @@
+"""The driver against a real SLURM cluster: arrays, sacct state, faults from outside, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, read_json, run_cli, small_config, write_config
+from tests.test_pipeline import assert_each_problem_once
+
+pytestmark = pytest.mark.slow
+
+SLURM_EXECUTOR = {
+    "cluster": "slurm", "poll_interval_s": 0.5, "max_poll_interval_s": 2.0,
+    "generate": {"cpus_per_task": 1, "timeout_min": 10}, "filter": {"timeout_min": 10},
+    "train": {"timeout_min": 10}, "eval": {"timeout_min": 10},
+}
+
+
+def sacct_rows(job_id: str) -> list[str]:
+    """The array's task rows; sacct shows one bare row for a few seconds after an array ends."""
+    deadline = time.monotonic() + 30
+    while True:
+        out = subprocess.run(["sacct", "-X", "--parsable2", "--noheader", "-j", job_id, "--format=JobID,State,ExitCode"],
+                             capture_output=True, text=True, check=True).stdout
+        rows = out.split()
+        if any("_" in r.split("|")[0] for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(1)
+
+
+def test_two_iterations_on_slurm(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "slurm.yaml", small_config(tiny_assets, runs, executor=SLURM_EXECUTOR))
+    result = run_cli("-m", "pipeline.run", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(run_cli("tools/status.py", str(runs / "small"), "--json").stdout)
+    shards = summary["iterations"][0]["stages"]["generate"]["shards"]
+    array_ids = {s["job_ids"][0].split("_")[0] for s in shards}
+    assert len(array_ids) == 1, "the shards of an iteration are one job array"
+    rows = sacct_rows(array_ids.pop())
+    assert sorted(r.split("|")[0].split("_")[1] for r in rows) == ["0", "1", "2"]
+    assert all(r.split("|")[1] == "COMPLETED" for r in rows)
+    assert_each_problem_once(runs / "small", 2, 24)
+    # status.py shows SLURM's live word beside the ledger's, from sacct.
+    assert {(job["status"], job["scheduler_state"], job["exit_code"]) for job in summary["jobs"]} == {("done", "COMPLETED", "0:0")}
+    assert {job["node"] for job in summary["jobs"]} == {os.uname().nodename}
+
+
+def test_scancel_of_one_array_task_is_resubmitted_alone(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(
+        tmp_path / "cancel.yaml",
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None},
+                     generate={"batch_size": 1, "max_tokens": 24}, executor=SLURM_EXECUTOR),
+    )
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ledger = runs / "small" / "ledger" / "iter_001" / "generate"
+    partial = runs / "small" / "iter_001" / "generate" / "shard_00001.jsonl.partial"
+    deadline = time.monotonic() + 300
+    while not (partial.exists() and partial.read_text().count("\n") >= 1):
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    victim = read_json(ledger / "shard_00001.json")["job_id"]
+    subprocess.run(["scancel", victim], check=True)
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output.decode()
+
+    shards = {name: read_json(ledger / f"{name}.json") for name in ("shard_00000", "shard_00001", "shard_00002")}
+    assert shards["shard_00001"]["attempts"] == 2
+    assert shards["shard_00001"]["job_ids"][0] == victim
+    retry = shards["shard_00001"]["job_ids"][1]
+    assert sacct_rows(retry.split("_")[0]) == [f"{retry.split('_')[0]}_0|COMPLETED|0:0"], "the retry is an array of that index alone"
+    assert [s["attempts"] for n, s in shards.items() if n != "shard_00001"] == [1, 1]
+    assert shards["shard_00001"]["metrics"]["resumed_items"] >= 1, "the retry kept the items written before the cancel"
+    assert_each_problem_once(runs / "small", 1, 24)
+
+
+def test_gpus_on_a_cluster_without_any_are_refused_at_submission(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    executor = {**SLURM_EXECUTOR, "generate": {"gpus_per_task": 1}}
+    config = write_config(tmp_path / "gpu.yaml", small_config(tiny_assets, runs, executor=executor, data={"heldout": None}))
+    result = run_cli("-m", "pipeline.run", str(config))
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "iter_001/generate: the scheduler refused the job" in lines[0] and "gres" in lines[0].lower()
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout.strip() == ""
+    run = read_json(runs / "small" / "ledger" / "run.json")
+    assert run["status"] == "failed" and "refused" in run["error"]
+    shard = read_json(runs / "small" / "ledger" / "iter_001" / "generate" / "shard_00000.json")
+    assert shard["status"] == "failed" and "gres" in shard["error"].lower()
+
+
+def test_arrays_larger_than_max_array_size_are_split(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
+    script = str(ROOT / "tools" / "local_slurm.sh")
+    env = {**os.environ, "SELFTRAIN_SLURM_MAX_ARRAY_SIZE": "2"}
+    subprocess.run(["bash", script, "start"], env=env, check=True, capture_output=True)
+    try:
+        runs = tmp_path / "runs"
+        config = write_config(
+            tmp_path / "split.yaml",
+            small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None},
+                         generate={"num_shards": 3}, executor=SLURM_EXECUTOR),
+        )
+        result = run_cli("-m", "pipeline.run", str(config))
+        assert result.returncode == 0, result.stdout + result.stderr
+        ledger = runs / "small" / "ledger" / "iter_001" / "generate"
+        job_ids = [read_json(ledger / f"shard_{i:05d}.json")["job_id"] for i in range(3)]
+        first, second = job_ids[0].split("_")[0], job_ids[2].split("_")[0]
+        assert job_ids == [f"{first}_0", f"{first}_1", f"{second}_0"], "3 shards as arrays of 2 and 1"
+        assert_each_problem_once(runs / "small", 1, 24)
+    finally:
+        subprocess.run(["bash", script, "start"], check=True, capture_output=True)
+
+
+def test_requeue_resubmits_exactly_the_failed_shard(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(
+        tmp_path / "requeue.yaml",
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None},
+                     generate={"batch_size": 1, "max_tokens": 24},
+                     executor={**SLURM_EXECUTOR, "max_attempts": 1}),
+    )
+    run_dir = runs / "small"
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    partial = run_dir / "iter_001" / "generate" / "shard_00002.jsonl.partial"
+    deadline = time.monotonic() + 300
+    while not (partial.exists() and partial.read_text().count("\n") >= 1):
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    ledger = run_dir / "ledger" / "iter_001" / "generate"
+    victim = read_json(ledger / "shard_00002.json")["job_id"]
+    subprocess.run(["scancel", victim], check=True)
+    output, _ = driver.communicate(timeout=600)
+    # With one attempt allowed the driver stops, saying what failed and how.
+    assert driver.returncode == 1, output
+    assert "iter_001/generate/shard_00002 failed after 1 attempt(s)" in output and "CANCELLED" in output
+
+    dry = run_cli("tools/requeue.py", str(run_dir), "--dry-run")
+    assert dry.returncode == 0 and "would resubmit iter_001/generate as one array of 1: shard_00002" in dry.stdout
+    assert read_json(ledger / "shard_00002.json")["attempts"] == 1, "--dry-run submits nothing"
+
+    requeued = run_cli("tools/requeue.py", str(run_dir))
+    assert requeued.returncode == 0, requeued.stderr
+    record = read_json(ledger / "shard_00002.json")
+    assert record["attempts"] == 2 and record["job_ids"][0] == victim and record["job_id"] != victim
+    assert f"attempt 2, job {record['job_id']}" in requeued.stdout
+
+    rerun = run_cli("-m", "pipeline.run", str(config))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert [read_json(ledger / f"shard_{i:05d}.json")["attempts"] for i in range(3)] == [1, 1, 2]
+    assert_each_problem_once(run_dir, 1, 24)
