@@ -1,26 +1,36 @@
-"""Answer extraction and verification, following the ReST seed's filter.py rules.
+"""Answer extraction, following the ReST seed's generate.py / filter.py rules.
 
-A response looks like ``<think>reasoning</think>\nANSWER: 3 sounds``. Extraction splits off the
-reasoning, then takes the ``ANSWER:`` line, the configured pattern (``<answer>...</answer>``),
-an "answer is ..." phrase, or the last line. Verifiers are small pure functions
-``(prediction, ground_truth) -> bool`` chosen by name or import path.
+A response looks like ``<think>reasoning</think>\\nANSWER: 3 sounds``. Extraction splits off the
+reasoning (a response whose ``<think>`` never closed ran out of tokens and has no answer), then
+takes, from what follows, the first of these that is there, each at its last occurrence:
+the configured pattern(s) (``filter.answer_pattern``, by default ``<answer>...</answer>``), an
+``ANSWER:`` line, ``\\boxed{...}``, ``#### ...``, an "answer is ..." phrase, else the last line.
+Verifiers (jobs.verifiers) then judge the extracted answer; the numeric one takes its last number.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 
-Verifier = Callable[[str, str], bool]
+from jobs.verifiers import Verifier, get_verifier
 
-_THINK_CLOSE = "</think>"
-_ANSWER_LINE = re.compile(r"ANSWER\s*:\s*(.+)", re.IGNORECASE)
-_ANSWER_IS = re.compile(r"answer is\s*:?\s*(.+)", re.IGNORECASE)
-_OPTION_PREFIX = re.compile(r"^\(?([A-Z])\)?(?:[.:)]\s+|\s+|$)")
-_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?|[-+]?\.\d+")
+__all__ = ["THINK_CLOSE", "THINK_OPEN", "Extracted", "Rules", "Verifier", "answer_from", "answer_part", "answer_rules", "extract", "get_verifier", "split_thinking"]
+
+DEFAULT_PATTERN = r"<answer>(.*?)</answer>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# None stands for \boxed{...}: nested braces need a scanner (_last_boxed), not a regex.
+Rules = tuple[re.Pattern[str] | None, ...]
+_BUILTIN_RULES: Rules = (
+    re.compile(r"\banswer\s*\**\s*:\s*\**[ \t]*(.+)", re.IGNORECASE),
+    None,
+    re.compile(r"####\s*(.+)"),
+    # "The answer is 3.5." -> "3.5": stops at a sentence end, not at a decimal point.
+    re.compile(r"answer is\s*:?\s*(.+?)(?=\.\s|\.?$)", re.IGNORECASE | re.MULTILINE),
+)
+_BOXED = ("\\boxed{", "\\fbox{")
+_BRACE_DEPTH = {"{": 1, "}": -1}
 
 
 @dataclass(frozen=True)
@@ -30,87 +40,71 @@ class Extracted:
     answer_prediction: str
 
 
-def extract(raw_output: str, answer_pattern: str = r"<answer>(.*?)</answer>") -> Extracted:
-    thinking, _, rest = raw_output.rpartition(_THINK_CLOSE)
-    if thinking:
-        thinking = thinking.split("<think>", 1)[-1].strip()
-    answer_text = rest.strip()
-    return Extracted(thinking, answer_text, _answer_from(answer_text, answer_pattern))
+def split_thinking(raw_output: str) -> tuple[str, str]:
+    """``"<think>r</think> a"`` -> ``("r", "a")``; the opening tag may be in the prompt instead."""
+    end = raw_output.rfind(THINK_CLOSE)
+    start = raw_output.find(THINK_OPEN, 0, end if end >= 0 else len(raw_output))
+    begin = start + len(THINK_OPEN) if start >= 0 else 0
+    if end >= 0:
+        return raw_output[begin:end].strip(), raw_output[end + len(THINK_CLOSE):].strip()
+    if start >= 0:
+        return raw_output[begin:].strip(), ""
+    return "", raw_output.strip()
 
 
-def _answer_from(text: str, answer_pattern: str) -> str:
-    for pattern in (_ANSWER_LINE, re.compile(answer_pattern, re.IGNORECASE | re.DOTALL), _ANSWER_IS):
-        matches = pattern.findall(text)
-        if matches:
-            return matches[-1].strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+def answer_part(raw_output: str) -> str:
+    """``split_thinking(raw_output)[1]`` without copying the reasoning: the filter's step per candidate."""
+    end = raw_output.rfind(THINK_CLOSE)
+    if end >= 0:
+        return raw_output[end + len(THINK_CLOSE):].strip()
+    return "" if THINK_OPEN in raw_output else raw_output.strip()
 
 
-def normalize(text: str) -> str:
-    text = text.strip().lower()
-    text = re.sub(r"[\s]+", " ", text)
-    return text.strip(" .,:;!?\"'`")
-
-
-def _split_option(text: str) -> tuple[str | None, str]:
-    """``"(B) Piano"`` -> ``("B", "piano")``; ``"piano"`` -> ``(None, "piano")``."""
-    stripped = text.strip()
-    match = _OPTION_PREFIX.match(stripped)
-    if match and (len(stripped) == 1 or stripped[0] == "(" or stripped[1:2] in ".:)"):
-        return match.group(1), normalize(stripped[match.end():])
-    return None, normalize(stripped)
-
-
-def multiple_choice(prediction: str, ground_truth: str) -> bool:
-    truth_letter, truth_text = _split_option(ground_truth)
-    pred_letter, pred_text = _split_option(prediction)
-    if pred_letter and truth_letter:
-        return pred_letter == truth_letter
-    if not pred_text:
-        return False
-    if pred_text == truth_text:
-        return True
-    # The seed's containment rule: "3 sounds" matches "(A) 3 sounds", "piano" matches "Piano".
-    return bool(truth_text) and (truth_text in pred_text or pred_text in truth_text)
-
-
-def parse_number(text: str) -> Fraction | None:
-    """The last number in ``text`` (after ``####`` when present), thousands separators dropped."""
-    if "####" in text:
-        text = text.rsplit("####", 1)[1]
-    numbers = _NUMBER.findall(text)
-    if not numbers:
+def _last_boxed(text: str) -> str | None:
+    opening = max(_BOXED, key=text.rfind)
+    start = text.rfind(opening)
+    if start < 0:
         return None
-    try:
-        return Fraction(numbers[-1].replace(",", ""))
-    except (ValueError, ZeroDivisionError):
+    start += len(opening)
+    depth = 1
+    for index in range(start, len(text)):
+        depth += _BRACE_DEPTH.get(text[index], 0)
+        if depth == 0:
+            return text[start:index].strip()
+    return None
+
+
+def _last_match(pattern: re.Pattern[str], text: str) -> str | None:
+    matches = pattern.findall(text)
+    if not matches:
         return None
+    last = matches[-1]
+    # A pattern with several groups yields tuples: its answer is the group that matched.
+    return (next((g for g in last if g), "") if isinstance(last, tuple) else last).strip()
 
 
-def numeric(prediction: str, ground_truth: str) -> bool:
-    truth = parse_number(ground_truth)
-    return truth is not None and parse_number(prediction) == truth
+def answer_rules(answer_pattern: str | Sequence[str] = DEFAULT_PATTERN) -> Rules:
+    """The configured pattern(s), then the built-in rules, in the order they are tried."""
+    configured = [answer_pattern] if isinstance(answer_pattern, str) else answer_pattern
+    compiled = []
+    for pattern in configured:
+        try:
+            compiled.append(re.compile(pattern, re.IGNORECASE | re.DOTALL))
+        except re.error as error:
+            raise ValueError(f"answer pattern {pattern!r} is not a valid regular expression: {error}") from None
+    return (*compiled, *_BUILTIN_RULES)
 
 
-def exact(prediction: str, ground_truth: str) -> bool:
-    return normalize(prediction) == normalize(ground_truth)
+def answer_from(answer_text: str, rules: Rules) -> str:
+    """The answer in the text after the reasoning: the first rule that finds one, else the last line."""
+    for rule in rules:
+        found = _last_boxed(answer_text) if rule is None else _last_match(rule, answer_text)
+        if found is not None:
+            # "ANSWER: $\boxed{12}$" -> "12".
+            return (_last_boxed(found) or found) if "box" in found else found
+    return answer_text.rstrip().rsplit("\n", 1)[-1].strip()
 
 
-VERIFIERS: dict[str, Verifier] = {"multiple_choice": multiple_choice, "numeric": numeric, "exact": exact}
-
-
-def get_verifier(name: str) -> Verifier:
-    """A verifier by name, or a user's function given as ``package.module:function``."""
-    if name in VERIFIERS:
-        return VERIFIERS[name]
-    module_name, sep, attr = name.partition(":")
-    if not sep:
-        raise ValueError(f"unknown verifier {name!r}: use one of {sorted(VERIFIERS)} or 'module:function'")
-    try:
-        function = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import verifier {name!r}: {error}") from None
-    if callable(function):
-        return function
-    raise ValueError(f"verifier {name!r} is not callable")
+def extract(raw_output: str, answer_pattern: str | Sequence[str] = DEFAULT_PATTERN) -> Extracted:
+    thinking, answer_text = split_thinking(raw_output)
+    return Extracted(thinking, answer_text, answer_from(answer_text, answer_rules(answer_pattern)))

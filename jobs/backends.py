@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-from jobs.specs import MEDIA_FIELDS
+from jobs.specs import MEDIA_FIELDS, GenerateConfig
+from state import InputError
+
+if TYPE_CHECKING:
+    from jobs.vllm_server import ServerFiles
 
 log = logging.getLogger("selftrain")
 
@@ -28,17 +34,69 @@ class Completion:
     num_tokens: int
 
 
+@dataclass(frozen=True)
+class Request:
+    messages: Messages
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The completions of ``requests[index]``, or why there are none."""
+
+    index: int
+    completions: list[Completion]
+    error: str | None = None
+
+
 class Backend(Protocol):
     def generate(self, conversations: list[Messages], sampling: Sampling) -> list[list[Completion]]:
         """``sampling.n`` completions for each conversation, in order."""
         ...
 
+    def run(self, requests: list[Request], on_outcome: Callable[[Outcome], None]) -> None:
+        """Hand each request's outcome to ``on_outcome`` as soon as it is there, in any order."""
+        ...
+
+    def metrics(self) -> dict[str, Any]:
+        """What the job's ledger record should know about the backend (servers, logs)."""
+        ...
+
     def close(self) -> None: ...
 
 
-def messages_for(problem: dict[str, Any], system_prompt: str | None) -> Messages:
+# OpenAI chat content part of each media field (``audio_url`` is vLLM's, for local files).
+MEDIA_PARTS = {"sound": "audio_url", "image": "image_url", "video": "video_url"}
+
+
+def media_url(problem: dict[str, Any], field: str, media_dir: str) -> str:
+    """``file://`` URL of a problem's media file, which must lie inside ``media_dir``."""
+    where = f"problem {problem['id']!r}: {field} {problem[field]!r}"
+    root = Path(media_dir).resolve()
+    path = (root / problem[field]).resolve()
+    if not path.is_relative_to(root):
+        raise InputError(f"{where} is outside generate.media_dir ({root})")
+    if not path.is_file():
+        raise InputError(f"{where}: {path} not found")
+    return path.as_uri()
+
+
+def messages_for(problem: dict[str, Any], system_prompt: str | None, media_dir: str | None = None) -> Messages:
+    """Chat messages of a problem. With ``media_dir``, its media go first as content parts and their
+    ``<sound>``-style tags leave the text; without, the text alone (for text-only models)."""
     messages: Messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": problem["question"]})
+    media = [f for f in MEDIA_FIELDS if f in problem]
+    if not media or media_dir is None:
+        messages.append({"role": "user", "content": problem["question"]})
+        return messages
+    text = problem["question"]
+    parts: list[dict[str, Any]] = []
+    for field in media:
+        part = MEDIA_PARTS[field]
+        parts.append({"type": part, part: {"url": media_url(problem, field, media_dir)}})
+        text = text.replace(f"<{field}>", "")
+    parts.append({"type": "text", "text": text.strip()})
+    messages.append({"role": "user", "content": parts})
     return messages
 
 
@@ -54,7 +112,7 @@ def pick_device() -> tuple[str, Any]:
 class TransformersBackend:
     """In-process ``model.generate`` (the seed's generate_hf.py), batched, text only."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, batch_size: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device, dtype = pick_device()
@@ -64,6 +122,7 @@ class TransformersBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.batch_size = batch_size
 
     def generate(self, conversations: list[Messages], sampling: Sampling) -> list[list[Completion]]:
         import torch
@@ -91,17 +150,41 @@ class TransformersBackend:
         completions = [Completion(t, n) for t, n in zip(texts, lengths, strict=True)]
         return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(conversations))]
 
+    def run(self, requests: list[Request], on_outcome: Callable[[Outcome], None]) -> None:
+        for first in range(0, len(requests), self.batch_size):
+            batch = requests[first:first + self.batch_size]
+            # One seed per generate call: a batch samples with its first request's.
+            outputs = self.generate([r.messages for r in batch], batch[0].sampling)
+            for offset, completions in enumerate(outputs):
+                on_outcome(Outcome(first + offset, completions))
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
     def close(self) -> None:
         del self.model
 
 
-def make_backend(name: str, model_path: str, problems: list[dict[str, Any]]) -> Backend:
-    if name == "transformers":
-        with_media = [p["id"] for p in problems if any(f in p for f in MEDIA_FIELDS)]
+def make_backend(
+    config: GenerateConfig, model_path: str, problems: list[dict[str, Any]], files: ServerFiles | None = None
+) -> Backend:
+    """The configured backend, ready to generate; ``files``: where a vllm backend's servers keep theirs."""
+    with_media = [p["id"] for p in problems if any(f in p for f in MEDIA_FIELDS)]
+    if config.backend == "transformers":
         if with_media:
             raise ValueError(
                 f"the transformers backend is text-only, but problem {with_media[0]!r} has media;"
-                " use a server backend for sound / image / video"
+                " use generate.backend: vllm for sound / image / video"
             )
-        return TransformersBackend(model_path)
-    raise ValueError(f"unknown generation backend {name!r}")
+        return TransformersBackend(model_path, config.batch_size)
+    if with_media and config.media_dir is None:
+        raise ValueError(f"problem {with_media[0]!r} has media: set generate.media_dir to the folder its files are in")
+    from jobs.openai_client import OpenAIBackend, connect_endpoints
+    from jobs.vllm_server import start_servers
+
+    if config.endpoints:
+        return OpenAIBackend(connect_endpoints(config), config)
+    if files is None:
+        raise ValueError("the vllm backend needs a folder for its servers' logs and caches")
+    servers = start_servers(model_path, config, files)
+    return OpenAIBackend(servers.endpoints, config, servers)

@@ -10,7 +10,7 @@ from jobs.answers import extract, get_verifier
 from jobs.backends import Sampling, make_backend, messages_for
 from jobs.data import read_jsonl
 from jobs.runtime import Throughput, reporting
-from jobs.specs import EvalSpec
+from jobs.specs import EvalSpec, GenerateConfig
 from state import atomic_write_bytes
 
 
@@ -18,7 +18,7 @@ def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
     problems = read_jsonl(spec.problems_path)
     verifier = get_verifier(spec.filter.verifier)
     greedy = Sampling(n=1, temperature=0.0, top_p=1.0, max_tokens=spec.eval.max_tokens, seed=spec.seed)
-    backend = make_backend("transformers", spec.model_path, problems)
+    backend = make_backend(GenerateConfig(), spec.model_path, problems)
     progress = Throughput(len(problems))
     lines, correct = [], 0
     try:

@@ -5,25 +5,43 @@ learning-zone categories are fractions of K (``filter.zone_bounds``), which for 
 seed's table exactly: 0 too_hard (skip), 1-3 challenging (keep all), 4-11 learning_zone (keep
 top_k), 12-14 almost_mastered (keep best 1), 15-16 mastered (skip, or sample best 1).
 
-Shards are read as streams, one problem at a time; outputs are written atomically.
+Shards are read as streams, one problem at a time. Memory holds one problem's candidates, the
+counters, two bounded caches (answers and verdicts, a few MB) and 16 bytes per problem for the
+duplicate-id check (16 MB per million problems); the per-category id lists go to files. Every
+output is written into a staging folder and renamed into place only when all of them are
+complete, so readers never see a half-written or mixed set.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
 import sys
+import tempfile
+import time
+from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from jobs.answers import Verifier, extract, get_verifier
+import orjson
+
+from jobs.answers import (
+    THINK_CLOSE,
+    answer_from,
+    answer_part,
+    answer_rules,
+    split_thinking,
+)
 from jobs.runtime import reporting
 from jobs.specs import MEDIA_FIELDS, FilterConfig, FilterSpec
-from state import InputError, atomic_write_bytes, atomic_write_json
+from jobs.verifiers import Verifier, get_verifier
+from state import InputError
 
 CATEGORIES = ("too_hard", "challenging", "learning_zone", "almost_mastered", "mastered")
 ACTIONS = {
@@ -34,6 +52,7 @@ ACTIONS = {
     "mastered": "Skip/10%",
 }
 RATE_BUCKETS = ("0%", "1-25%", "26-50%", "51-75%", "76-99%", "100%")
+READ_BUFFER = WRITE_BUFFER = 1 << 20
 
 
 def categorize(correct: int, k: int, bounds: tuple[float, float, float]) -> str:
@@ -76,40 +95,121 @@ def keep_count(category: str, num_correct: int, config: FilterConfig, problem_id
     return 0
 
 
-def read_generations(paths: list[Path]) -> Iterator[dict[str, Any]]:
-    for path in paths:
-        with open(path, "rb") as f:
+def read_generations(paths: Sequence[Path]) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """``(shard index, line number, record)`` for every line of every shard, in order."""
+    for shard, path in enumerate(paths):
+        # A large buffer: lines of K candidates are tens of KB, and the default 8 KB buffer makes
+        # splitting them cost more than parsing them.
+        with open(path, "rb", buffering=READ_BUFFER) as f:
             for number, line in enumerate(f, start=1):
                 if not line.endswith(b"\n"):
                     raise InputError(f"{path}:{number}: truncated last line (the shard was cut mid-write)")
-                if line.strip():
+                if not line.isspace():
                     try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise InputError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+                        yield shard, number, orjson.loads(line)
+                    except orjson.JSONDecodeError as error:
+                        raise InputError(f"{path}:{number}: malformed JSON ({error})") from None
+
+
+class Judge:
+    """Extraction and verification of candidates: each distinct answer ending is extracted once,
+    each distinct (answer, truth) pair verified once (verifiers are pure).
+
+    Answer lines ("ANSWER: (B) Piano", "#### 42") repeat within a problem's K candidates and
+    across problems, so the cost per candidate is mostly two dictionary lookups. The memos are
+    emptied when full, which bounds their memory to a few MB.
+    """
+
+    # Longer texts (a response without </think> is all ending; a truth may be a whole worked
+    # solution) rarely repeat: not remembered.
+    MAX_REMEMBERED = 512
+    MEMO_SIZE = 8192
+
+    def __init__(self, answer_pattern: str | list[str], verifier: Verifier) -> None:
+        rules = answer_rules(answer_pattern)
+        self.extract = lambda ending: answer_from(answer_part(ending), rules)
+        self.verify = verifier
+        self.answers: dict[str, str] = {}
+        self.verdicts: dict[tuple[str, str], bool] = {}
+
+    def correct(self, raw_outputs: list[str], truth: str) -> list[tuple[int, int, str]]:
+        """``(length, candidate index, extracted answer)`` of the candidates judged correct, shortest first."""
+        answers, verdicts = self.answers, self.verdicts
+        correct = []
+        for index, raw in enumerate(raw_outputs):
+            # The answer depends only on what follows the reasoning: look it up by that, without
+            # copying the reasoning (this loop runs for every candidate).
+            end = raw.rfind(THINK_CLOSE)
+            ending = raw[end:] if end >= 0 else raw
+            answer = answers.get(ending)
+            if answer is None:
+                answer = self._remember(answers, ending, self.extract(ending), len(ending))
+            pair = (answer, truth)
+            ok = verdicts.get(pair)
+            if ok is None:
+                ok = self._remember(verdicts, pair, bool(self.verify(answer, truth)), len(answer) + len(truth))
+            if ok:
+                correct.append((len(raw), index, answer))
+        correct.sort()  # by length, then in candidate order
+        return correct
+
+    def _remember(self, memo: dict[Any, Any], key: Any, value: Any, size: int) -> Any:
+        if size <= self.MAX_REMEMBERED:
+            if len(memo) >= self.MEMO_SIZE:
+                memo.clear()
+            memo[key] = value
+        return value
 
 
 class Analytics:
-    def __init__(self) -> None:
-        self.problems = self.candidates = self.correct = self.kept = 0
-        self.rate_sum = 0.0
-        self.categories: Counter[str] = Counter()
-        self.kept_by_category: Counter[str] = Counter()
-        self.histogram: Counter[int] = Counter()
-        self.buckets: Counter[str] = Counter()
-        self.by_category: dict[str, list[str]] = {c: [] for c in CATEGORIES}
+    """Counts of (K, correct) outcomes and kept samples: every statistic derives from these."""
 
-    def add(self, problem_id: str, k: int, correct: int, category: str, kept: int) -> None:
-        self.problems += 1
-        self.candidates += k
-        self.correct += correct
-        self.kept += kept
-        self.rate_sum += correct / k if k else 0.0
-        self.categories[category] += 1
+    def __init__(self, bounds: tuple[float, float, float]) -> None:
+        self.bounds = bounds
+        self.outcomes: Counter[tuple[int, int]] = Counter()
+        self.kept_by_category = dict.fromkeys(CATEGORIES, 0)
+
+    def add(self, k: int, correct: int, category: str, kept: int) -> None:
+        self.outcomes[k, correct] += 1
         self.kept_by_category[category] += kept
-        self.histogram[correct] += 1
-        self.buckets[rate_bucket(correct, k)] += 1
-        self.by_category[category].append(problem_id)
+
+    @property
+    def problems(self) -> int:
+        return sum(self.outcomes.values())
+
+    @property
+    def candidates(self) -> int:
+        return sum(k * n for (k, _), n in self.outcomes.items())
+
+    @property
+    def correct(self) -> int:
+        return sum(c * n for (_, c), n in self.outcomes.items())
+
+    @property
+    def kept(self) -> int:
+        return sum(self.kept_by_category.values())
+
+    @property
+    def rate_sum(self) -> float:
+        return sum(c / k * n for (k, c), n in self.outcomes.items() if k)
+
+    def _count(self, key: Callable[[int, int], Any]) -> Counter[Any]:
+        counts: Counter[Any] = Counter()
+        for (k, c), n in self.outcomes.items():
+            counts[key(k, c)] += n
+        return counts
+
+    @property
+    def categories(self) -> Counter[str]:
+        return self._count(lambda k, c: categorize(c, k, self.bounds))
+
+    @property
+    def histogram(self) -> Counter[int]:
+        return self._count(lambda k, c: c)
+
+    @property
+    def buckets(self) -> Counter[str]:
+        return self._count(lambda k, c: rate_bucket(c, k))
 
     def share(self, n: int) -> float:
         return n / self.problems if self.problems else 0.0
@@ -128,12 +228,17 @@ class Analytics:
             "problems_per_category": {c: self.categories[c] for c in CATEGORIES},
         }
 
+    def distributions(self, max_k: int) -> dict[str, Any]:
+        return {
+            "correct_count_histogram": {str(i): self.histogram[i] for i in range(max_k + 1)},
+            "correct_rate_buckets": {b: self.buckets[b] for b in RATE_BUCKETS},
+        }
+
     def analytics(self, strategy: str, max_k: int) -> dict[str, Any]:
         return {
             **self.stats(strategy),
             "categories": {c: {"count": self.categories[c], "share": self.share(self.categories[c])} for c in CATEGORIES},
-            "correct_count_histogram": {str(i): self.histogram[i] for i in range(max_k + 1)},
-            "correct_rate_buckets": {b: self.buckets[b] for b in RATE_BUCKETS},
+            **self.distributions(max_k),
         }
 
     def log_text(self, bounds_by_category: dict[str, str], max_k: int) -> str:
@@ -169,77 +274,191 @@ def category_ranges(k: int, bounds: tuple[float, float, float]) -> dict[str, str
     return {c: (f"{m[0]}-{m[-1]}" if len(m) > 1 else str(m[0])) if m else "none" for c, m in members.items()}
 
 
+class ProblemIds:
+    """Where each problem id was read, in 16 bytes (id hash, shard, line) instead of the id itself.
+
+    Equal hashes are confirmed by reading both ids back: a hash collision is not a duplicate.
+    """
+
+    def __init__(self) -> None:
+        self.hashes, self.shards, self.lines = array("q"), array("I"), array("I")
+
+    def add(self, problem_id: Any, shard: int, line: int) -> None:
+        self.hashes.append(hash(problem_id))
+        self.shards.append(shard)
+        self.lines.append(line)
+
+    def first_duplicate(self, paths: Sequence[Path]) -> str | None:
+        import numpy as np  # here, not at the top: a filter job's start-up is ~0.1 s faster
+
+        hashes = np.frombuffer(self.hashes, dtype=np.int64)
+        order = np.argsort(hashes, kind="stable")
+        ordered = hashes[order]
+        positions = np.flatnonzero(ordered[1:] == ordered[:-1])
+        # Report the duplicate met first in reading order, as a check while reading would have.
+        for position in positions[np.argsort(order[positions + 1], kind="stable")]:
+            first, second = int(order[position]), int(order[position + 1])
+            where = [(paths[self.shards[i]], self.lines[i]) for i in (first, second)]
+            problem_id = _id_at(*where[0])
+            if problem_id == _id_at(*where[1]):
+                return f"duplicate problem id {problem_id!r}: {where[0][0]}:{where[0][1]} and {where[1][0]}:{where[1][1]}"
+        return None
+
+
+def _id_at(path: Path, line: int) -> Any:
+    with open(path, "rb") as f:
+        return orjson.loads(next(itertools.islice(f, line - 1, None)))["id"]
+
+
+class CategoryIds:
+    """Problem ids by category, appended to files in ``folder`` a batch at a time, never all held."""
+
+    BATCH = 4096
+
+    def __init__(self, folder: Path) -> None:
+        self.paths = {c: folder / f"{c}.ids" for c in CATEGORIES}
+        self.pending: dict[str, list[bytes]] = {c: [] for c in CATEGORIES}
+        for path in self.paths.values():
+            path.touch()
+
+    def add(self, category: str, problem_id: Any) -> None:
+        pending = self.pending[category]
+        pending.append(orjson.dumps(problem_id) + b"\n")
+        if len(pending) >= self.BATCH:
+            self.flush(category)
+
+    def flush(self, category: str) -> None:
+        with open(self.paths[category], "ab") as f:
+            f.writelines(self.pending[category])
+        self.pending[category].clear()
+
+    def write_list(self, sink: BinaryIO, category: str) -> None:
+        """The category's ids as a JSON list, one id a line."""
+        self.flush(category)
+        separator = b"\n"
+        sink.write(b"[")
+        with open(self.paths[category], "rb") as ids:
+            for line in ids:
+                sink.write(separator + line.rstrip(b"\n"))
+                separator = b",\n"
+        sink.write(b"\n]")
+
+    def write_by_category(self, sink: BinaryIO) -> None:
+        separator = b"{\n"
+        for category in CATEGORIES:
+            sink.write(separator + orjson.dumps(category) + b": ")
+            self.write_list(sink, category)
+            separator = b",\n"
+        sink.write(b"\n}\n")
+
+
 def filter_generations(
-    paths: list[Path], output: Path, config: FilterConfig, seed: int, num_samples: int, expected: int | None = None
+    paths: Sequence[Path], output: Path, config: FilterConfig, seed: int, num_samples: int, expected: int | None = None
 ) -> dict[str, Any]:
     """Stream ``paths`` into ``output`` (filtered.json) and its sibling analytics files."""
-    verifier: Verifier = get_verifier(config.verifier)
-    analytics = Analytics()
-    seen: dict[str, Path] = {}
-    no_correct: list[str] = []
-    max_k = num_samples
+    verifier = get_verifier(config.verifier)
+    started = time.monotonic()
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    first = True
-    with open(tmp, "w", encoding="utf-8") as sink:
-        sink.write("[")
-        for record in _with_source(paths, seen):
-            pid = record["id"]
-            candidates = record["candidates"]
-            k = len(candidates)
-            max_k = max(max_k, k)
-            truth = record["ground_truth"]
-            correct = []
-            for candidate in candidates:
-                extracted = extract(candidate["raw_output"], config.answer_pattern)
-                if verifier(extracted.answer_prediction, truth):
-                    correct.append((candidate["raw_output"], extracted))
-            if config.dedupe:
-                correct = list({raw: (raw, e) for raw, e in correct}.values())
-            correct.sort(key=lambda item: len(item[0]))
-            category = categorize(len(correct), k, config.zone_bounds) if k else "too_hard"
-            kept = correct[: keep_count(category, len(correct), config, pid, seed)]
-            analytics.add(pid, k, len(correct), category, len(kept))
-            if not correct:
-                no_correct.append(pid)
-            for index, (raw, extracted) in enumerate(kept):
-                sample = {"id": f"{pid}_sol{index}", "original_id": pid}
-                sample.update({f: record[f] for f in MEDIA_FIELDS if f in record})
-                sample.update(
-                    question=record["question"], answer=truth, response=raw,
-                    thinking_prediction=extracted.thinking_prediction,
-                    answer_prediction=extracted.answer_prediction, category=category,
-                )
-                sink.write(("\n" if first else ",\n") + json.dumps(sample, ensure_ascii=False))
-                first = False
-        sink.write("\n]\n")
-    if expected is not None and analytics.problems != expected:
-        tmp.unlink()
-        raise InputError(f"the shards hold {analytics.problems} problems, expected {expected}")
-    os.replace(tmp, output)
+    stem = output.with_suffix("").name
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as staging_dir:
+        staging = Path(staging_dir)
+        ids = CategoryIds(staging)
+        with open(staging / output.name, "wb", buffering=WRITE_BUFFER) as sink:
+            analytics, max_k = _filter_into(sink, paths, config, verifier, seed, num_samples, ids)
+        if expected is not None and analytics.problems != expected:
+            raise InputError(f"the shards hold {analytics.problems} problems, expected {expected}")
 
-    stem = output.with_suffix("")
-    ranges = category_ranges(max_k, config.zone_bounds)
-    atomic_write_json(Path(f"{stem}_stats.json"), analytics.stats(config.strategy))
-    atomic_write_json(Path(f"{stem}_analytics.json"), {**analytics.analytics(config.strategy, max_k), "category_ranges": ranges})
-    atomic_write_json(Path(f"{stem}_by_category.json"), analytics.by_category)
-    atomic_write_json(Path(f"{stem}_no_correct.json"), no_correct)
-    log_text = analytics.log_text(ranges, max_k)
-    atomic_write_bytes(Path(f"{stem}_analytics.log"), log_text.encode())
+        ranges = category_ranges(max_k, config.zone_bounds)
+        stats = analytics.stats(config.strategy)
+        log_text = analytics.log_text(ranges, max_k)
+        sidecars = {
+            "stats.json": _json_bytes(stats),
+            "analytics.json": _json_bytes({**analytics.analytics(config.strategy, max_k), "category_ranges": ranges}),
+            "analytics.log": log_text.encode(),
+        }
+        for suffix, data in sidecars.items():
+            (staging / f"{stem}_{suffix}").write_bytes(data)
+        with open(staging / f"{stem}_by_category.json", "wb") as sink:
+            ids.write_by_category(sink)
+        with open(staging / f"{stem}_no_correct.json", "wb") as sink:
+            ids.write_list(sink, "too_hard")
+            sink.write(b"\n")
+        # filtered.json last: when it is there, its analytics are too.
+        for name in [*(f"{stem}_{s}" for s in (*sidecars, "by_category.json", "no_correct.json")), output.name]:
+            os.replace(staging / name, output.parent / name)
     print(log_text, flush=True)
-    stats = analytics.stats(config.strategy)
-    stats["categories"] = {c: analytics.share(analytics.categories[c]) for c in CATEGORIES}
-    return stats
+    seconds = time.monotonic() - started
+    return {
+        **stats,
+        "categories": {c: analytics.share(analytics.categories[c]) for c in CATEGORIES},
+        **analytics.distributions(max_k),
+        "seconds": round(seconds, 3),
+        "candidates_per_s": round(analytics.candidates / max(seconds, 1e-9), 1),
+    }
 
 
-def _with_source(paths: list[Path], seen: dict[str, Path]) -> Iterator[dict[str, Any]]:
-    """Records of every shard, refusing an id that two shards (or one twice) hold."""
-    for path in paths:
-        for record in read_generations([path]):
-            if record["id"] in seen:
-                raise InputError(f"{path}: duplicate problem id {record['id']!r} (also in {seen[record['id']]})")
-            seen[record["id"]] = path
-            yield record
+def _filter_into(
+    sink: BinaryIO, paths: Sequence[Path], config: FilterConfig, verifier: Verifier, seed: int, num_samples: int,
+    ids: CategoryIds,
+) -> tuple[Analytics, int]:
+    """Write the kept samples as a JSON list to ``sink``; return the analytics and the largest K."""
+    judge = Judge(config.answer_pattern, verifier)
+    bounds = tuple(config.zone_bounds)
+    category_of = cache(lambda correct, k: categorize(correct, k, bounds))
+    analytics = Analytics(bounds)
+    seen = ProblemIds()
+    max_k = num_samples
+    separator = b"\n"
+    sink.write(b"[")
+    for shard, number, record in read_generations(paths):
+        try:
+            pid, question, truth = record["id"], record["question"], record["ground_truth"]
+            raw_outputs = [candidate["raw_output"] for candidate in record["candidates"]]
+        except (KeyError, TypeError) as error:
+            raise InputError(f"{paths[shard]}:{number}: not a generations.jsonl record (missing {error})") from None
+        seen.add(pid, shard, number)
+        k = len(raw_outputs)
+        max_k = max(max_k, k)
+        # A data set's numeric truths (72, not "72") are judged as their JSON text.
+        correct = judge.correct(raw_outputs, truth if isinstance(truth, str) else json.dumps(truth))
+        num_correct = len(correct)
+        category = category_of(num_correct, k)
+        if config.dedupe:
+            # Repeats count for the correct rate, but are kept once.
+            first: dict[str, tuple[int, int, str]] = {}
+            for item in correct:
+                first.setdefault(raw_outputs[item[1]], item)
+            correct = list(first.values())
+        kept = correct[: keep_count(category, len(correct), config, pid, seed)]
+        analytics.add(k, num_correct, category, len(kept))
+        ids.add(category, pid)
+        if kept:
+            media = {f: record[f] for f in MEDIA_FIELDS if f in record}
+        for number_kept, (_, index, prediction) in enumerate(kept):
+            raw = raw_outputs[index]
+            # Key by key in the seed's order: a dict display with **media is several times slower.
+            sample = {"id": f"{pid}_sol{number_kept}", "original_id": pid}
+            sample.update(media)
+            sample["question"], sample["answer"], sample["response"] = question, truth, raw
+            sample["thinking_prediction"] = _thinking(record["candidates"][index], raw)
+            sample["answer_prediction"], sample["category"] = prediction, category
+            sink.write(separator + orjson.dumps(sample))
+            separator = b",\n"
+    sink.write(b"\n]\n")
+    duplicate = seen.first_duplicate(paths)
+    if duplicate:
+        raise InputError(duplicate)
+    return analytics, max_k
+
+
+def _thinking(candidate: dict[str, Any], raw: str) -> str:
+    """The generator's own split of the reasoning, as the seed's filter copies it; else ours."""
+    thinking = candidate.get("thinking_prediction")
+    return thinking if isinstance(thinking, str) else split_thinking(raw)[0]
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
 def run(spec: FilterSpec) -> dict[str, Any]:
@@ -256,22 +475,37 @@ def run(spec: FilterSpec) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Re-filter generations without regenerating (also the seed's own generations.jsonl)."""
     parser = argparse.ArgumentParser(prog="python -m jobs.filter", description=main.__doc__)
-    parser.add_argument("--generations", nargs="+", required=True, type=Path)
+    parser.add_argument("--generations", nargs="+", required=True, type=Path, help="generations.jsonl shard(s)")
     parser.add_argument("--output", required=True, type=Path, help="filtered.json to write")
     parser.add_argument("--strategy", default=FilterConfig.strategy, choices=["learning_zone", "all", "best", "top_k"])
-    parser.add_argument("--verifier", default=FilterConfig.verifier)
+    parser.add_argument(
+        "--verifier", default=FilterConfig.verifier,
+        help="multiple_choice | numeric | math | exact | regex | package.module:function",
+    )
+    parser.add_argument(
+        "--answer-pattern", action="append", metavar="REGEX",
+        help=f"regex whose group is the answer, tried before the built-in rules; repeatable (default {FilterConfig.answer_pattern})",
+    )
     parser.add_argument("--top-k", type=int, default=FilterConfig.top_k)
     parser.add_argument("--include-mastered", action="store_true")
     parser.add_argument("--mastered-sample-rate", type=float, default=FilterConfig.mastered_sample_rate)
+    parser.add_argument(
+        "--zone-bounds", type=float, nargs=3, default=FilterConfig.zone_bounds, metavar=("CHALLENGING", "ZONE", "ALMOST"),
+        help="correct-rate bounds below which a problem is challenging / learning_zone / almost_mastered",
+    )
+    parser.add_argument("--dedupe", action="store_true", help="keep identical correct responses of a problem once")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--num-samples", type=int, default=16, help="K, for the histogram's range")
     args = parser.parse_args(argv)
     config = FilterConfig(
         strategy=args.strategy, top_k=args.top_k, verifier=args.verifier,
+        answer_pattern=args.answer_pattern or FilterConfig.answer_pattern,
         include_mastered=args.include_mastered, mastered_sample_rate=args.mastered_sample_rate,
+        zone_bounds=tuple(args.zone_bounds), dedupe=args.dedupe,
     )
     try:
         get_verifier(config.verifier)
+        answer_rules(config.answer_pattern)
         for path in args.generations:
             if not path.is_file():
                 raise InputError(f"{path}: file not found")

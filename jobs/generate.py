@@ -1,9 +1,12 @@
 """Generation shard job: K candidates per problem of one slice, written item by item.
 
-The shard appends finished items to ``<output>.partial`` and renames it to ``<output>`` only when
-every item is there, so a complete shard is visible all at once. A restarted shard keeps the items
-already written (a torn last line from a kill mid-write is cut off) and generates only the rest. A
-file lock per shard makes a second copy of the same shard wait instead of writing alongside.
+The shard appends finished items to ``<output>.partial`` as they come (in any order) and renames it
+to ``<output>``, one line per problem in shard order, only when every item is there, so a complete
+shard is visible all at once. An item whose request failed is written with its ``error`` and no
+candidates. A restarted shard keeps the items already generated (a torn last line from a kill
+mid-write is cut off), tries failed ones again and generates the rest. A file lock per shard makes
+a second copy of the same shard wait instead of writing alongside. The vllm backend's servers keep
+their logs and caches in ``servers/<shard>/`` beside the shard.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from typing import Any
 from filelock import FileLock
 
 from jobs.answers import extract
-from jobs.backends import Sampling, make_backend, messages_for
+from jobs.backends import Outcome, Request, Sampling, make_backend, messages_for
 from jobs.data import read_jsonl
-from jobs.runtime import Throughput, log, reporting
+from jobs.runtime import Throughput, log, reporting, stop_if_preempted
 from jobs.specs import MEDIA_FIELDS, GenerateShardSpec
+from jobs.vllm_server import ServerFiles
+from state import atomic_write_bytes
 
 
 def partial_path(output: Path) -> Path:
@@ -27,7 +32,7 @@ def partial_path(output: Path) -> Path:
 
 
 def resume_partial(partial: Path) -> set[str]:
-    """Ids already written to ``partial``; a torn last line (killed mid-write) is cut off."""
+    """Ids already generated in ``partial`` (failed items not); a torn last line (killed mid-write) is cut off."""
     if not partial.exists():
         return set()
     data = partial.read_bytes()
@@ -36,7 +41,8 @@ def resume_partial(partial: Path) -> set[str]:
         log.info("cutting a torn last line (%d bytes) off %s", len(data) - len(complete), partial)
         with open(partial, "r+b") as f:
             f.truncate(len(complete))
-    return {json.loads(line)["id"] for line in complete.splitlines() if line.strip()}
+    records = [json.loads(line) for line in complete.splitlines() if line.strip()]
+    return {r["id"] for r in records if "error" not in r}
 
 
 def generation_record(problem: dict[str, Any], texts: list[tuple[str, int]]) -> dict[str, Any]:
@@ -59,6 +65,24 @@ def generation_record(problem: dict[str, Any], texts: list[tuple[str, int]]) -> 
     return record
 
 
+def finish(partial: Path, output: Path, problems: list[dict[str, Any]]) -> int:
+    """Rename ``partial`` to ``output`` with each problem's latest line, in shard order; the failed count."""
+    data = partial.read_bytes()
+    lines = [(json.loads(line), line) for line in data.splitlines(keepends=True) if line.strip()]
+    latest = {record["id"]: (record, line) for record, line in lines}
+    missing = [p["id"] for p in problems if p["id"] not in latest]
+    if missing:
+        raise RuntimeError(f"{partial}: no record of problem {missing[0]!r} (and {len(missing) - 1} more)")
+    failed = [latest[p["id"]][0] for p in problems if "error" in latest[p["id"]][0]]
+    if len(failed) == len(problems):
+        raise RuntimeError(f"every item of the shard failed, e.g. {failed[0]['id']!r}: {failed[0]['error']}")
+    ordered = b"".join(latest[p["id"]][1] for p in problems)
+    if ordered != data:
+        atomic_write_bytes(partial, ordered)
+    os.replace(partial, output)
+    return len(failed)
+
+
 def generate_shard(spec: GenerateShardSpec, metrics: dict[str, Any]) -> None:
     output = Path(spec.output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -72,29 +96,41 @@ def generate_shard(spec: GenerateShardSpec, metrics: dict[str, Any]) -> None:
         todo = [p for p in problems if p["id"] not in written]
         log.info("shard %s: %d problems, %d already written, %d to go", output.name, len(problems), len(written), len(todo))
         metrics.update(resumed_items=len(written))
-        progress = Throughput(len(todo))
         config = spec.generate
         if todo:
-            backend = make_backend(config.backend, spec.model_path, todo)
+            position = {p["id"]: i for i, p in enumerate(problems)}
+            requests = [
+                # Seeded by position in the shard, so a resumed shard samples as a fresh one would.
+                Request(
+                    messages_for(p, config.system_prompt, config.media_dir),
+                    Sampling(
+                        config.num_samples, config.temperature, config.top_p, config.max_tokens,
+                        seed=spec.seed * 1_000_003 + spec.start + position[p["id"]],
+                    ),
+                )
+                for p in todo
+            ]
+            files = ServerFiles(output.parent / "servers" / output.stem, Path(spec.target.run_dir) / "vllm_api_key")
+            backend = make_backend(config, spec.model_path, todo, files)
+            progress = Throughput(len(todo))  # from here: server start-up is not generation
             try:
                 with open(partial, "a", encoding="utf-8") as sink:
-                    for first in range(0, len(todo), config.batch_size):
-                        batch = todo[first:first + config.batch_size]
-                        # Seeded by position in the shard, so a resumed shard samples as a fresh one would.
-                        sampling = Sampling(
-                            config.num_samples, config.temperature, config.top_p, config.max_tokens,
-                            seed=spec.seed * 1_000_003 + spec.start + len(written) + first,
-                        )
-                        outputs = backend.generate([messages_for(p, config.system_prompt) for p in batch], sampling)
-                        for problem, completions in zip(batch, outputs, strict=True):
-                            record = generation_record(problem, [(c.text, c.num_tokens) for c in completions])
-                            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+                    def write(outcome: Outcome) -> None:
+                        record = generation_record(todo[outcome.index], [(c.text, c.num_tokens) for c in outcome.completions])
+                        if outcome.error:
+                            record["error"] = outcome.error
+                        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                         sink.flush()
-                        progress.add(len(batch), sum(c.num_tokens for cs in outputs for c in cs))
+                        progress.add(1, sum(c.num_tokens for c in outcome.completions))
+                        stop_if_preempted()  # the item is on disk: a safe point to leave the rest to a requeue
+
+                    backend.run(requests, write)
             finally:
+                metrics.update(backend.metrics())
                 backend.close()
-        os.replace(partial, output)
-        metrics.update(progress.totals())
+            metrics.update(progress.totals())
+        metrics.update(failed_items=finish(partial, output, problems))
 
 
 def run(spec: GenerateShardSpec) -> dict[str, Any]:

@@ -1,10 +1,20 @@
-"""What every job does around its work: report to its ledger record, and log progress."""
+"""What every job does around its work: report to its ledger record, handle preemption, log progress.
+
+Preemption and time limits: SLURM sends the pre-timeout signal (submitit asks for USR2, because
+NCCL may catch USR1) some seconds before it kills a job. The handler here only sets a flag; the
+stage stops at its next safe point (after an item is flushed, after a training step is
+checkpointed) by calling ``stop_if_preempted()``, and ``reporting`` then requeues the job, which
+resumes from what it wrote. Doing the work inside the signal handler would cut a write in half.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,20 +41,54 @@ def _job_identity() -> dict[str, Any]:
     }
 
 
+_preempted = threading.Event()
+
+
+class Preempted(Exception):
+    """The pre-timeout signal arrived and the stage stopped at a safe point: requeue the job."""
+
+
+def preemption_requested() -> bool:
+    return _preempted.is_set()
+
+
+def stop_if_preempted() -> None:
+    """Called by stages at safe points: leave the work to a requeued copy of this job."""
+    if _preempted.is_set():
+        raise Preempted("stopped at a safe point after the pre-timeout signal")
+
+
+def _requeue() -> None:
+    """Put this job back in the queue with the same id (SLURM_RESTART_COUNT goes up)."""
+    job_id = _job_identity()["job_id"]
+    if os.environ.get("SLURM_JOB_ID"):
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)
+    else:
+        raise RuntimeError("the pre-timeout signal arrived outside SLURM: nothing to requeue with")
+
+
 @contextmanager
 def reporting(target: JobTarget) -> Iterator[dict[str, Any]]:
-    """Mark the record running, then done with the metrics the body filled in, or failed."""
+    """Mark the record running, then done with the metrics the body filled in, failed, or requeued."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    # Replaces submitit's handler, which would checkpoint and exit wherever the signal lands.
+    signal.signal(signal.SIGUSR2, lambda signum, frame: _preempted.set())
     ledger = Ledger(target.run_dir)
 
     def started(record: dict[str, Any]) -> None:
         # Counts executions, so that a resumed run can prove no finished work was redone.
         record["executions"] = record.get("executions", 0) + 1
 
-    ledger.update(target.ledger_key, {"status": str(Status.RUNNING), **_job_identity()}, started)
+    ledger.update(target.ledger_key, {"status": str(Status.RUNNING), "note": None, **_job_identity()}, started)
     metrics: dict[str, Any] = {}
     try:
         yield metrics
+    except Preempted:
+        # Still in flight for the driver: the requeued job reports as it runs again.
+        ledger.set_status([target.ledger_key], Status.SUBMITTED, note="requeued after the pre-timeout signal")
+        _requeue()
+        log.info("requeued job %s after the pre-timeout signal", _job_identity()["job_id"])
+        return
     except BaseException as error:
         ledger.set_status([target.ledger_key], Status.FAILED, error=f"{type(error).__name__}: {error}")
         raise

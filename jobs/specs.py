@@ -7,7 +7,7 @@ pydantic), so a key exists once, here. Defaults are those of the ReST seed users
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le
 
@@ -21,18 +21,62 @@ REJECT_UNKNOWN_KEYS = {"extra": "forbid"}
 
 
 @dataclass
+class VllmConfig:
+    """The vLLM servers each generation shard starts on its node (``generate.backend: vllm``)."""
+
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    # The python of vLLM's own environment; it runs jobs/vllm_launcher.py. Default: this checkout's
+    # .venv-vllm/bin/python (tools/setup_vllm.sh) if there is one, else the job's own python.
+    python: str | None = None
+    # Or a whole command that takes ``serve MODEL ...``, e.g. ["vllm"]; replaces python + launcher.
+    command: list[str] | None = None
+    # Added to the servers' environment, e.g. {VLLM_CPU_KVCACHE_SPACE: "4"}.
+    env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    tensor_parallel_size: PositiveInt = 1
+    # Data-parallel servers per node; default: the node's GPUs / tensor_parallel_size (1 without GPUs).
+    num_servers: PositiveInt | None = None
+    dtype: str = "auto"
+    max_model_len: PositiveInt | None = None
+    gpu_memory_utilization: Annotated[float, Gt(0), Le(1)] = 0.9
+    max_num_seqs: PositiveInt | None = None
+    # Serve the previous iteration's LoRA adapter on its base model (--enable-lora) instead of the
+    # merged model; the first iteration serves the base model either way.
+    lora: bool = False
+    # Appended last to ``vllm serve``, so they override the arguments above, e.g. ["--enforce-eager"].
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout_s: Annotated[float, Gt(0)] = 1200
+
+
+@dataclass
 class GenerateConfig:
     __pydantic_config__ = REJECT_UNKNOWN_KEYS
 
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "vllm"] = "transformers"
     num_samples: PositiveInt = 16
     temperature: Annotated[float, Ge(0)] = 0.9
     top_p: Annotated[float, Gt(0), Le(1)] = 0.95
     max_tokens: PositiveInt = 2048
-    # Problems per forward batch (transformers) or concurrent requests (servers).
+    # Problems per forward batch (transformers) or concurrent requests per server (vllm).
     batch_size: PositiveInt = 8
     num_shards: PositiveInt = 4
     system_prompt: str | None = None
+    # Folder that problems' sound / image / video paths are relative to; the only folder vLLM may
+    # read media from.
+    media_dir: str | None = None
+    # vllm backend: OpenAI-compatible servers already running (``http://host:port``); no server is
+    # started then. Their model name (default: the one model they serve), and the environment
+    # variable holding their API key (unset: no key).
+    endpoints: list[str] = field(default_factory=list)
+    endpoint_model: str | None = None
+    endpoint_api_key_env: str = "VLLM_API_KEY"
+    # Sent with every request of the vllm backend, e.g. {top_k: 20, min_p: 0.05}.
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    # Per request, with back-off, on connection errors, timeouts, 429 and 5xx.
+    max_retries: Annotated[int, Ge(0)] = 5
+    request_timeout_s: Annotated[float, Gt(0)] = 1800
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass
@@ -43,9 +87,12 @@ class FilterConfig:
     top_k: PositiveInt = 3
     include_mastered: bool = False
     mastered_sample_rate: Fraction = 0.1
-    # multiple_choice | numeric | exact, or a function given as "package.module:function".
+    # multiple_choice | numeric | math | exact | regex (the ground truth is the pattern), or a
+    # function (prediction, ground_truth) -> bool given as "package.module:function".
     verifier: str = "multiple_choice"
-    answer_pattern: str = r"<answer>(.*?)</answer>"
+    # Regex (or list of regexes, tried in order) whose group is the answer; tried before the
+    # built-in rules: ANSWER: line, \boxed{}, ####, "answer is", last line.
+    answer_pattern: str | list[str] = r"<answer>(.*?)</answer>"
     # Correct-rate bounds of challenging | learning_zone | almost_mastered | mastered. With K=16
     # they give the seed's table: 1-3, 4-11, 12-14, 15-16 correct.
     zone_bounds: tuple[Fraction, Fraction, Fraction] = (0.25, 0.75, 0.9)
@@ -86,6 +133,10 @@ class TrainConfig:
     save_merged: bool = True
     logging_steps: PositiveInt = 10
     save_steps: PositiveInt = 200
+    # Checkpoints kept while training (the newest); all of them are deleted once the model is
+    # saved, unless keep_checkpoints.
+    save_total_limit: PositiveInt | None = 2
+    keep_checkpoints: bool = False
 
 
 @dataclass

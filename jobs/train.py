@@ -14,7 +14,7 @@ from typing import Any
 
 from jobs.backends import messages_for, pick_device
 from jobs.data import load_problems
-from jobs.runtime import log, reporting
+from jobs.runtime import log, preemption_requested, reporting, stop_if_preempted
 from jobs.specs import TrainConfig, TrainSpec
 from state import atomic_write_json
 
@@ -51,9 +51,23 @@ def _hardware_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
 def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        TrainerCallback,
+    )
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
+
+    class CheckpointOnPreemption(TrainerCallback):
+        """After the pre-timeout signal, save a checkpoint at the end of the current step and stop."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if preemption_requested():
+                control.should_save = True
+                control.should_training_stop = True
+            return control
 
     config = spec.train
     output = Path(spec.output_dir)
@@ -95,7 +109,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         completion_only_loss=True,
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
-        save_total_limit=2,
+        save_total_limit=config.save_total_limit,
         report_to="none",
         seed=spec.seed,
         disable_tqdm=True,
@@ -103,12 +117,13 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=peft_config, callbacks=[CheckpointOnPreemption()],
     )
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume:
         log.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
+    stop_if_preempted()  # the callback saved a checkpoint: the requeued job resumes from it
 
     model_dir = output / "model"
     if config.method == "lora":
@@ -133,7 +148,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         resumed_from=resume,
     )
     atomic_write_json(output / "model_card.json", {"init_model": spec.init_model, "method": config.method, **metrics})
-    if model_dir.is_dir():
+    if model_dir.is_dir() and not config.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
 
 

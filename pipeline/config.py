@@ -17,7 +17,7 @@ import yaml
 from annotated_types import Ge, Gt
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from jobs.answers import get_verifier
+from jobs.answers import answer_rules
 from jobs.specs import (
     REJECT_UNKNOWN_KEYS,
     EvalConfig,
@@ -26,6 +26,7 @@ from jobs.specs import (
     PositiveInt,
     TrainConfig,
 )
+from jobs.verifiers import get_verifier
 from state import InputError
 
 # Values end up in #SBATCH lines: a line break would start a shell command of its own.
@@ -53,6 +54,8 @@ class Resources:
     account: SbatchValue | None = None
     qos: SbatchValue | None = None
     constraint: SbatchValue | None = None
+    # The pre-timeout signal (USR2) comes this long before the time limit: time to checkpoint.
+    signal_delay_s: Annotated[int, Ge(0)] = 90
     # How many tasks of one array may run at once (sbatch --array=...%N).
     array_parallelism: PositiveInt = 256
     # Any other sbatch option, without the dashes: {"mail-type": "END", "exclude": "node7"}.
@@ -175,6 +178,10 @@ def _check(config: RunConfig) -> None:
         get_verifier(config.filter.verifier)
     except ValueError as error:
         raise ValueError(f"filter.verifier: {error}") from None
+    try:
+        answer_rules(config.filter.answer_pattern)
+    except ValueError as error:
+        raise ValueError(f"filter.answer_pattern: {error}") from None
     low, mid, high = config.filter.zone_bounds
     if not 0 < low <= mid <= high <= 1:
         raise ValueError(f"filter.zone_bounds: must rise within (0, 1], got {list(config.filter.zone_bounds)}")

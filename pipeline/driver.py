@@ -27,6 +27,8 @@ from state import InputError, Ledger, Status
 from state.ledger import now
 
 IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING))
+# What a new attempt must not inherit from the one before.
+FRESH_ATTEMPT = {"error": None, "slurm_state": None, "exit_code": None, "note": None}
 HEADLINE_METRICS = ("problems_generated", "tokens_per_s", "mean_correct_rate", "filtered_samples", "final_loss", "heldout_accuracy")
 
 
@@ -36,6 +38,11 @@ class StageFailed(Exception):
 
 class SubmissionRefused(InputError):
     """The scheduler refused a job as asked for (e.g. GPUs on a cluster without any): fix the config."""
+
+
+def job_name(config: RunConfig, stage: StagePlan) -> str:
+    """``demo.iter_002.generate``: squeue shows which run, iteration and stage a job is."""
+    return f"{config.run_name}.{stage.key.replace('/', '.')}"
 
 
 def log_tail(path: str | None, lines: int = 15) -> str:
@@ -65,13 +72,11 @@ class Driver:
             record["attempts"] = record.get("attempts", 0) + 1
 
         self.ledger.update_many(
-            {t.key: {"status": str(Status.SUBMITTED), "submitted_at": now(), "error": None} for t in tasks}, next_attempt
+            {t.key: {"status": str(Status.SUBMITTED), "submitted_at": now(), **FRESH_ATTEMPT} for t in tasks}, next_attempt
         )
         self.submissions += 1
         folder = self.run_dir / "submitit" / stage.key / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.submissions}"
-        executor = make_executor(
-            self.config.executor.cluster, folder, stage.resources, f"{self.config.run_name}.{stage.key.replace('/', '.')}"
-        )
+        executor = make_executor(self.config.executor.cluster, folder, stage.resources, job_name(self.config, stage))
         try:
             # submitit prints sbatch's refusal itself; we report it once, in our own words.
             with contextlib.redirect_stderr(io.StringIO()):
@@ -115,16 +120,9 @@ class Driver:
 
             records[key] = self.ledger.update(key, mutate=fail)
 
-    def stages(self) -> list[tuple[int, StagePlan]]:
-        """Every stage of the run with its iteration (0: the base model's eval), in running order."""
-        stages = [(0, self.planner.eval(0))] if self.config.data.heldout else []
-        for iteration in range(1, self.config.num_iterations + 1):
-            stages += [(iteration, stage) for stage in self.planner.iteration(iteration)]
-        return stages
-
     def current_stage(self) -> StagePlan | None:
         """The first stage that is not done, or None when the run is complete."""
-        pending = (s for _, s in self.stages() if self.ledger.read(s.key).get("status") != str(Status.DONE))
+        pending = (s for _, s in self.planner.stages() if self.ledger.read(s.key).get("status") != str(Status.DONE))
         return next(pending, None)
 
     def failed_tasks(self, stage: StagePlan) -> list[Task]:
@@ -216,7 +214,7 @@ class Driver:
                 shown = {k: v for k, v in metrics.items() if k in HEADLINE_METRICS}
                 self.console.log(f"{label}: done in {time.monotonic() - started:.0f} s {shown}", highlight=False)
 
-            plan = self.stages()
+            plan = self.planner.stages()
             for index, (iteration, stage) in enumerate(plan):
                 run(stage, f"iteration {iteration}: {stage.name}" if iteration else f"{BASELINE}: eval base model")
                 if iteration and (index + 1 == len(plan) or plan[index + 1][0] != iteration):

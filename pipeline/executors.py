@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.slurm.slurm import _make_sbatch_string
 
 from pipeline.config import Resources
 
@@ -28,7 +29,7 @@ def make_executor(cluster: str, folder: Path, resources: Resources, job_name: st
     executor = submitit.SlurmExecutor(folder)
     options: dict[str, Any] = {
         "time": resources.timeout_min, "job_name": job_name, "nodes": resources.nodes,
-        "array_parallelism": resources.array_parallelism,
+        "array_parallelism": resources.array_parallelism, "signal_delay_s": resources.signal_delay_s,
     }
     for name in ("cpus_per_task", "partition", "account", "qos", "constraint"):
         value = getattr(resources, name)
@@ -42,6 +43,15 @@ def make_executor(cluster: str, folder: Path, resources: Resources, job_name: st
         options["additional_parameters"] = dict(resources.extra_sbatch)
     executor.update_parameters(**options)
     return executor
+
+
+def sbatch_script(folder: Path, resources: Resources, job_name: str, num_tasks: int) -> str:
+    """The exact script ``submit_array`` hands to sbatch for an array of ``num_tasks`` tasks."""
+    executor = make_executor("slurm", folder, resources, job_name)
+    # submitit renders the script only while it submits; its renderer is the one source of truth.
+    return _make_sbatch_string(
+        command=executor._submitit_command_str, folder=folder, map_count=num_tasks, **executor.parameters
+    )
 
 
 def max_array_size(cluster: str) -> int:

@@ -164,3 +164,10 @@ class Planner:
         if self.config.data.heldout:
             stages.append(self.eval(iteration))
         return stages
+
+    def stages(self) -> list[tuple[int, StagePlan]]:
+        """Every stage of the run with its iteration (0: the base model's eval), in running order."""
+        stages = [(0, self.eval(0))] if self.config.data.heldout else []
+        for iteration in range(1, self.config.num_iterations + 1):
+            stages += [(iteration, stage) for stage in self.iteration(iteration)]
+        return stages

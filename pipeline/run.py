@@ -16,7 +16,8 @@ from rich.table import Table
 
 from jobs.data import load_problems, write_jsonl
 from pipeline.config import RunConfig, differences, dump_yaml, load_config
-from pipeline.driver import Driver, StageFailed
+from pipeline.driver import Driver, StageFailed, job_name
+from pipeline.executors import sbatch_script
 from pipeline.plan import Planner, shard_ranges
 from pipeline.status import console as make_console
 from pipeline.status import summarize
@@ -43,26 +44,29 @@ def print_plan(config: RunConfig, planner: Planner, num_heldout: int, console: C
     console.print(f"run {config.run_name!r} in {planner.run_dir}, cluster {config.executor.cluster}")
     console.print(f"{planner.num_train} training problems, {num_heldout} held-out, {config.num_iterations} iterations")
     table = Table("stage", "jobs", "resources", "writes")
-    if config.data.heldout:
-        stage = planner.eval(0)
-        table.add_row("baseline eval", "1", _resources(stage.resources), stage.tasks[0].spec.output_dir)
-    for iteration in range(1, config.num_iterations + 1):
-        for stage in planner.iteration(iteration):
-            if stage.name == "generate":
-                ranges = shard_ranges(planner.num_train, config.generate.num_shards)
-                jobs = f"array of {len(ranges)} (problems per shard {min(b - a for a, b in ranges)}-{max(b - a for a, b in ranges)})"
-                writes = str(Path(stage.tasks[0].spec.output_path).parent)
-            else:
-                jobs, writes = "1", getattr(stage.tasks[0].spec, "output_dir", "")
-            extra = f" lr {config.learning_rates[iteration - 1]:g}" if stage.name == "train" else ""
-            table.add_row(f"iteration {iteration} {stage.name}", jobs, _resources(stage.resources) + extra, writes)
+    for iteration, stage in planner.stages():
+        spec = stage.tasks[0].spec
+        if stage.name == "generate":
+            sizes = [b - a for a, b in shard_ranges(planner.num_train, config.generate.num_shards)]
+            jobs, writes = f"array of {len(sizes)} (problems per shard {min(sizes)}-{max(sizes)})", str(Path(spec.output_path).parent)
+        else:
+            jobs, writes = "1", spec.output_dir
+        extra = f" lr {config.learning_rates[iteration - 1]:g}" if stage.name == "train" else ""
+        label = f"iteration {iteration} {stage.name}" if iteration else "baseline eval"
+        table.add_row(label, jobs, _resources(stage.resources) + extra, writes)
     console.print(table)
+    if config.executor.cluster == "slurm":
+        for _, stage in planner.stages():
+            folder = planner.run_dir / "submitit" / stage.key / "<submission>"
+            # Printed as is (no rich wrapping): this is the exact text sbatch gets.
+            print(f"# ---- sbatch script of {stage.key} ----")
+            print(sbatch_script(folder, stage.resources, job_name(config, stage), len(stage.tasks)), flush=True)
     console.print("dry run: nothing submitted")
 
 
 def _resources(resources: object) -> str:
     fields = vars(resources)
-    return ", ".join(f"{k}={v}" for k, v in fields.items() if v not in (None, 0))
+    return ", ".join(f"{k}={v}" for k, v in fields.items() if v)
 
 
 def open_run(run_dir: Path, console: Console) -> Driver:

@@ -29,6 +29,7 @@ CONFIG_CASES = [
     ({"filter": {"strategy": "best_of"}}, [], ["filter.strategy", "'best_of'"]),
     ({"model": {"path": "/nonexistent/model"}}, [], ["model.path", "/nonexistent/model"]),
     ({"filter": {"verifier": "nosuchmodule:fn"}}, [], ["filter.verifier", "nosuchmodule"]),
+    ({"filter": {"answer_pattern": "ANSWER: ([0-9]+"}}, [], ["filter.answer_pattern", "not a valid regular expression"]),
     # Values reach #SBATCH lines and paths: nothing may smuggle in a shell command.
     ({"executor": {"generate": {"partition": "gpu\ntouch /tmp/pwned"}}}, [], ["executor.generate.partition", "line breaks"]),
     ({"executor": {"train": {"extra_sbatch": {"x\necho": "1"}}}}, [], ["executor.train.extra_sbatch", "sbatch option name"]),

@@ -1,4 +1,4 @@
-"""Answer extraction, the seed's learning-zone table, strategies, and re-filtering seed files."""
+"""The seed's learning-zone table, strategies, re-filtering seed files, and bad shards."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from jobs.answers import extract, multiple_choice, numeric
 from jobs.filter import (
     categorize,
     category_ranges,
@@ -52,41 +51,6 @@ def test_mastered_sampling_is_seeded_and_near_the_rate() -> None:
     draws = [keep_count("mastered", 16, config, f"p{i}", 42) for i in range(2000)]
     assert draws == [keep_count("mastered", 16, config, f"p{i}", 42) for i in range(2000)]
     assert 150 < sum(draws) < 250
-
-
-@pytest.mark.parametrize(
-    ("raw", "thinking", "answer"),
-    [
-        ("<think>I hear...</think>\nANSWER: 3 sounds", "I hear...", "3 sounds"),
-        ("<think>a\nb</think>\n<answer>(B) Piano</answer>", "a\nb", "(B) Piano"),
-        ("no tags, the answer is 42.", "", "42."),
-        ("<think>x</think>\nfirst line\nlast line", "x", "last line"),
-        ("<think>unfinished reasoning", "", "<think>unfinished reasoning"),
-    ],
-)
-def test_extraction(raw: str, thinking: str, answer: str) -> None:
-    extracted = extract(raw)
-    assert (extracted.thinking_prediction, extracted.answer_prediction) == (thinking, answer)
-
-
-@pytest.mark.parametrize(
-    ("prediction", "truth", "ok"),
-    [
-        ("3 sounds", "(A) 3 sounds", True), ("A", "(A) 3 sounds", True), ("(B) Piano", "(B) Piano", True),
-        ("piano", "(B) Piano", True), ("B", "(A) 3 sounds", False), ("(C) Violin", "(B) Piano", False),
-        ("", "(A) 3 sounds", False), ("guitar", "(B) Piano", False),
-    ],
-)
-def test_multiple_choice(prediction: str, truth: str, ok: bool) -> None:
-    assert multiple_choice(prediction, truth) is ok
-
-
-@pytest.mark.parametrize(
-    ("prediction", "truth", "ok"),
-    [("933", "933", True), ("1,234", "1234", True), ("-5", "#### -5", True), ("93", "933", False), ("", "1", False), ("0.5", "1/2", True)],
-)
-def test_numeric(prediction: str, truth: str, ok: bool) -> None:
-    assert numeric(prediction, truth) is ok
 
 
 def seed_record(pid: str, correct: int, k: int = 16) -> dict:
@@ -136,19 +100,102 @@ def test_legacy_strategies(tmp_path: Path, strategy: str, total: int) -> None:
     assert stats["filtered_samples"] == total
 
 
-def test_truncated_shard_and_duplicate_ids_are_errors(tmp_path: Path) -> None:
-    good = json.dumps(seed_record("a", 3)) + "\n"
+def write_shard(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_bad_shards_are_named_by_file_and_line_and_publish_nothing(tmp_path: Path) -> None:
+    output = tmp_path / "out" / "f.json"
+    good = write_shard(tmp_path / "good.jsonl", [seed_record("a", 3), seed_record("b", 5)])
+    filter_generations([good], output, FilterConfig(), 42, 16)
+    before = {p.name: p.read_bytes() for p in output.parent.iterdir()}
+
     torn = tmp_path / "torn.jsonl"
-    torn.write_text(good + json.dumps(seed_record("b", 3))[:50])
+    torn.write_text(json.dumps(seed_record("c", 3)) + "\n" + json.dumps(seed_record("d", 3))[:50])
     with pytest.raises(InputError, match=r"torn.jsonl:2: truncated last line"):
-        filter_generations([torn], tmp_path / "f.json", FilterConfig(), 42, 16)
-    dup = tmp_path / "dup.jsonl"
-    dup.write_text(good)
-    with pytest.raises(InputError, match="duplicate problem id 'a'"):
-        filter_generations([dup, dup], tmp_path / "f.json", FilterConfig(), 42, 16)
-    assert not (tmp_path / "f.json").exists(), "a failed filter writes no output"
+        filter_generations([torn], output, FilterConfig(), 42, 16)
+    other = write_shard(tmp_path / "other.jsonl", [seed_record("x", 1), seed_record("b", 2)])
+    with pytest.raises(InputError, match=rf"duplicate problem id 'b': {good}:2 and {other}:2"):
+        filter_generations([good, other], output, FilterConfig(), 42, 16)
+    with pytest.raises(InputError, match=rf"duplicate problem id 'a': {good}:1 and {good}:1"):
+        filter_generations([good, good], output, FilterConfig(), 42, 16)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(seed_record("e", 1)) + "\n{not json\n")
+    with pytest.raises(InputError, match=r"broken.jsonl:2: malformed JSON"):
+        filter_generations([broken], output, FilterConfig(), 42, 16)
+    no_truth = seed_record("f", 1)
+    del no_truth["ground_truth"]
+    with pytest.raises(InputError, match=r"bad.jsonl:2: not a generations.jsonl record \(missing 'ground_truth'\)"):
+        filter_generations([write_shard(tmp_path / "bad.jsonl", [seed_record("e", 1), no_truth])], output, FilterConfig(), 42, 16)
+    with pytest.raises(InputError, match="the shards hold 2 problems, expected 3"):
+        filter_generations([good], output, FilterConfig(), 42, 16, expected=3)
+    assert {p.name: p.read_bytes() for p in output.parent.iterdir()} == before, "a failed filter leaves the last outputs as they were"
 
 
 def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--generations", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "f.json")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.jsonl'}: file not found"
+    shard = write_shard(tmp_path / "g.jsonl", [seed_record("a", 1)])
+    assert main(["--generations", str(shard), "--output", str(tmp_path / "f.json"), "--verifier", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown verifier 'nope'")
+
+
+def gsm8k_record(pid: str, answers: list[str], truth: str = "#### 1,234") -> dict:
+    """A record whose candidates end GSM8K-style; the ground truth is the data set's full solution."""
+    candidates = [{"raw_output": f"Adding up step by step.\nResult => {a} <="} for a in answers]
+    return {"id": pid, "question": "Sum?", "ground_truth": truth, "candidates": candidates}
+
+
+def test_cli_numeric_verifier_and_answer_patterns(tmp_path: Path) -> None:
+    shard = write_shard(tmp_path / "g.jsonl", [gsm8k_record("p", ["1234", "1,234", "1,243", "1234.0"])])
+    output = tmp_path / "f.json"
+    # Without the pattern the last line "Result => 1234 <=" still ends in the right number.
+    assert main(["--generations", str(shard), "--output", str(output), "--verifier", "numeric", "--strategy", "all"]) == 0
+    assert [s["answer_prediction"] for s in json.loads(output.read_text())] == [
+        "Result => 1234 <=", "Result => 1,234 <=", "Result => 1234.0 <=",
+    ]
+    args = ["--generations", str(shard), "--output", str(output), "--verifier", "numeric", "--strategy", "all"]
+    assert main([*args, "--answer-pattern", r"=>\s*(\S+)\s*<="]) == 0
+    assert [s["answer_prediction"] for s in json.loads(output.read_text())] == ["1234", "1,234", "1234.0"]
+
+
+def test_per_category_ids_and_dedupe(tmp_path: Path) -> None:
+    same = gsm8k_record("dup", ["7", "7", "8"], truth="7")
+    shards = [
+        write_shard(tmp_path / "a.jsonl", [seed_record(f"s{c:02d}", c) for c in range(0, 17, 2)]),
+        write_shard(tmp_path / "b.jsonl", [seed_record(f"s{c:02d}", c) for c in range(1, 17, 2)] + [same]),
+    ]
+    output = tmp_path / "f.json"
+    stats = filter_generations(shards, output, FilterConfig(strategy="all", verifier="numeric", dedupe=True), 42, 16)
+    by_category = json.loads((tmp_path / "f_by_category.json").read_text())
+    assert by_category == {
+        "too_hard": ["s00"],
+        "challenging": ["s02", "s01", "s03"],
+        "learning_zone": ["s04", "s06", "s08", "s10", "s05", "s07", "s09", "s11", "dup"],
+        "almost_mastered": ["s12", "s14", "s13"],
+        "mastered": ["s16", "s15"],
+    }, "ids in the order read, shard after shard"
+    assert json.loads((tmp_path / "f_no_correct.json").read_text()) == ["s00"]
+    # 2 of 3 correct (learning zone), the two identical correct responses kept once.
+    assert [s["id"] for s in json.loads(output.read_text()) if s["original_id"] == "dup"] == ["dup_sol0"]
+    assert stats["correct_count_histogram"]["2"] == 2 and stats["correct_rate_buckets"]["100%"] == 1
+
+
+def test_long_responses_numeric_truths_and_user_verifiers(tmp_path: Path) -> None:
+    reasoning = "Let me add these up carefully, one step at a time. " * 20  # > 512 characters, no </think>
+    records = [
+        {"id": 1, "question": "Sum?", "ground_truth": 72, "candidates": [
+            {"raw_output": f"{reasoning}\n#### 72"}, {"raw_output": f"{reasoning}\n#### 27"}, {"raw_output": f"{reasoning}\nSo 72."},
+        ]},
+        {"id": 2, "question": "Sum?", "ground_truth": "0.5", "candidates": [{"raw_output": "<think>half</think>\nANSWER: 1/2"}]},
+    ]
+    shard = write_shard(tmp_path / "g.jsonl", records)
+    stats = filter_generations([shard], tmp_path / "f.json", FilterConfig(verifier="numeric", strategy="all"), 42, 3)
+    assert stats["total_correct"] == 3 and stats["problems_per_category"]["learning_zone"] == 1
+    samples = json.loads((tmp_path / "f.json").read_text())
+    assert [(s["id"], s["answer"], s["answer_prediction"]) for s in samples] == [
+        ("1_sol0", 72, "So 72."), ("1_sol1", 72, "72"), ("2_sol0", "0.5", "1/2"),
+    ], "shortest first; the truth as the data set wrote it; the last line when no rule matches"
+    exact_only = filter_generations([shard], tmp_path / "e.json", FilterConfig(verifier="exact", strategy="all"), 42, 3)
+    assert exact_only["total_correct"] == 1, "only '#### 72' extracts to exactly '72'"

@@ -175,3 +175,29 @@ def test_debug_cluster_runs_the_same_jobs_in_process(tiny_assets: Path, tmp_path
     summary = json.loads(run_cli("tools/status.py", str(runs / "small"), "--json").stdout)
     assert [s["status"] for s in summary["iterations"][0]["stages"].values()] == ["done"] * 4
     assert_each_problem_once(runs / "small", 1, 24)
+
+
+GOLDEN = Path(__file__).parent / "golden" / "dry_run_slurm.txt"
+
+
+def test_dry_run_prints_the_exact_sbatch_scripts(tiny_assets: Path, tmp_path: Path) -> None:
+    """Compared with a golden file; regenerate it with UPDATE_GOLDEN=1 after a deliberate change."""
+    runs = tmp_path / "runs"
+    executor = {
+        "cluster": "slurm",
+        "generate": {"partition": "gpu", "gpus_per_task": 1, "cpus_per_task": 8, "mem_gb": 64, "array_parallelism": 2,
+                     "account": "lab", "qos": "high", "constraint": "a100", "timeout_min": 120},
+        "train": {"nodes": 2, "extra_sbatch": {"comment": "ReST $(not run); `nor this`", "exclude": "node7"}},
+    }
+    config = write_config(
+        tmp_path / "golden.yaml",
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], executor=executor),
+    )
+    result = run_cli("-m", "pipeline.run", str(config), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    scripts = result.stdout[result.stdout.index("# ---- sbatch script"):]
+    scripts = scripts.replace(str(runs.resolve()), "RUNS").replace(sys.executable, "PYTHON")
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(scripts)
+    assert scripts == GOLDEN.read_text()
+    assert not runs.exists()

@@ -24,29 +24,40 @@ SLURM_EXECUTOR = {
 
 
 def sacct_rows(job_id: str) -> list[str]:
-    """The array's task rows; sacct shows one bare row for a few seconds after an array ends."""
-    deadline = time.monotonic() + 30
+    out = subprocess.run(["sacct", "-X", "--parsable2", "--noheader", "-j", job_id, "--format=JobID,State,ExitCode"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def sacct_tasks(array_id: str) -> list[str]:
+    """``["0|COMPLETED|0:0", ...]`` for the array's tasks.
+
+    For a while after an array ends sacct shows one bare row for all of it (a periodic thread in
+    slurmctld fills in the task rows later), so wait for the task rows.
+    """
+    deadline = time.monotonic() + 120
     while True:
-        out = subprocess.run(["sacct", "-X", "--parsable2", "--noheader", "-j", job_id, "--format=JobID,State,ExitCode"],
-                             capture_output=True, text=True, check=True).stdout
-        rows = out.split()
-        if any("_" in r.split("|")[0] for r in rows) or time.monotonic() > deadline:
-            return rows
-        time.sleep(1)
+        rows = sacct_rows(array_id)
+        if all("_" in row.split("|")[0] for row in rows) or time.monotonic() > deadline:
+            return sorted(row.split("_", 1)[1] for row in rows)
+        time.sleep(2)
 
 
 def test_two_iterations_on_slurm(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    config = write_config(tmp_path / "slurm.yaml", small_config(tiny_assets, runs, executor=SLURM_EXECUTOR))
+    marker = tmp_path / "injected"
+    # Shell syntax in a config value stays text: sbatch gets it quoted, nothing runs it.
+    sneaky = {"comment": f"$(touch {marker}); `touch {marker}` | touch {marker}"}
+    executor = {**SLURM_EXECUTOR, "generate": {**SLURM_EXECUTOR["generate"], "extra_sbatch": sneaky}}
+    config = write_config(tmp_path / "slurm.yaml", small_config(tiny_assets, runs, executor=executor))
     result = run_cli("-m", "pipeline.run", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert not marker.exists(), "a config value ran as a command"
     summary = json.loads(run_cli("tools/status.py", str(runs / "small"), "--json").stdout)
     shards = summary["iterations"][0]["stages"]["generate"]["shards"]
     array_ids = {s["job_ids"][0].split("_")[0] for s in shards}
     assert len(array_ids) == 1, "the shards of an iteration are one job array"
-    rows = sacct_rows(array_ids.pop())
-    assert sorted(r.split("|")[0].split("_")[1] for r in rows) == ["0", "1", "2"]
-    assert all(r.split("|")[1] == "COMPLETED" for r in rows)
+    assert sacct_tasks(array_ids.pop()) == ["0|COMPLETED|0:0", "1|COMPLETED|0:0", "2|COMPLETED|0:0"]
     assert_each_problem_once(runs / "small", 2, 24)
     # status.py shows SLURM's live word beside the ledger's, from sacct.
     assert {(job["status"], job["scheduler_state"], job["exit_code"]) for job in summary["jobs"]} == {("done", "COMPLETED", "0:0")}
@@ -77,7 +88,8 @@ def test_scancel_of_one_array_task_is_resubmitted_alone(slurm_cluster: str, tiny
     assert shards["shard_00001"]["attempts"] == 2
     assert shards["shard_00001"]["job_ids"][0] == victim
     retry = shards["shard_00001"]["job_ids"][1]
-    assert sacct_rows(retry.split("_")[0]) == [f"{retry.split('_')[0]}_0|COMPLETED|0:0"], "the retry is an array of that index alone"
+    # submitit submits an array of one as a plain job.
+    assert "_" not in retry and sacct_rows(retry) == [f"{retry}|COMPLETED|0:0"], "the retry runs that shard alone"
     assert [s["attempts"] for n, s in shards.items() if n != "shard_00001"] == [1, 1]
     assert shards["shard_00001"]["metrics"]["resumed_items"] >= 1, "the retry kept the items written before the cancel"
     assert_each_problem_once(runs / "small", 1, 24)
@@ -114,8 +126,9 @@ def test_arrays_larger_than_max_array_size_are_split(slurm_cluster: str, tiny_as
         assert result.returncode == 0, result.stdout + result.stderr
         ledger = runs / "small" / "ledger" / "iter_001" / "generate"
         job_ids = [read_json(ledger / f"shard_{i:05d}.json")["job_id"] for i in range(3)]
-        first, second = job_ids[0].split("_")[0], job_ids[2].split("_")[0]
-        assert job_ids == [f"{first}_0", f"{first}_1", f"{second}_0"], "3 shards as arrays of 2 and 1"
+        first = job_ids[0].split("_")[0]
+        # submitit submits the remaining array of one as a plain job.
+        assert job_ids[:2] == [f"{first}_0", f"{first}_1"] and "_" not in job_ids[2], "3 shards as arrays of 2 and 1"
         assert_each_problem_once(runs / "small", 1, 24)
     finally:
         subprocess.run(["bash", script, "start"], check=True, capture_output=True)
@@ -159,3 +172,24 @@ def test_requeue_resubmits_exactly_the_failed_shard(slurm_cluster: str, tiny_ass
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert [read_json(ledger / f"shard_{i:05d}.json")["attempts"] for i in range(3)] == [1, 1, 2]
     assert_each_problem_once(run_dir, 1, 24)
+
+
+def test_time_limit_signal_requeues_the_shard_which_resumes(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    problems = tmp_path / "many.jsonl"
+    # About twice what one run gets between start and the signal, so at least one requeue happens.
+    problems.write_text("".join((tiny_assets / "train.jsonl").read_text().splitlines(keepends=True)[:120]))
+    executor = {**SLURM_EXECUTOR, "generate": {"cpus_per_task": 1, "timeout_min": 1, "signal_delay_s": 30}}
+    config = write_config(
+        tmp_path / "timeout.yaml",
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3],
+                     data={"train": str(problems), "heldout": None},
+                     generate={"num_shards": 1, "batch_size": 1, "max_tokens": 32}, executor=executor),
+    )
+    result = run_cli("-m", "pipeline.run", str(config), timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    shard = read_json(runs / "small" / "ledger" / "iter_001" / "generate" / "shard_00000.json")
+    assert shard["status"] == "done" and shard["restart_count"] >= 1, shard
+    assert shard["attempts"] == 1 and shard["executions"] == shard["restart_count"] + 1, "requeued, not resubmitted"
+    assert shard["metrics"]["resumed_items"] > 0
+    assert_each_problem_once(runs / "small", 1, 120)

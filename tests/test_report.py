@@ -1,0 +1,92 @@
+"""tools/report.py: the seed's table across iterations, its warning signs, and the PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from jobs import filter as filter_job
+from jobs.specs import FilterConfig, FilterSpec, JobTarget
+from pipeline.status import summarize, warning_signs
+from state import Ledger, Status
+from tests.conftest import run_cli, small_config, write_config
+from tests.test_filter import seed_record, write_shard
+
+# Correct counts (of K = 16) per iteration: weak (60 % too hard), healthy, saturated (60 % mastered).
+ITERATIONS = [
+    [0] * 12 + [2] * 4 + [8] * 4,
+    [0] * 10 + [3] * 10 + [11] * 50 + [14] * 20 + [16] * 10,
+    [2] * 2 + [8] * 4 + [13] * 2 + [16] * 12,
+]
+HELDOUT = [0.2, 0.3, 0.45, 0.6]
+
+
+def filtered_run(run_dir: Path) -> Path:
+    """A run's ledger as the driver and jobs leave it: real filter jobs over shards, eval metrics."""
+    ledger = Ledger(run_dir)
+    ledger.update("run", {"run_name": "weak_to_strong", "num_iterations": len(ITERATIONS), "status": "done"})
+    ledger.set_status(["baseline/eval"], Status.DONE, metrics={"heldout_accuracy": HELDOUT[0]})
+    for iteration, counts in enumerate(ITERATIONS, start=1):
+        folder = run_dir / f"iter_{iteration:03d}"
+        folder.mkdir(parents=True)
+        shard = write_shard(folder / "shard.jsonl", [seed_record(f"p{i}", c) for i, c in enumerate(counts)])
+        key = f"iter_{iteration:03d}/filter"
+        filter_job.run(
+            FilterSpec(JobTarget(str(run_dir), key), [str(shard)], len(counts), str(folder / "filter"), FilterConfig(strategy="all"), 16, 42)
+        )
+        ledger.set_status([f"iter_{iteration:03d}/eval"], Status.DONE, metrics={"heldout_accuracy": HELDOUT[iteration]})
+    return run_dir
+
+
+def test_report_prints_the_seed_table_flags_warning_signs_and_writes_the_png(tmp_path: Path) -> None:
+    run_dir = filtered_run(tmp_path / "run")
+    result = run_cli("tools/report.py", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for row in ("Too hard (0 correct)", "Learning zone", "Mastered", "Mean correct rate", "Held-out accuracy", "Iteration 3"):
+        assert row in out, row
+    assert "60.0%" in out and "20.0%" in out and "45.0%" in out
+    assert "0% correct rate" in out and "100% correct rate" in out and "16 correct" in out
+    assert 'Too many "too hard" problems (>50%): iteration 1 (60.0% too_hard): the model is too weak' in out
+    assert 'Too many "mastered" problems (>50%): iteration 3 (60.0% mastered): the dataset is too easy' in out
+    assert "Very small filtered dataset (<1000 samples): iteration 1 (40 samples), iteration 3 (254 samples)" in out
+    assert "generate.num_samples" in out and "consider stopping ReST" in out and "filter.include_mastered=true" in out
+    assert out.count("filter.include_mastered=true") == 1, "advice once per sign, not per iteration"
+    assert "iteration 2 (" not in out, "1020 samples, 10 % too hard, 10 % mastered: nothing to flag"
+
+    with Image.open(run_dir / "report.png") as image:
+        assert image.format == "PNG" and image.width > 600 and image.height > 300
+
+
+def test_summary_keeps_its_keys_and_adds_the_distributions(tmp_path: Path) -> None:
+    summary = summarize(filtered_run(tmp_path / "run"))
+    metrics = summary["iterations"][1]["metrics"]
+    assert {"heldout_accuracy", "mean_correct_rate", "categories", "filtered_samples", "final_loss"} <= set(metrics)
+    assert metrics["categories"] == {"too_hard": 0.1, "challenging": 0.1, "learning_zone": 0.5, "almost_mastered": 0.2, "mastered": 0.1}
+    assert metrics["filtered_samples"] == 10 * 3 + 50 * 11 + 20 * 14 + 10 * 16
+    assert metrics["correct_count_histogram"]["11"] == 50 and metrics["correct_rate_buckets"]["0%"] == 10
+    assert metrics["total_candidates"] == 100 * 16
+    assert [(s["iteration"], s["sign"].split(" (")[0]) for s in warning_signs(summary)] == [
+        (1, 'Too many "too hard" problems'), (1, "Very small filtered dataset"),
+        (3, 'Too many "mastered" problems'), (3, "Very small filtered dataset"),
+    ]
+
+
+def test_not_a_run_directory_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("tools/report.py", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path}: not a run directory (no ledger/ in it)"
+
+
+@pytest.mark.slow
+def test_report_on_a_real_run(tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "small.yaml", small_config(tiny_assets, runs))
+    assert run_cli("-m", "pipeline.run", str(config)).returncode == 0
+    result = run_cli("tools/report.py", str(runs / "small"))
+    assert result.returncode == 0, result.stderr
+    assert "Held-out accuracy" in result.stdout and "Iteration 2" in result.stdout
+    assert "Very small filtered dataset" in result.stdout, "24 problems cannot give 1000 samples"
+    assert (runs / "small" / "report.png").stat().st_size > 10_000

@@ -1,0 +1,296 @@
+"""Answer extraction and the verifiers, table by table: what each accepts and what it must refuse."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.answers import extract
+from jobs.verifiers import (
+    VERIFIERS,
+    get_verifier,
+    regex_match,
+)
+
+# (raw model output, configured answer pattern(s) or None for the default, thinking, answer)
+EXTRACTION = [
+    ("<think>I hear...</think>\nANSWER: 3 sounds", None, "I hear...", "3 sounds"),
+    ("<think>a\nb</think>\n<answer>(B) Piano</answer>", None, "a\nb", "(B) Piano"),
+    ("no tags, the answer is 42.", None, "", "42"),
+    ("The answer is 3.5.", None, "", "3.5"),
+    ("<think>x</think>\nfirst line\nlast line", None, "x", "last line"),
+    ("<think>x</think>\nlast line\n\n", None, "x", "last line"),
+    # Ran out of tokens while thinking: there is no answer, whatever the reasoning mentions.
+    ("<think>so the answer is B", None, "so the answer is B", ""),
+    # Chat templates that put <think> in the prompt: the output starts inside the reasoning.
+    ("reasoning only</think>\nANSWER: C", None, "reasoning only", "C"),
+    # The answer comes from after the reasoning, not from numbers inside it.
+    ("<think>ANSWER: 5</think>\nANSWER: 7", None, "ANSWER: 5", "7"),
+    ("<think>t</think>ANSWER: first\nANSWER: second", None, "t", "second"),
+    ("<think>t</think>**Answer:** (D) Drums", None, "t", "(D) Drums"),
+    ("<think>t</think>Final answer: 12", None, "t", "12"),
+    ("<think>t</think><ANSWER>b</ANSWER>", None, "t", "b"),
+    ("<think>t</think><answer>\n  multi\n line\n</answer>", None, "t", "multi\n line"),
+    ("So $x = \\boxed{\\frac{1}{2}}$ is it.", None, "", "\\frac{1}{2}"),
+    ("\\boxed{1} then \\boxed{{2}}", None, "", "{2}"),
+    ("ANSWER: $\\boxed{12}$", None, "", "12"),
+    ("\\fbox{7}", None, "", "7"),
+    ("Natalia sold 48/2 = 24 clips.\n#### 72", None, "", "72"),
+    ("It is 5.\nThe answer is: 6", None, "", "6"),
+    ("Result => 42 <=", [r"=>\s*(\d+)\s*<="], "", "42"),
+    # Configured patterns come first and are tried in order.
+    ("ANSWER: 1\nFINAL{2}", [r"FINAL\{(\d+)\}", r"ANSWER: (\d+)"], "", "2"),
+    ("ANSWER: 1\nnothing else", [r"FINAL\{(\d+)\}"], "", "1"),
+    ("Answer: yes (option A) or [B]", [r"option (\w)|\[(\w)\]"], "", "B"),
+    ("", None, "", ""),
+]
+
+
+@pytest.mark.parametrize(("raw", "pattern", "thinking", "answer"), EXTRACTION)
+def test_extraction(raw: str, pattern: list[str] | None, thinking: str, answer: str) -> None:
+    extracted = extract(raw, pattern) if pattern else extract(raw)
+    assert (extracted.thinking_prediction, extracted.answer_prediction) == (thinking, answer)
+
+
+MULTIPLE_CHOICE = [
+    # The seed's examples and option-letter forms.
+    ("3 sounds", "(A) 3 sounds", True),
+    ("A", "(A) 3 sounds", True),
+    ("(A)", "(A) 3 sounds", True),
+    ("a", "(A) 3 sounds", True),
+    ("(B) Piano", "(B) Piano", True),
+    ("piano", "(B) Piano", True),
+    ("Piano.", "(B) Piano", True),
+    ("B", "(B) Piano", True),
+    ("b)", "(B) Piano", True),
+    ("B.", "(B) Piano", True),
+    ("[B]", "(B) Piano", True),
+    ("Option B", "(B) Piano", True),
+    ("option b", "(B) Piano", True),
+    ("B. Piano", "(B) Piano", True),
+    ("B) piano", "(B) Piano", True),
+    ("B: Piano", "(B) Piano", True),
+    ("Option B: Piano", "(B) Piano", True),
+    ("**B**", "(B) Piano", True),
+    ("\\text{B}", "(B) Piano", True),
+    ("(B) Piano", "B", True),
+    ("(B) Piano", "B. Piano", True),
+    ("(B) Piano", "Piano", True),
+    ("piano", "Piano", True),
+    ("  PIANO  ", "piano", True),
+    # Containment at word boundaries, both ways.
+    ("It is a piano", "(B) Piano", True),
+    ("a grand piano", "(B) Piano", True),
+    ("piano", "(C) Grand piano", True),
+    ("I choose (B) because it sounds like keys", "(B) Piano", True),
+    ("3", "(A) 3 sounds", True),
+    ("There are 3 sounds in total", "(A) 3 sounds", True),
+    ("Yes", "Yes", True),
+    ("yes, there is a dog", "Yes", True),
+    ("(b) Piano", "(B) Piano", True),
+    ("(B) piano", "(B) Piano ", True),
+    # Wrong options.
+    ("B", "(A) 3 sounds", False),
+    ("(C) Violin", "(B) Piano", False),
+    ("C", "(B) Piano", False),
+    ("guitar", "(B) Piano", False),
+    ("4 sounds", "(A) 3 sounds", False),
+    ("(B) 4 sounds", "(A) 3 sounds", False),
+    ("13 sounds", "(A) 3 sounds", False),
+    ("pianos", "(B) Piano", False),
+    ("pianist", "(B) Piano", False),
+    ("No", "Yes", False),
+    # Nothing usable.
+    ("", "(A) 3 sounds", False),
+    ("   ", "(B) Piano", False),
+    ("A", "", False),
+    # Several options named, hedged or negated: never a match.
+    ("A or B", "(A) 3 sounds", False),
+    ("(A) or (B)", "(A) 3 sounds", False),
+    ("(A) 3 sounds (B) 4 sounds", "(A) 3 sounds", False),
+    ("A) 3 sounds, B) 4 sounds", "(A) 3 sounds", False),
+    ("option A or option C", "(A) 3 sounds", False),
+    ("piano or violin", "(B) Piano", False),
+    ("either piano or guitar", "(B) Piano", False),
+    ("not a piano", "(B) Piano", False),
+    ("3 or 4 sounds", "(A) 3 sounds", False),
+    ("3 sounds, maybe 4", "(A) 3 sounds", False),
+    ("yes and no", "Yes", False),
+    # A letter with text that contradicts the option's text.
+    ("(A) 4 sounds", "(A) 3 sounds", False),
+    ("(B) Violin", "(B) Piano", False),
+    # A letter alone cannot be checked against a truth without one.
+    ("B", "Piano", False),
+    # Parts of the option that identify nothing, and words that only look like letters.
+    ("sounds", "(A) 3 sounds", False),
+    ("the", "(C) The grand piano", False),
+    ("A piano", "(A) 3 sounds", False),
+    ("sound(s)", "(S) Silence", False),
+    ("e.g. drums", "(E) Piano", False),
+]
+
+
+NUMERIC = [
+    ("933", "933", True),
+    ("1,234", "1234", True),
+    ("1234", "1,234", True),
+    ("1,234,567", "1234567", True),
+    ("-5", "#### -5", True),
+    ("−5", "-5", True),
+    ("+7", "7", True),
+    ("0.5", "1/2", True),
+    ("1/2", "0.5", True),
+    ("\\frac{3}{4}", "0.75", True),
+    ("\\dfrac{1}{4}", "1/4", True),
+    ("2.50", "2.5", True),
+    ("42.0", "42", True),
+    (".5", "0.5", True),
+    ("$1,000.50", "1000.5", True),
+    ("42 apples.", "42", True),
+    ("The total is 18 dollars", "18", True),
+    ("x = 7", "7", True),
+    ("50%", "50", True),
+    ("1e3", "1000", True),
+    ("10{,}000", "10000", True),
+    ("She has 3 apples and gives 1, so 2", "2", True),
+    ("Step 1: 48/2 = 24\n#### 72", "72", True),
+    ("#### 72", "Natalia sold 48/2 = 24 clips.\n#### 72", True),
+    ("pages 3-4", "4", True),
+    ("answer: 0", "0", True),
+    ("-0", "0", True),
+    # Must be refused.
+    ("93", "933", False),
+    ("", "1", False),
+    ("five", "5", False),
+    ("5", "-5", False),
+    ("-5", "5", False),
+    ("0.33", "1/3", False),
+    ("3.14", "3.14159", False),
+    ("1,234", "1.234", False),
+    ("42 or 43", "42", False),
+    ("12", "#### 21", False),
+    ("1/0", "1", False),
+    ("2", "two", False),
+    ("\\frac{1}{2}", "2", False),
+    ("3 1/2", "3.5", False),
+    ("1e3", "1", False),
+]
+
+
+MATH = [
+    ("\\frac{1}{2}", "0.5", True),
+    ("$\\frac{1}{2}$", "\\frac{1}{2}", True),
+    ("\\frac12", "1/2", True),
+    ("\\dfrac{3}{4}", "0.75", True),
+    ("$2\\sqrt{2}$", "\\sqrt{8}", True),
+    ("\\frac{\\sqrt2}{2}", "\\frac{1}{\\sqrt{2}}", True),
+    ("$x^2+2x+1$", "(x+1)^2", True),
+    ("x = 3", "3", True),
+    ("$\\{1,2\\}$", "\\{2,1\\}", True),
+    ("$[1,2)$", "[1,2)", True),
+    ("1,234", "1234", True),
+    ("50\\%", "50", True),
+    ("\\text{Paris}", "Paris", True),
+    ("-\\frac{2}{4}", "-0.5", True),
+    ("$\\sqrt{16}$", "4", True),
+    ("The answer is $\\boxed{10}$", "10", True),
+    ("$a+b$", "b+a", True),
+    ("3", "4", False),
+    ("$\\frac{1}{3}$", "0.33", False),
+    ("$-2$", "2", False),
+    ("$x^2$", "x^3", False),
+    ("\\sqrt{2}", "2", False),
+    ("$[1,2]$", "[1,2)", False),
+    ("$\\pi$", "3.14159", False),
+    ("", "1", False),
+    ("London", "Paris", False),
+]
+
+
+EXACT = [
+    ("Paris", "paris", True),
+    ("  New   York ", "new york", True),
+    ("Paris.", "Paris", True),
+    ("**Paris**", "Paris", True),
+    ("Paris, France", "Paris", False),
+    ("Pari", "Paris", False),
+    ("", "Paris", False),
+    ("the Paris", "Paris", False),
+]
+
+
+REGEX = [
+    ("3", r"3|three", True),
+    ("three", r"3|three", True),
+    ("  42 ", r"\d+", True),
+    ("Paris", r"(?i)paris", True),
+    ("33", r"3|three", False),
+    ("three cats", r"3|three", False),
+    ("paris", r"Paris", False),
+    ("", r"\d+", False),
+]
+
+
+TABLES = {"multiple_choice": MULTIPLE_CHOICE, "numeric": NUMERIC, "math": MATH, "exact": EXACT, "regex": REGEX}
+
+
+@pytest.mark.parametrize(
+    ("verifier", "prediction", "truth", "ok"), [(name, *case) for name, table in TABLES.items() for case in table]
+)
+def test_verifier(verifier: str, prediction: str, truth: str, ok: bool) -> None:
+    assert VERIFIERS[verifier](prediction, truth) is ok
+
+
+# (verifier, raw model output, ground truth, correct): extraction and verification together.
+END_TO_END = [
+    ("multiple_choice", "<think>It could be A... no, B.</think>\nANSWER: B", "(B) Piano", True),
+    ("multiple_choice", "<think>I hear keys</think>\n<answer>(B) Piano</answer>", "(B) Piano", True),
+    ("multiple_choice", "<think>hmm</think>\nThe answer is (B).", "(B) Piano", True),
+    ("multiple_choice", "<think>B is likely</think>\nANSWER: (C) Violin", "(B) Piano", False),
+    ("multiple_choice", "<think>the answer is B", "(B) Piano", False),
+    ("multiple_choice", "<think>x</think>\nANSWER: A or B", "(A) 3 sounds", False),
+    ("numeric", "48/2 = 24 clips in May.\n48+24 = 72\n#### 72", "#### 72", True),
+    ("numeric", "<think>6*7</think>\nANSWER: 42 apples", "42", True),
+    ("numeric", "<think>ANSWER: 42</think>\nANSWER: 41", "42", False),
+    ("numeric", "Total: 72.\n#### 27", "72", False),
+    ("math", "<think>simplify</think>\nSo $\\boxed{\\frac{2}{4}}$.", "\\frac{1}{2}", True),
+    ("math", "The answer is $\\boxed{\\sqrt{8}}$.", "2\\sqrt{2}", True),
+    ("math", "The answer is $\\boxed{\\sqrt{7}}$.", "2\\sqrt{2}", False),
+    ("exact", "<think>capital</think>\nANSWER: Paris.", "paris", True),
+    ("exact", "<think>capital</think>\nANSWER: Paris, France", "Paris", False),
+    ("regex", "<think>count</think>\n<answer>three</answer>", r"3|three", True),
+    ("regex", "<think>count</think>\n<answer>thirteen</answer>", r"3|three", False),
+]
+
+
+@pytest.mark.parametrize(("verifier", "raw", "truth", "ok"), END_TO_END)
+def test_extraction_then_verification(verifier: str, raw: str, truth: str, ok: bool) -> None:
+    assert get_verifier(verifier)(extract(raw).answer_prediction, truth) is ok
+
+
+def test_bad_regex_in_the_data_is_named() -> None:
+    with pytest.raises(ValueError, match=r"ground truth '\(' is not a valid regular expression"):
+        regex_match("x", "(")
+
+
+def test_verifiers_by_name_and_by_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert {name: get_verifier(name) for name in VERIFIERS} == VERIFIERS
+    (tmp_path / "my_checks.py").write_text(
+        "def same_length(prediction, truth):\n    return len(prediction) == len(truth)\nNOT_A_FUNCTION = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        verifier = get_verifier("my_checks:same_length")
+        assert verifier("abc", "xyz") and not verifier("ab", "xyz")
+        for name, message in [
+            ("nearest", "unknown verifier 'nearest'"),
+            ("my_checks:missing", "cannot import verifier 'my_checks:missing'"),
+            ("no_such_module:f", "cannot import verifier 'no_such_module:f'"),
+            ("my_checks:NOT_A_FUNCTION", "is not callable"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                get_verifier(name)
+    finally:
+        sys.modules.pop("my_checks", None)

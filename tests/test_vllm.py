@@ -1,0 +1,319 @@
+"""The vllm backend against real vLLM CPU servers serving the tiny model (tools/setup_vllm.sh).
+
+Where the backend's default python (.venv-vllm's, else this one) has no vLLM these tests are
+skipped with the reason, except under CI (CI=true), where that is a failure. A vLLM CPU server starts in about 30-60 s here and keeps a core for itself, so the
+tests start few: one per shard job, as a user's run does, and one shared "external" server.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from jobs import generate, vllm_server
+from jobs.backends import messages_for
+from jobs.generate import partial_path
+from jobs.specs import GenerateConfig, GenerateShardSpec, JobTarget, VllmConfig
+from jobs.vllm_server import (
+    ServerFiles,
+    group_members,
+    run_api_key,
+    start_servers,
+    vllm_python,
+)
+from state import InputError, Ledger
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def vllm_installed() -> None:
+    python = vllm_python(VllmConfig())
+    found = subprocess.run([python, "-c", "import importlib.util as u; assert u.find_spec('vllm')"], capture_output=True, check=False)
+    if found.returncode != 0:
+        reason = f"{python} has no vLLM (install it with: bash tools/setup_vllm.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI must run the vLLM tests")
+        print(reason)
+        pytest.skip(reason)
+
+
+def vllm_generate(one_process: bool = True, **changes) -> GenerateConfig:
+    """Small and quick to start on 2 cores: eager mode, a 1 GiB KV cache, and with ``one_process``
+    the engine inside the API server's process (one import of vLLM instead of three)."""
+    server = VllmConfig(max_model_len=512, extra_args=["--enforce-eager"], env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    if one_process:
+        server.extra_args += ["--distributed-executor-backend", "uni"]
+        server.env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return GenerateConfig(**{"backend": "vllm", "num_samples": 3, "max_tokens": 12, "batch_size": 4, "vllm": server, **changes})
+
+
+def shard_spec(assets: Path, run_dir: Path, index: int, start: int, stop: int, config: GenerateConfig) -> GenerateShardSpec:
+    return GenerateShardSpec(
+        target=JobTarget(str(run_dir), f"iter_001/generate/shard_{index:05d}"),
+        problems_path=str(assets / "train.jsonl"),
+        start=start,
+        stop=stop,
+        model_path=str(assets / "random_init"),
+        output_path=str(run_dir / "iter_001" / "generate" / f"shard_{index:05d}.jsonl"),
+        generate=config,
+        seed=7,
+    )
+
+
+def start_job(spec: GenerateShardSpec) -> multiprocessing.Process:
+    """The shard as its own process, as a scheduler runs it."""
+    process = multiprocessing.get_context("spawn").Process(target=generate.run, args=(spec,))
+    process.start()
+    return process
+
+
+def records_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def started_pids(log: Path) -> list[int]:
+    return [int(pid) for pid in re.findall(r"===== selftrain: server \d+ started .*?, pid (\d+),", log.read_text())]
+
+
+def assert_all_candidates(output: Path, assets: Path, start: int, stop: int, k: int) -> list[dict]:
+    records = records_of(output)
+    expected = [json.loads(line)["id"] for line in (assets / "train.jsonl").read_text().splitlines()[start:stop]]
+    assert [r["id"] for r in records] == expected, "every problem of the slice once, in order"
+    for record in records:
+        assert "error" not in record and record["num_candidates"] == k and len(record["candidates"]) == k
+        assert all(c["num_tokens"] > 0 for c in record["candidates"])
+    return records
+
+
+# -- without a server ------------------------------------------------------------------------
+
+
+def test_media_become_file_urls_inside_the_media_folder_only(tmp_path: Path) -> None:
+    media = tmp_path / "audio"
+    media.mkdir()
+    (media / "clip.wav").write_bytes(b"RIFF")
+    problem = {"id": "a1", "sound": "clip.wav", "question": "<sound> How many sounds?", "answer": "3"}
+    (user,) = messages_for(problem, None, str(media))
+    assert user["content"] == [
+        {"type": "audio_url", "audio_url": {"url": (media / "clip.wav").resolve().as_uri()}},
+        {"type": "text", "text": "How many sounds?"},
+    ]
+    (tmp_path / "secret.wav").write_bytes(b"RIFF")
+    with pytest.raises(InputError, match="outside generate.media_dir"):
+        messages_for({**problem, "sound": "../secret.wav"}, None, str(media))
+    with pytest.raises(InputError, match="not found"):
+        messages_for({**problem, "sound": "missing.wav"}, None, str(media))
+
+
+def test_run_api_key_is_made_once_and_readable_by_its_owner_only(tmp_path: Path) -> None:
+    key_file = tmp_path / "run" / "vllm_api_key"
+    key = run_api_key(key_file)
+    assert len(key) >= 32 and run_api_key(key_file) == key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+# -- shards that start their own servers -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_shards_at_once_each_start_a_server_and_leave_none(
+    vllm_installed: None, tiny_assets: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    k = 3
+    specs = [shard_spec(tiny_assets, run_dir, i, i * 10, (i + 1) * 10, vllm_generate(num_samples=k)) for i in range(2)]
+    jobs = [start_job(spec) for spec in specs]
+    for job in jobs:
+        job.join(timeout=400)
+    assert [job.exitcode for job in jobs] == [0, 0]
+
+    ledger = Ledger(run_dir)
+    servers = [ledger.read(spec.target.ledger_key)["metrics"]["servers"] for spec in specs]
+    assert len({urlparse(s[0]["url"]).port for s in servers}) == 2, "each shard's server on a port of its own"
+    for spec, (server,) in zip(specs, servers, strict=True):
+        assert_all_candidates(Path(spec.output_path), tiny_assets, spec.start, spec.stop, k)
+        log = Path(server["log"])
+        assert log.is_relative_to(run_dir) and "Application startup complete" in log.read_text()
+        assert group_members(server["pid"]) == [], "no process of the server is left"
+
+    key_file = run_dir / "vllm_api_key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+    printed = capfd.readouterr()
+    logs_and_records = [p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file() and p != key_file and p.suffix != ".lock"]
+    assert key not in printed.out + printed.err and not any(key in text for text in logs_and_records), "the key is never printed"
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_shard_fails_it_and_a_rerun_completes_it(
+    vllm_installed: None, tiny_assets: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    k, stop = 4, 120
+    # One request at a time, so the shard is still busy when the server dies; vLLM's usual processes
+    # (API server, engine, worker), so that killing the API server leaves orphans to clean up.
+    config = vllm_generate(one_process=False, num_samples=k, max_tokens=32, batch_size=1)
+    spec = shard_spec(tiny_assets, run_dir, 0, 0, stop, config)
+    output = Path(spec.output_path)
+    partial = partial_path(output)
+    log = output.parent / "servers" / output.stem / "server_0.log"
+
+    job = start_job(spec)
+    wait_for_lines(partial, 3, job)
+    (server_pid,) = started_pids(log)
+    os.kill(server_pid, signal.SIGKILL)
+    job.join(timeout=120)
+
+    assert job.exitcode not in (0, None)
+    error = Ledger(run_dir).read(spec.target.ledger_key)["error"]
+    assert f"pid {server_pid}" in error and "exited with signal SIGKILL during generation" in error
+    last_log_line = log.read_text().rstrip().splitlines()[-1].strip()
+    assert str(log) in error and last_log_line in error, "the message carries the tail of the server's log"
+    assert group_members(server_pid) == [], "the rest of the killed server's processes were stopped"
+    kept = {json.loads(line)["id"]: json.loads(line) for line in partial.read_text().splitlines()}
+    assert 3 <= len(kept) < stop
+
+    generate.run(spec)  # the rerun, as the driver's retry would run it
+
+    records = assert_all_candidates(output, tiny_assets, 0, stop, k)
+    assert all(r == kept[r["id"]] for r in records if r["id"] in kept), "items written before the kill are kept"
+    record = Ledger(run_dir).read(spec.target.ledger_key)
+    assert record["metrics"]["resumed_items"] == len(kept) and record["metrics"]["problems"] == stop - len(kept)
+    (_, rerun_pid) = started_pids(log)
+    assert group_members(rerun_pid) == []
+
+
+def wait_for_lines(path: Path, count: int, job: multiprocessing.Process) -> None:
+    deadline = time.monotonic() + 300
+    while not (path.exists() and len(path.read_text().splitlines()) >= count):
+        assert job.is_alive() and time.monotonic() < deadline, f"the shard never wrote {count} items"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_shard_job_stops_its_server(vllm_installed: None, tiny_assets: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    spec = shard_spec(tiny_assets, run_dir, 0, 0, 200, vllm_generate(batch_size=1, max_tokens=32))
+    output = Path(spec.output_path)
+    job = start_job(spec)
+    wait_for_lines(partial_path(output), 1, job)
+    (server_pid,) = started_pids(output.parent / "servers" / output.stem / "server_0.log")
+
+    os.kill(job.pid, signal.SIGTERM)  # SLURM's end of a job, scancel
+    job.join(timeout=120)
+
+    assert job.exitcode == 128 + signal.SIGTERM
+    assert group_members(server_pid) == [], "no process of the server outlives its job"
+    assert "got SIGTERM; its vLLM servers were stopped" in Ledger(run_dir).read(spec.target.ledger_key)["error"]
+
+
+# -- servers the user already runs ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def external_server(vllm_installed: None, tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A server started as a user would have it, on a port that another process takes first."""
+    folder = tmp_path_factory.mktemp("external")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        offered = iter([taken])
+        real_free_port = vllm_server.free_port
+        with pytest.MonkeyPatch.context() as patch:
+            # The fault: between our bind check and vLLM's bind, the port was taken.
+            patch.setattr(vllm_server, "free_port", lambda host: next(offered, None) or real_free_port(host))
+            fleet = start_servers(str(tiny_assets / "random_init"), vllm_generate(), ServerFiles(folder, folder / "key"))
+    try:
+        (endpoint,) = fleet.endpoints
+        yield {"url": endpoint.base_url.removesuffix("/v1"), "key": endpoint.api_key, "model": endpoint.model,
+               "taken_port": taken, "server": fleet.servers[0]}
+    finally:
+        fleet.stop()
+
+
+@pytest.mark.slow
+def test_a_port_lost_before_the_server_binds_it_is_retried_on_another(external_server: dict) -> None:
+    server = external_server["server"]
+    assert server.port != external_server["taken_port"]
+    log = server.log_path.read_text()
+    assert "Address already in use" in log and len(started_pids(server.log_path)) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("url_of", "key_of", "extra", "expected"),
+    [
+        (lambda s: s["url"], lambda s: s["key"], [], None),
+        (lambda s: s["url"], lambda s: "wrong-key", [], "refused the API key"),
+        (lambda s: s["url"], lambda s: s["key"], ["--model", "no-such-model"], "does not serve model 'no-such-model'"),
+        (lambda s: f"http://127.0.0.1:{vllm_server.free_port('127.0.0.1')}", lambda s: s["key"], [], "cannot be reached"),
+    ],
+    ids=["ok", "wrong-key", "unknown-model", "refused"],
+)
+def test_check_endpoint(external_server: dict, url_of, key_of, extra: list[str], expected: str | None, monkeypatch) -> None:
+    monkeypatch.setenv("VLLM_API_KEY", key_of(external_server))
+    result = run_cli("tools/check_endpoint.py", url_of(external_server), *extra, timeout=120)
+    if expected is None:
+        assert result.returncode == 0, result.stderr
+        assert f"serves {external_server['model']}" in result.stdout
+    else:
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert expected in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_shard_on_external_endpoint_records_a_refused_item_as_failed(
+    external_server: dict, tiny_assets: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("SELFTRAIN_TEST_KEY", external_server["key"])
+    problems = records_of(tiny_assets / "train.jsonl")[:6]
+    problems[2]["question"] = "1+" * 400 + "1=?"  # longer than the server's max_model_len: it answers 400
+    problems_path = tmp_path / "problems.jsonl"
+    problems_path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    config = vllm_generate(endpoints=[external_server["url"]], endpoint_api_key_env="SELFTRAIN_TEST_KEY", max_retries=1)
+    spec = shard_spec(tiny_assets, tmp_path / "run", 0, 0, 6, config)
+    spec.problems_path = str(problems_path)
+
+    metrics = generate.run(spec)
+
+    records = records_of(Path(spec.output_path))
+    assert [r["id"] for r in records] == [p["id"] for p in problems]
+    failed = records[2]
+    assert failed["candidates"] == [] and "BadRequestError" in failed["error"] and "maximum context length" in failed["error"]
+    assert all(r["num_candidates"] == 3 for i, r in enumerate(records) if i != 2)
+    assert metrics["failed_items"] == 1 and metrics["endpoints"] == [external_server["url"] + "/v1"]
+    assert not (tmp_path / "run" / "iter_001" / "generate" / "servers").exists(), "no server of its own"
+
+
+@pytest.mark.slow
+def test_the_pre_timeout_signal_stops_a_shard_at_a_safe_point(
+    external_server: dict, tiny_assets: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("SELFTRAIN_TEST_KEY", external_server["key"])
+    config = vllm_generate(endpoints=[external_server["url"]], endpoint_api_key_env="SELFTRAIN_TEST_KEY", batch_size=1)
+    spec = shard_spec(tiny_assets, tmp_path / "run", 0, 0, 400, config)
+    partial = partial_path(Path(spec.output_path))
+    job = start_job(spec)
+    wait_for_lines(partial, 2, job)
+
+    os.kill(job.pid, signal.SIGUSR2)  # submitit's pre-timeout signal
+    job.join(timeout=30)
+
+    assert job.exitcode is not None, "the shard stopped within seconds"
+    record = Ledger(tmp_path / "run").read(spec.target.ledger_key)
+    assert record["note"] == "requeued after the pre-timeout signal"
+    written = partial.read_text()
+    assert written.endswith("\n") and 2 <= len(records_of(partial)) < 400, "whole items only, the rest left for the requeue"

@@ -1,0 +1,142 @@
+"""The vllm backend's client against vLLM's own benchmark, on one server and the same prompts.
+
+    python tools/bench/vllm_bench.py [--model DIR] [--prompts 64] [--samples 8] [--max-tokens 64]
+                                     [--concurrency 8] [--rounds 2] [--out result.json]
+
+Starts one vLLM server the way a generation shard does (generate.vllm settings: the CPU defaults
+of this machine unless --extra-args says otherwise), then, in alternating rounds, sends the same
+chat prompts with n samples each, at the same number of requests in flight, ignoring EOS so that
+both generate exactly prompts x samples x max-tokens tokens:
+  - through this project's client (jobs.openai_client, as a shard runs it);
+  - through ``vllm bench serve`` (openai-chat backend, the prompts as a custom dataset).
+Prints and writes each round's generated tokens/s and the ratio of the best of each. Without
+--model it builds the demo's tiny random model (offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from jobs.backends import Outcome, Request, Sampling, messages_for
+from jobs.data import read_jsonl
+from jobs.demo import build
+from jobs.openai_client import OpenAIBackend
+from jobs.specs import GenerateConfig, VllmConfig
+from jobs.vllm_server import ServerFiles, start_servers, vllm_command
+
+log = logging.getLogger("selftrain")
+
+
+def client_tokens_per_s(backend: OpenAIBackend, requests: list[Request]) -> float:
+    tokens = 0
+
+    def count(outcome: Outcome) -> None:
+        nonlocal tokens
+        if outcome.error:
+            raise RuntimeError(f"request {outcome.index} failed: {outcome.error}")
+        tokens += sum(c.num_tokens for c in outcome.completions)
+
+    started = time.perf_counter()
+    backend.run(requests, count)
+    return tokens / (time.perf_counter() - started)
+
+
+def vllm_bench_tokens_per_s(command: list[str], args: argparse.Namespace, model: str, base_url: str,
+                            api_key: str, dataset: Path, folder: Path) -> float:
+    result = folder / "vllm_bench_serve.json"
+    result.unlink(missing_ok=True)
+    subprocess.run(
+        [
+            *command, "bench", "serve", "--backend", "openai-chat", "--base-url", base_url,
+            "--endpoint", "/v1/chat/completions", "--model", model, "--tokenizer", args.model,
+            "--dataset-name", "custom", "--dataset-path", str(dataset), "--skip-chat-template",
+            "--num-prompts", str(args.prompts), "--custom-output-len", str(args.max_tokens), "--ignore-eos",
+            "--max-concurrency", str(args.concurrency), "--temperature", "0.9", "--top-p", "0.95",
+            "--extra-body", json.dumps({"n": args.samples}), "--num-warmups", str(args.concurrency),
+            "--disable-tqdm", "--save-result", "--result-dir", str(folder), "--result-filename", result.name,
+        ],
+        env={**os.environ, "OPENAI_API_KEY": api_key, "HF_HUB_OFFLINE": "1"}, check=True, stdout=subprocess.DEVNULL,
+    )
+    report = json.loads(result.read_text())
+    if report["completed"] != args.prompts:
+        raise RuntimeError(f"vllm bench serve completed {report['completed']} of {args.prompts} requests")
+    return report["output_throughput"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tools/bench/vllm_bench.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model folder (default: the demo's tiny random model, built offline)")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=8, help="n: samples per request")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--extra-args", default="", help="more `vllm serve` arguments, e.g. '--enforce-eager'")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here too")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    with tempfile.TemporaryDirectory(prefix="vllm_bench_") as scratch:
+        folder = Path(scratch)
+        if args.model is None:
+            build(folder / "assets", with_warm_start=False)
+            args.model = str(folder / "assets" / "random_init")
+            problems = read_jsonl(folder / "assets" / "train.jsonl")
+        else:
+            problems = [{"id": str(i), "question": f"Count from 1 to {i + 10}."} for i in range(args.prompts)]
+        problems = problems[: args.prompts]
+        dataset = folder / "prompts.jsonl"
+        dataset.write_text("".join(json.dumps({"prompt": p["question"]}) + "\n" for p in problems))
+
+        vllm = VllmConfig(extra_args=args.extra_args.split(), env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+        config = GenerateConfig(
+            backend="vllm", num_samples=args.samples, max_tokens=args.max_tokens, batch_size=args.concurrency,
+            extra_body={"ignore_eos": True}, vllm=vllm,
+        )
+        requests = [
+            Request(messages_for(p, None), Sampling(args.samples, 0.9, 0.95, args.max_tokens, seed=i))
+            for i, p in enumerate(problems)
+        ]
+        servers = start_servers(args.model, config, ServerFiles(folder / "servers", folder / "api_key"))
+        try:
+            (endpoint,) = servers.endpoints
+            backend = OpenAIBackend(servers.endpoints, config, servers)
+            client_tokens_per_s(backend, requests[: args.concurrency])  # warm-up, as vllm bench serve's
+            rounds = []
+            for number in range(1, args.rounds + 1):
+                client = client_tokens_per_s(backend, requests)
+                reference = vllm_bench_tokens_per_s(
+                    vllm_command(vllm), args, endpoint.model, endpoint.base_url.removesuffix("/v1"), endpoint.api_key,
+                    dataset, folder,
+                )
+                rounds.append({"client_tokens_per_s": round(client, 1), "vllm_bench_serve_tokens_per_s": round(reference, 1)})
+                log.info("round %d: client %.0f tok/s, vllm bench serve %.0f tok/s", number, client, reference)
+        finally:
+            servers.stop()
+
+    best_client = max(r["client_tokens_per_s"] for r in rounds)
+    best_reference = max(r["vllm_bench_serve_tokens_per_s"] for r in rounds)
+    result = {
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "rounds": rounds,
+        "client_tokens_per_s": best_client,
+        "vllm_bench_serve_tokens_per_s": best_reference,
+        "ratio": round(best_client / best_reference, 3),
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
