@@ -120,19 +120,27 @@ def warm_start(out: Path, seed: int, target: float, steps: int = 300, every: int
         {},
     )
     checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    chosen, accuracy = folder / "model", 0.0
-    for checkpoint in checkpoints:
+
+    def dev_accuracy(checkpoint: Path) -> float:
         metrics: dict[str, Any] = {}
         evaluate(
             EvalSpec(JobTarget(str(out), "warm_start"), str(out / "dev.jsonl"), str(checkpoint), str(checkpoint),
                      EvalConfig(max_tokens=80, batch_size=100), FilterConfig(verifier="numeric"), None, seed),
             metrics,
         )
-        accuracy = metrics["heldout_accuracy"]
-        log.info("warm start: %s, dev accuracy %.1f%%", checkpoint.name, 100 * accuracy)
-        if accuracy >= target:
-            chosen = checkpoint
-            break
+        log.info("warm start: %s, dev accuracy %.1f%%", checkpoint.name, 100 * metrics["heldout_accuracy"])
+        return metrics["heldout_accuracy"]
+
+    # Accuracy rises with training, so a binary search finds the first checkpoint at the target
+    # in a handful of evaluations.
+    low, high, chosen, accuracy = 0, len(checkpoints) - 1, folder / "model", 0.0
+    while low <= high:
+        middle = (low + high) // 2
+        measured = dev_accuracy(checkpoints[middle])
+        if measured >= target:
+            chosen, accuracy, high = checkpoints[middle], measured, middle - 1
+        else:
+            low = middle + 1
     shutil.copytree(chosen, out / "base_model", ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "rng_state*", "trainer_state.json", "training_args.bin", "predictions.jsonl"))
     shutil.rmtree(folder)
     return accuracy
@@ -167,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         if done.exists():
             print(f"{args.out}: demo assets already built")
             return 0
-        shutil.rmtree(args.out, ignore_errors=True)
         build(args.out, args.warm_start, args.seed, args.num_warm, args.target)
     return 0
 
