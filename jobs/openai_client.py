@@ -178,7 +178,7 @@ class OpenAIBackend:
         try:
             response = await client.chat.completions.create(
                 model=endpoint.model, messages=request.messages, n=sampling.n, temperature=sampling.temperature,
-                top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=sampling.seed,
+                top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=sampling.seed if endpoint.seeded else None,
                 extra_body={"return_token_ids": True, **self.config.extra_body},
             )
             return Outcome(index, _completions(response, sampling.n))

@@ -73,6 +73,10 @@ class Endpoint:
     base_url: str  # ends in /v1
     api_key: str
     model: str
+    # Requests carry their seed. Not to vLLM on CPU: a seeded request whose prompt is prefilled in
+    # chunks kills its engine there ("CPU Generator does not use offset", vLLM 0.32), so on CPU
+    # samples are not reproducible item by item.
+    seeded: bool = True
 
 
 def run_api_key(path: Path) -> str:
@@ -288,15 +292,15 @@ class ServerFleet:
     # SIGUSR2 is the pre-timeout signal, jobs.runtime's: the shard stops at a safe point, then its servers.
     HANDLED_SIGNALS = (signal.SIGTERM,)
 
-    def __init__(self, servers: list[VllmServer], api_key: str, timeout_s: float):
-        self.servers, self.api_key, self.timeout_s = servers, api_key, timeout_s
+    def __init__(self, servers: list[VllmServer], api_key: str, timeout_s: float, on_gpus: bool):
+        self.servers, self.api_key, self.timeout_s, self.on_gpus = servers, api_key, timeout_s, on_gpus
         self.stopped_by: str | None = None
         self.start_seconds: float | None = None
         self._previous_handlers: dict[int, Any] = {}
 
     @property
     def endpoints(self) -> list[Endpoint]:
-        return [Endpoint(f"{s.base_url}/v1", self.api_key, s.model) for s in self.servers]
+        return [Endpoint(f"{s.base_url}/v1", self.api_key, s.model, seeded=self.on_gpus) for s in self.servers]
 
     def start(self) -> None:
         self._install_handlers()
@@ -390,6 +394,6 @@ def start_servers(model_path: str, config: GenerateConfig, files: ServerFiles) -
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[index * tp:(index + 1) * tp])
         argv = [*command, *serve_arguments(model_path, config, f"{name}-{index}")]
         servers.append(VllmServer(index, argv, env, vllm.host, files.folder, f"{name}-{index}"))
-    fleet = ServerFleet(servers, api_key, vllm.startup_timeout_s)
+    fleet = ServerFleet(servers, api_key, vllm.startup_timeout_s, on_gpus=bool(gpus))
     fleet.start()
     return fleet

@@ -132,8 +132,10 @@ def test_two_shards_at_once_each_start_a_server_and_leave_none(
     vllm_installed: None, tiny_assets: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "run"
-    k = 3
-    specs = [shard_spec(tiny_assets, run_dir, i, i * 10, (i + 1) * 10, vllm_generate(num_samples=k)) for i in range(2)]
+    # 16 requests x 8 samples in flight: more prompt tokens than a step takes, so prompts are
+    # prefilled in chunks (which the CPU build cannot do for seeded requests).
+    k = 8
+    specs = [shard_spec(tiny_assets, run_dir, i, i * 20, (i + 1) * 20, vllm_generate(num_samples=k, batch_size=16)) for i in range(2)]
     jobs = [start_job(spec) for spec in specs]
     for job in jobs:
         job.join(timeout=400)
