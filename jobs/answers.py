@@ -14,9 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from jobs.verifiers import Verifier, get_verifier
-
-__all__ = ["THINK_CLOSE", "THINK_OPEN", "Extracted", "Rules", "Verifier", "answer_from", "answer_part", "answer_rules", "extract", "get_verifier", "split_thinking"]
+__all__ = ["THINK_CLOSE", "THINK_OPEN", "Extracted", "Rules", "answer_from", "answer_part", "answer_rules", "extract", "split_thinking"]
 
 DEFAULT_PATTERN = r"<answer>(.*?)</answer>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

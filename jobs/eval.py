@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jobs.answers import extract, get_verifier
+from jobs.answers import extract
 from jobs.backends import Sampling, make_backend, messages_for
 from jobs.data import read_jsonl
 from jobs.runtime import Throughput, reporting
 from jobs.specs import EvalSpec, GenerateConfig
+from jobs.verifiers import get_verifier
 from state import atomic_write_bytes
 
 
