@@ -5,6 +5,11 @@ NCCL may catch USR1) some seconds before it kills a job. The handler here only s
 stage stops at its next safe point (after an item is flushed, after a training step is
 checkpointed) by calling ``stop_if_preempted()``, and ``reporting`` then requeues the job, which
 resumes from what it wrote. Doing the work inside the signal handler would cut a write in half.
+
+SIGTERM (scancel, preemption, a node going down) stops the job at its next safe point too, but
+does not requeue it: the scheduler decides what happens next (a cancelled job stays cancelled, a
+preempted one is requeued by SLURM itself). submitit ignores SIGTERM, which would let a cancelled
+job keep writing until SIGKILL.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,21 +45,32 @@ def _job_identity() -> dict[str, Any]:
     }
 
 
-_preempted = threading.Event()
+# The signal that asked this job to stop (USR2: requeue yourself; TERM: just stop), if any.
+_stop_signal: list[signal.Signals] = []
 
 
 class Preempted(Exception):
-    """The pre-timeout signal arrived and the stage stopped at a safe point: requeue the job."""
+    """A stop signal arrived and the stage stopped at a safe point."""
+
+    def __init__(self, signum: signal.Signals):
+        super().__init__(f"stopped at a safe point after {signum.name}")
+        self.signum = signum
+        self.requeue = signum == signal.SIGUSR2
 
 
 def preemption_requested() -> bool:
-    return _preempted.is_set()
+    return bool(_stop_signal)
 
 
 def stop_if_preempted() -> None:
-    """Called by stages at safe points: leave the work to a requeued copy of this job."""
-    if _preempted.is_set():
-        raise Preempted("stopped at a safe point after the pre-timeout signal")
+    """Called by stages at safe points: leave the rest of the work to a later run of this job."""
+    if _stop_signal:
+        raise Preempted(_stop_signal[0])
+
+
+def _request_stop(signum: int, frame: object) -> None:
+    if not _stop_signal:
+        _stop_signal.append(signal.Signals(signum))
 
 
 def _requeue() -> None:
@@ -71,8 +86,10 @@ def _requeue() -> None:
 def reporting(target: JobTarget) -> Iterator[dict[str, Any]]:
     """Mark the record running, then done with the metrics the body filled in, failed, or requeued."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    # Replaces submitit's handler, which would checkpoint and exit wherever the signal lands.
-    signal.signal(signal.SIGUSR2, lambda signum, frame: _preempted.set())
+    # Replace submitit's handlers: its USR2 handler would checkpoint and exit wherever the signal
+    # lands, and it ignores TERM.
+    signal.signal(signal.SIGUSR2, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
     ledger = Ledger(target.run_dir)
 
     def started(record: dict[str, Any]) -> None:
@@ -83,7 +100,13 @@ def reporting(target: JobTarget) -> Iterator[dict[str, Any]]:
     metrics: dict[str, Any] = {}
     try:
         yield metrics
-    except Preempted:
+    except Preempted as stop:
+        if not stop.requeue:
+            # In flight until the driver hears the scheduler's word: CANCELLED fails the record,
+            # a requeue by SLURM (preemption) runs the job again.
+            ledger.set_status([target.ledger_key], Status.SUBMITTED, note=str(stop))
+            log.info("%s", stop)
+            raise SystemExit(128 + stop.signum) from None  # the exit status of a process the signal killed
         # Still in flight for the driver: the requeued job reports as it runs again.
         ledger.set_status([target.ledger_key], Status.SUBMITTED, note="requeued after the pre-timeout signal")
         _requeue()

@@ -61,7 +61,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     from trl import SFTConfig, SFTTrainer
 
     class CheckpointOnPreemption(TrainerCallback):
-        """After the pre-timeout signal, save a checkpoint at the end of the current step and stop."""
+        """After a stop signal (pre-timeout USR2 or TERM), save a checkpoint at the end of the current step and stop."""
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             if preemption_requested():

@@ -77,6 +77,8 @@ class ExecutorConfig:
     filter: Resources = field(default_factory=lambda: Resources(timeout_min=60))
     train: Resources = field(default_factory=Resources)
     eval: Resources = field(default_factory=lambda: Resources(timeout_min=60))
+    # The small CPU job of a detached run that submits the next iteration (pipeline/detach.py).
+    advance: Resources = field(default_factory=lambda: Resources(timeout_min=10, cpus_per_task=1))
 
 
 @dataclass

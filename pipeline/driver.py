@@ -12,13 +12,14 @@ import contextlib
 import io
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from submitit.core.utils import FailedJobError
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, load_config
 from pipeline.executors import make_executor, max_array_size, submit_array
 from pipeline.plan import BASELINE, Planner, StagePlan, Task
 from pipeline.status import iteration_table, summarize
@@ -27,6 +28,8 @@ from state import InputError, Ledger, Status
 from state.ledger import now
 
 IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING))
+# sacct's reason for a job cancelled while it waited on a dependency that failed (--kill-on-invalid-dep).
+NEVER_SATISFIED = ("Dependency", "DependencyNeverSatisfied")
 # What a new attempt must not inherit from the one before.
 FRESH_ATTEMPT = {"error": None, "slurm_state": None, "exit_code": None, "note": None}
 HEADLINE_METRICS = ("problems_generated", "tokens_per_s", "mean_correct_rate", "filtered_samples", "final_loss", "heldout_accuracy")
@@ -38,6 +41,17 @@ class StageFailed(Exception):
 
 class SubmissionRefused(InputError):
     """The scheduler refused a job as asked for (e.g. GPUs on a cluster without any): fix the config."""
+
+
+def is_array_stage(stage: StagePlan) -> bool:
+    """A one-job stage's record is its job's record; an array stage's record sums up its tasks."""
+    return [t.key for t in stage.tasks] != [stage.key]
+
+
+def withdraw(record: dict[str, Any], why: str) -> None:
+    """A submitted job that will never run (its dependency failed) is not an attempt."""
+    if record.get("status") in IN_FLIGHT:
+        record.update(status=str(Status.PLANNED), attempts=max(record.get("attempts", 1) - 1, 0), note=why)
 
 
 def job_name(config: RunConfig, stage: StagePlan) -> str:
@@ -63,10 +77,23 @@ class Driver:
         self.submissions = 0
         self.max_array_size = max_array_size(config.executor.cluster)
 
+    @classmethod
+    def open(cls, run_dir: Path, console: Console) -> Driver:
+        """A driver for an existing run directory, from the config and data frozen in it."""
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise InputError(f"{run_dir}: not a run directory (no config.yaml in it)")
+        config = load_config(config_path)
+        num_train = sum(1 for line in (run_dir / "data" / "train.jsonl").open() if line.strip())
+        return cls(config, Planner(config, run_dir, num_train), console)
+
     # -- one stage -----------------------------------------------------------------------
 
-    def submit(self, stage: StagePlan, tasks: list[Task]) -> None:
-        """Submit ``tasks`` as one array; the ledger knows the attempt before the job can start."""
+    def submit(self, stage: StagePlan, tasks: list[Task], dependency: str | None = None) -> list[str]:
+        """Submit ``tasks`` as one array; the ledger knows the attempt before the job can start.
+
+        ``dependency`` is sbatch's (``afterok:123``); returns the new job ids.
+        """
 
         def next_attempt(record: dict[str, Any]) -> None:
             record["attempts"] = record.get("attempts", 0) + 1
@@ -76,7 +103,7 @@ class Driver:
         )
         self.submissions += 1
         folder = self.run_dir / "submitit" / stage.key / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.submissions}"
-        executor = make_executor(self.config.executor.cluster, folder, stage.resources, job_name(self.config, stage))
+        executor = make_executor(self.config.executor.cluster, folder, stage.resources, job_name(self.config, stage), dependency)
         try:
             # submitit prints sbatch's refusal itself; we report it once, in our own words.
             with contextlib.redirect_stderr(io.StringIO()):
@@ -94,6 +121,7 @@ class Driver:
             {t.key: {"job_id": job.job_id, "log": str(job.paths.stderr)} for t, job in zip(tasks, jobs, strict=True)},
             append_job_id,
         )
+        return [job.job_id for job in jobs]
 
     def mark_lost(self, tasks: list[Task], records: dict[str, dict[str, Any]]) -> None:
         """Fail the in-flight tasks whose job is gone without reporting (killed from outside)."""
@@ -112,10 +140,14 @@ class Driver:
 
             def fail(current: dict[str, Any], job_id: str | None = job_id, info: JobInfo = info) -> None:
                 # The job may have reported between our read and the poll: its word wins.
-                if current.get("status") in IN_FLIGHT and current.get("job_id") == job_id:
+                if current.get("status") not in IN_FLIGHT or current.get("job_id") != job_id:
+                    return
+                if info.state == "CANCELLED" and info.reason in NEVER_SATISFIED:
+                    withdraw(current, f"job {job_id} never ran: a job it depended on failed")
+                else:
                     current.update(
-                        status=str(Status.FAILED), ended_at=now(), slurm_state=info.state, exit_code=info.exit_code,
-                        error=f"job {job_id} ended ({info.describe()}) without reporting",
+                        status=str(Status.FAILED), ended_at=now(), slurm_state=info.state,
+                        exit_code=info.exit_code, error=f"job {job_id} ended ({info.describe()}) without reporting",
                     )
 
             records[key] = self.ledger.update(key, mutate=fail)
@@ -134,11 +166,9 @@ class Driver:
     def run_stage(self, stage: StagePlan, on_progress: Callable[[int, int], None] | None = None) -> None:
         if self.ledger.read(stage.key).get("status") == str(Status.DONE):
             return
-        # A one-job stage's record is its job's record; an array's stage record sums up its tasks.
-        is_array = [t.key for t in stage.tasks] != [stage.key]
+        is_array = is_array_stage(stage)
         if is_array:
-            self.ledger.update(stage.key, {"status": str(Status.RUNNING), "num_tasks": len(stage.tasks)})
-        started = time.monotonic()
+            self.start_array(stage)
         executor = self.config.executor
         interval, last_seen = executor.poll_interval_s, None
         while True:
@@ -156,7 +186,7 @@ class Driver:
             if exhausted and not any(status in IN_FLIGHT for status in statuses):
                 if is_array:
                     self.ledger.set_status([stage.key], Status.FAILED, error=f"{len(exhausted)} task(s) failed")
-                raise StageFailed(self._failure_summary(exhausted, records))
+                raise StageFailed(self.failure_summary(exhausted, records))
             if retry:
                 self.submit(stage, retry)
                 continue
@@ -165,10 +195,9 @@ class Driver:
             last_seen = statuses
             time.sleep(interval)
         if is_array:
-            metrics = self._array_metrics(stage, records, time.monotonic() - started)
-            self.ledger.set_status([stage.key], Status.DONE, metrics=metrics)
+            self.finish_array(stage, records)
 
-    def _failure_summary(self, tasks: list[Task], records: dict[str, dict[str, Any]]) -> str:
+    def failure_summary(self, tasks: list[Task], records: dict[str, dict[str, Any]]) -> str:
         lines = []
         for task in tasks:
             record = records[task.key]
@@ -178,18 +207,27 @@ class Driver:
                 lines.append(f"  last lines of {record.get('log')}:\n{tail}")
         return "\n".join(lines)
 
-    @staticmethod
-    def _array_metrics(stage: StagePlan, records: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    def start_array(self, stage: StagePlan) -> None:
+        def first_start(record: dict[str, Any]) -> None:
+            record.setdefault("started_at", now())
+
+        self.ledger.update(stage.key, {"status": str(Status.RUNNING), "num_tasks": len(stage.tasks)}, first_start)
+
+    def finish_array(self, stage: StagePlan, records: dict[str, dict[str, Any]]) -> None:
+        """Mark an array stage whose tasks are all done as done, with its totals."""
+        started = self.ledger.read(stage.key).get("started_at")
+        seconds = (datetime.now(UTC) - datetime.fromisoformat(started)).total_seconds() if started else 0.0
         metrics = [records[t.key].get("metrics") or {} for t in stage.tasks]
         problems = sum(m.get("problems", 0) for m in metrics)
         tokens = sum(m.get("generated_tokens", 0) for m in metrics)
-        return {
+        totals = {
             "shards": len(stage.tasks),
             "problems_generated": problems,
             "generated_tokens": tokens,
             "wall_seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
         }
+        self.ledger.set_status([stage.key], Status.DONE, metrics=totals)
 
     # -- the loop ------------------------------------------------------------------------
 

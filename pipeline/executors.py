@@ -16,7 +16,9 @@ from submitit.slurm.slurm import _make_sbatch_string
 from pipeline.config import Resources
 
 
-def make_executor(cluster: str, folder: Path, resources: Resources, job_name: str) -> submitit.Executor:
+def make_executor(
+    cluster: str, folder: Path, resources: Resources, job_name: str, dependency: str | None = None
+) -> submitit.Executor:
     if cluster == "debug":
         return submitit.DebugExecutor(folder)
     if cluster == "local":
@@ -39,8 +41,14 @@ def make_executor(cluster: str, folder: Path, resources: Resources, job_name: st
         options["gpus_per_task"] = resources.gpus_per_task
     if resources.mem_gb is not None:
         options["mem"] = f"{int(resources.mem_gb * 1024)}M"
-    if resources.extra_sbatch:
-        options["additional_parameters"] = dict(resources.extra_sbatch)
+    extra = dict(resources.extra_sbatch)
+    if dependency:
+        options["dependency"] = dependency
+        # A job whose dependency can never be satisfied (afterok on a failed job) is cancelled,
+        # not left pending forever.
+        extra["kill-on-invalid-dep"] = "yes"
+    if extra:
+        options["additional_parameters"] = extra
     executor.update_parameters(**options)
     return executor
 

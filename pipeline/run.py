@@ -1,4 +1,8 @@
-"""``python -m pipeline.run CONFIG [key=value ...] [--dry-run]``: run (or resume) a self-training run.
+"""``python -m pipeline.run CONFIG [key=value ...] [--dry-run | --detach]``: run (or resume) a self-training run.
+
+Attached (the default), this process drives the run and waits for its jobs. ``--detach``
+(SLURM only) submits the current iteration as a dependency chain and exits: jobs on the
+cluster drive the rest (pipeline/detach.py).
 
 Everything the user gave is checked before anything is written or submitted: a bad config,
 bad data or a changed config for an existing run gives one line and exit code 2.
@@ -16,6 +20,7 @@ from rich.table import Table
 
 from jobs.data import load_problems, write_jsonl
 from pipeline.config import RunConfig, differences, dump_yaml, load_config
+from pipeline.detach import advance_in_flight, submit_chain
 from pipeline.driver import Driver, StageFailed, job_name
 from pipeline.executors import sbatch_script
 from pipeline.plan import Planner, shard_ranges
@@ -69,21 +74,13 @@ def _resources(resources: object) -> str:
     return ", ".join(f"{k}={v}" for k, v in fields.items() if v)
 
 
-def open_run(run_dir: Path, console: Console) -> Driver:
-    """A driver for an existing run directory, from the config and data frozen in it."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise InputError(f"{run_dir}: not a run directory (no config.yaml in it)")
-    config = load_config(config_path)
-    num_train = sum(1 for line in (run_dir / "data" / "train.jsonl").open() if line.strip())
-    return Driver(config, Planner(config, run_dir, num_train), console)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generate.num_samples=8")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
+    parser.add_argument("--detach", action="store_true",
+                        help="submit the run as SLURM dependency chains and exit; follow it with tools/status.py")
     args = parser.parse_args(argv)
     console = make_console()
     try:
@@ -91,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         train = load_problems(config.data.train)
         heldout = load_problems(config.data.heldout) if config.data.heldout else []
         resuming = check_resumable(config, str(args.config))
+        if args.detach and config.executor.cluster != "slurm":
+            raise InputError(f"{args.config}: --detach needs executor.cluster: slurm (the chain waits on SLURM dependencies)")
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return InputError.exit_code
@@ -99,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(config, planner, len(heldout), console)
         return 0
 
+    driver = Driver(config, planner, console)
+    detached = advance_in_flight(driver) if resuming else None
+    if detached and not args.detach:
+        print(f"error: run {config.run_name!r} is detached: its advance job {detached} is queued; follow it with"
+              f" python tools/status.py {config.run_dir} (scancel it to drive the run from here)", file=sys.stderr)
+        return InputError.exit_code
     ledger = Ledger(config.run_dir)
     if not resuming:
         write_jsonl(planner.train_problems, train)
@@ -111,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"resuming run {config.run_name!r} from {config.run_dir}")
     ledger.update("run", {"status": "running", "num_iterations": config.num_iterations})
     try:
-        Driver(config, planner, console).run()
+        if args.detach:
+            console.print(submit_chain(driver), highlight=False)
+            console.print(f"detached: follow the run with python tools/status.py {config.run_dir}")
+            return 0
+        driver.run()
     except InputError as error:
         ledger.update("run", {"status": "failed", "error": str(error)})
         print(f"error: {error}", file=sys.stderr)

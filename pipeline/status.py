@@ -77,6 +77,7 @@ def summarize(run_dir: Path | str) -> dict[str, Any]:
         "run_dir": str(Path(run_dir).resolve()),
         "run_name": run.get("run_name"),
         "status": run.get("status"),
+        "error": run.get("error"),
         "base_heldout_accuracy": (base.get("metrics") or {}).get("heldout_accuracy"),
         "iterations": iterations,
     }
@@ -188,7 +189,8 @@ def warning_signs(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 def stage_table(summary: dict[str, Any]) -> Table:
     """Iterations x stages: status, shard counts by status, attempts, job ids."""
-    table = Table(title=f"{summary['run_name']} ({summary['run_dir']})")
+    caption = f"run {summary['status'] or 'not started'}" + (f": {summary['error']}" if summary["error"] else "")
+    table = Table(title=f"{summary['run_name']} ({summary['run_dir']})", caption=caption)
     table.add_column("Iteration", justify="right")
     for stage in STAGES:
         table.add_column(stage)

@@ -43,6 +43,17 @@ def sacct_tasks(array_id: str) -> list[str]:
         time.sleep(2)
 
 
+def queued_job_ids() -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def problems_file(assets: Path, path: Path, count: int) -> Path:
+    """The first ``count`` training problems: enough that a shard is still running when a test hits it."""
+    path.write_text("".join((assets / "train.jsonl").read_text().splitlines(keepends=True)[:count]))
+    return path
+
+
 def test_two_iterations_on_slurm(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     marker = tmp_path / "injected"
@@ -68,7 +79,8 @@ def test_scancel_of_one_array_task_is_resubmitted_alone(slurm_cluster: str, tiny
     runs = tmp_path / "runs"
     config = write_config(
         tmp_path / "cancel.yaml",
-        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None},
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3],
+                     data={"train": str(problems_file(tiny_assets, tmp_path / "60.jsonl", 60)), "heldout": None},
                      generate={"batch_size": 1, "max_tokens": 24}, executor=SLURM_EXECUTOR),
     )
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
@@ -92,19 +104,21 @@ def test_scancel_of_one_array_task_is_resubmitted_alone(slurm_cluster: str, tiny
     assert "_" not in retry and sacct_rows(retry) == [f"{retry}|COMPLETED|0:0"], "the retry runs that shard alone"
     assert [s["attempts"] for n, s in shards.items() if n != "shard_00001"] == [1, 1]
     assert shards["shard_00001"]["metrics"]["resumed_items"] >= 1, "the retry kept the items written before the cancel"
-    assert_each_problem_once(runs / "small", 1, 24)
+    assert_each_problem_once(runs / "small", 1, 60)
 
 
 def test_gpus_on_a_cluster_without_any_are_refused_at_submission(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     executor = {**SLURM_EXECUTOR, "generate": {"gpus_per_task": 1}}
     config = write_config(tmp_path / "gpu.yaml", small_config(tiny_assets, runs, executor=executor, data={"heldout": None}))
+    before = queued_job_ids()
     result = run_cli("-m", "pipeline.run", str(config))
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "iter_001/generate: the scheduler refused the job" in lines[0] and "gres" in lines[0].lower()
-    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout.strip() == ""
+    # (A job of an earlier test may still be finishing: only this run's jobs matter.)
+    assert queued_job_ids() <= before, "nothing of this run is left in the queue"
     run = read_json(runs / "small" / "ledger" / "run.json")
     assert run["status"] == "failed" and "refused" in run["error"]
     shard = read_json(runs / "small" / "ledger" / "iter_001" / "generate" / "shard_00000.json")
@@ -138,7 +152,8 @@ def test_requeue_resubmits_exactly_the_failed_shard(slurm_cluster: str, tiny_ass
     runs = tmp_path / "runs"
     config = write_config(
         tmp_path / "requeue.yaml",
-        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None},
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3],
+                     data={"train": str(problems_file(tiny_assets, tmp_path / "60.jsonl", 60)), "heldout": None},
                      generate={"batch_size": 1, "max_tokens": 24},
                      executor={**SLURM_EXECUTOR, "max_attempts": 1}),
     )
@@ -171,14 +186,13 @@ def test_requeue_resubmits_exactly_the_failed_shard(slurm_cluster: str, tiny_ass
     rerun = run_cli("-m", "pipeline.run", str(config))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert [read_json(ledger / f"shard_{i:05d}.json")["attempts"] for i in range(3)] == [1, 1, 2]
-    assert_each_problem_once(run_dir, 1, 24)
+    assert_each_problem_once(run_dir, 1, 60)
 
 
 def test_time_limit_signal_requeues_the_shard_which_resumes(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    problems = tmp_path / "many.jsonl"
     # About twice what one run gets between start and the signal, so at least one requeue happens.
-    problems.write_text("".join((tiny_assets / "train.jsonl").read_text().splitlines(keepends=True)[:120]))
+    problems = problems_file(tiny_assets, tmp_path / "many.jsonl", 120)
     executor = {**SLURM_EXECUTOR, "generate": {"cpus_per_task": 1, "timeout_min": 1, "signal_delay_s": 30}}
     config = write_config(
         tmp_path / "timeout.yaml",
@@ -193,3 +207,125 @@ def test_time_limit_signal_requeues_the_shard_which_resumes(slurm_cluster: str, 
     assert shard["attempts"] == 1 and shard["executions"] == shard["restart_count"] + 1, "requeued, not resubmitted"
     assert shard["metrics"]["resumed_items"] > 0
     assert_each_problem_once(runs / "small", 1, 120)
+
+
+def wait_for_run(run_dir: Path, timeout_s: float = 600) -> dict:
+    """status.py's summary once the run has ended (done or failed) and none of its jobs is queued."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        summary = json.loads(run_cli("tools/status.py", str(run_dir), "--json").stdout)
+        queued = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True, check=True).stdout
+        if summary["status"] in ("done", "failed") and run_dir.name not in queued:
+            return summary
+        assert time.monotonic() < deadline, summary
+        time.sleep(2)
+
+
+def test_detach_submits_the_chain_and_exits_and_the_run_completes_on_the_cluster(
+    slurm_cluster: str, tiny_assets: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "detach.yaml", small_config(tiny_assets, runs, executor=SLURM_EXECUTOR))
+    started = time.monotonic()
+    result = run_cli("-m", "pipeline.run", str(config), "--detach")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 10, "the submitting process returns at once"
+    # The base model's eval, then the advance job that submits iteration 1's chain.
+    queue = subprocess.run(["squeue", "-h", "-o", "%j|%E"], capture_output=True, text=True, check=True).stdout
+    assert "small.advance|afterany" in queue, queue
+    # A second --detach while the chain is queued submits nothing new.
+    again = run_cli("-m", "pipeline.run", str(config), "--detach")
+    assert again.returncode == 0 and "already queued" in again.stdout, again.stdout + again.stderr
+    attached = run_cli("-m", "pipeline.run", str(config))
+    assert attached.returncode == 2 and "is detached" in attached.stderr
+
+    summary = wait_for_run(runs / "small")
+    assert summary["status"] == "done", summary
+    for iteration in summary["iterations"]:
+        assert {name: stage["status"] for name, stage in iteration["stages"].items()} == dict.fromkeys(
+            ("generate", "filter", "train", "eval"), "done")
+        assert {shard["attempts"] for shard in iteration["stages"]["generate"]["shards"]} == {1}
+    assert_each_problem_once(runs / "small", 2, 24)
+    assert {job["scheduler_state"] for job in summary["jobs"]} == {"COMPLETED"}
+    assert "run done" in run_cli("tools/status.py", str(runs / "small")).stdout
+
+
+def test_detached_filter_resubmits_a_cancelled_shard_before_filtering(
+    slurm_cluster: str, tiny_assets: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(
+        tmp_path / "detach_cancel.yaml",
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3],
+                     data={"train": str(problems_file(tiny_assets, tmp_path / "60.jsonl", 60)), "heldout": None},
+                     generate={"batch_size": 1, "max_tokens": 24}, executor=SLURM_EXECUTOR),
+    )
+    assert run_cli("-m", "pipeline.run", str(config), "--detach").returncode == 0
+    run_dir = runs / "small"
+    partial = run_dir / "iter_001" / "generate" / "shard_00001.jsonl.partial"
+    deadline = time.monotonic() + 300
+    while not (partial.exists() and partial.read_text().count("\n") >= 1):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    ledger = run_dir / "ledger" / "iter_001"
+    victim = read_json(ledger / "generate" / "shard_00001.json")["job_id"]
+    subprocess.run(["scancel", victim], check=True)
+
+    summary = wait_for_run(run_dir)
+    assert summary["status"] == "done", summary
+    shard = read_json(ledger / "generate" / "shard_00001.json")
+    assert shard["attempts"] == 2 and shard["job_ids"][0] == victim
+    assert shard["metrics"]["resumed_items"] >= 1
+    # The first filter job stepped aside for the retry: that is not an attempt.
+    assert read_json(ledger / "filter.json")["attempts"] == 1
+    assert len(read_json(ledger / "filter.json")["job_ids"]) == 2
+    assert_each_problem_once(run_dir, 1, 60)
+
+
+def test_detached_chain_whose_filter_fails_cancels_what_waits_on_it(
+    slurm_cluster: str, tiny_assets: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    # A user's verifier pointing at the wrong function: it imports, then fails when called.
+    config = write_config(
+        tmp_path / "detach_fail.yaml",
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None},
+                     filter={"verifier": "json:loads"}, executor={**SLURM_EXECUTOR, "max_attempts": 1}),
+    )
+    assert run_cli("-m", "pipeline.run", str(config), "--detach").returncode == 0
+    run_dir = runs / "small"
+    summary = wait_for_run(run_dir)  # nothing of the run is left pending
+    assert summary["status"] == "failed" and "iter_001/filter failed after 1 attempt(s)" in summary["error"], summary
+    train = read_json(run_dir / "ledger" / "iter_001" / "train.json")
+    assert train["status"] == "planned" and train["attempts"] == 0 and "never ran" in train["note"]
+    assert sacct_rows(train["job_ids"][0]) == [f"{train['job_ids'][0]}|CANCELLED|0:0"]
+
+
+def test_training_checkpoints_on_the_pre_timeout_signal_requeues_and_resumes(
+    slurm_cluster: str, tiny_assets: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    max_steps = 300
+    config = write_config(
+        tmp_path / "train_signal.yaml",
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None},
+                     train={"max_steps": max_steps, "logging_steps": 50, "save_steps": 10_000},
+                     executor=SLURM_EXECUTOR),
+    )
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    record_path = runs / "small" / "ledger" / "iter_001" / "train.json"
+    deadline = time.monotonic() + 300
+    while not (record_path.exists() and read_json(record_path).get("status") == "running"):
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    # The signal SLURM sends before a time limit (--signal=USR2@...), delivered now rather than
+    # after waiting for a limit: training cannot have finished 300 steps yet.
+    subprocess.run(["scancel", "--signal=USR2", read_json(record_path)["job_id"]], check=True)
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output
+    record = read_json(record_path)
+    assert record["restart_count"] >= 1 and record["attempts"] == 1, "requeued by itself, not resubmitted"
+    assert record["executions"] == record["restart_count"] + 1
+    assert "checkpoint-" in record["metrics"]["resumed_from"], "the requeued job resumed from the checkpoint"
+    assert record["metrics"]["steps"] == max_steps

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.run import open_run
+from pipeline.driver import Driver
 from pipeline.status import console as make_console
 from state import InputError
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = make_console()
     try:
-        driver = open_run(args.run_dir, console)
+        driver = Driver.open(args.run_dir, console)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
