@@ -168,6 +168,8 @@ class Analytics:
         self.bounds = bounds
         self.outcomes: Counter[tuple[int, int]] = Counter()
         self.kept_by_category = dict.fromkeys(CATEGORIES, 0)
+        # Problems whose generation failed (the record has an ``error``): not judged, not counted above.
+        self.failed = 0
 
     def add(self, k: int, correct: int, category: str, kept: int) -> None:
         self.outcomes[k, correct] += 1
@@ -365,8 +367,8 @@ def filter_generations(
         ids = CategoryIds(staging)
         with open(staging / output.name, "wb", buffering=WRITE_BUFFER) as sink:
             analytics, max_k = _filter_into(sink, paths, config, verifier, seed, num_samples, ids)
-        if expected is not None and analytics.problems != expected:
-            raise InputError(f"the shards hold {analytics.problems} problems, expected {expected}")
+        if expected is not None and analytics.problems + analytics.failed != expected:
+            raise InputError(f"the shards hold {analytics.problems + analytics.failed} problems, expected {expected}")
 
         ranges = category_ranges(max_k, config.zone_bounds)
         stats = analytics.stats(config.strategy)
@@ -387,9 +389,12 @@ def filter_generations(
         for name in [*(f"{stem}_{s}" for s in (*sidecars, "by_category.json", "no_correct.json")), output.name]:
             os.replace(staging / name, output.parent / name)
     print(log_text, flush=True)
+    if analytics.failed:
+        print(f"{analytics.failed} problem(s) left out: their generation failed (the record's 'error' says why)", flush=True)
     seconds = time.monotonic() - started
     return {
         **stats,
+        "failed_items": analytics.failed,
         "categories": {c: analytics.share(analytics.categories[c]) for c in CATEGORIES},
         **analytics.distributions(max_k),
         "seconds": round(seconds, 3),
@@ -417,6 +422,10 @@ def _filter_into(
         except (KeyError, TypeError) as error:
             raise InputError(f"{paths[shard]}:{number}: not a generations.jsonl record (missing {error})") from None
         seen.add(pid, shard, number)
+        if "error" in record:
+            # Its candidates (if any) are incomplete: counting it would pass a server error off as "too hard".
+            analytics.failed += 1
+            continue
         k = len(raw_outputs)
         max_k = max(max_k, k)
         # A data set's numeric truths (72, not "72") are judged as their JSON text.

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from jobs.specs import JobTarget
@@ -58,14 +58,19 @@ class Preempted(Exception):
         self.requeue = signum == signal.SIGUSR2
 
 
-def preemption_requested() -> bool:
-    return bool(_stop_signal)
+def stop_requested() -> int:
+    """The number of the signal that asked this job to stop; 0 if none did."""
+    return int(_stop_signal[0]) if _stop_signal else 0
 
 
-def stop_if_preempted() -> None:
-    """Called by stages at safe points: leave the rest of the work to a later run of this job."""
-    if _stop_signal:
-        raise Preempted(_stop_signal[0])
+def stop_if_preempted(signum: int = 0) -> None:
+    """Called by stages at safe points: leave the rest of the work to a later run of this job.
+
+    ``signum``: a stop signal another rank of a distributed job received.
+    """
+    signum = signum or stop_requested()
+    if signum:
+        raise Preempted(signal.Signals(signum))
 
 
 def _request_stop(signum: int, frame: object) -> None:
@@ -83,13 +88,20 @@ def _requeue() -> None:
 
 
 @contextmanager
-def reporting(target: JobTarget) -> Iterator[dict[str, Any]]:
-    """Mark the record running, then done with the metrics the body filled in, failed, or requeued."""
+def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any]]:
+    """Mark the record running, then done with the metrics the body filled in, failed, or requeued.
+
+    In a distributed job only the first rank (``primary``) reports and requeues, for all ranks.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     # Replace submitit's handlers: its USR2 handler would checkpoint and exit wherever the signal
     # lands, and it ignores TERM.
     signal.signal(signal.SIGUSR2, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
+    if not primary:
+        with suppress(Preempted):
+            yield {}
+        return
     ledger = Ledger(target.run_dir)
 
     def started(record: dict[str, Any]) -> None:

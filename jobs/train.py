@@ -3,18 +3,25 @@
 Writes ``<output>/model`` (the merged model the next iteration generates with), ``<output>/adapter``
 for LoRA, and ``<output>/model_card.json``. Checkpoints go to ``<output>/checkpoints``; a restarted
 job continues from the last one. GPU-only settings are skipped with one log line on CPU.
+
+Distributed: a job of several tasks (``executor.train.tasks_per_node``, ``nodes``) runs one process
+per task; rank, world size and the rendezvous (first node, a port derived from the job id so that
+two jobs on one node do not collide) come from the SLURM environment through submitit, or from
+torchrun when that launched the processes. On CPU the ranks talk over gloo. Rank 0 alone reports
+to the ledger and writes the model.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from jobs.backends import messages_for, pick_device
 from jobs.data import load_problems
-from jobs.runtime import log, preemption_requested, reporting, stop_if_preempted
+from jobs.runtime import log, reporting, stop_if_preempted, stop_requested
 from jobs.specs import TrainConfig, TrainSpec
 from state import atomic_write_json
 
@@ -49,6 +56,7 @@ def _hardware_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
 
 
 def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
+    import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
     from transformers import (
@@ -63,8 +71,17 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     class CheckpointOnPreemption(TrainerCallback):
         """After a stop signal (pre-timeout USR2 or TERM), save a checkpoint at the end of the current step and stop."""
 
+        stopped_by = 0
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-            if preemption_requested():
+            signum = stop_requested()
+            if torch.distributed.is_initialized():
+                # Ranks get the signal at slightly different times; all must stop after the same step.
+                flag = torch.tensor([signum], device=args.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                signum = int(flag.item())
+            if signum:
+                self.stopped_by = signum
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -111,19 +128,28 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         report_to="none",
+        # LoRA and gradient checkpointing leave no parameter unused; looking for some costs a graph walk per step.
+        ddp_find_unused_parameters=False,
         seed=spec.seed,
         disable_tqdm=True,
         **_hardware_options(config, on_gpu),
     )
+    on_preemption = CheckpointOnPreemption()
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[CheckpointOnPreemption()],
+        peft_config=peft_config, callbacks=[on_preemption],
     )
+    world_size = args.world_size
+    effective_batch = config.batch_size * config.gradient_accumulation_steps * world_size
+    log.info("effective batch size %d = %d per process x %d accumulation steps x %d processes",
+             effective_batch, config.batch_size, config.gradient_accumulation_steps, world_size)
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume:
         log.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
-    stop_if_preempted()  # the callback saved a checkpoint: the requeued job resumes from it
+    stop_if_preempted(on_preemption.stopped_by)  # a checkpoint is saved: the requeued job resumes from it
+    if not trainer.is_world_process_zero():
+        return
 
     model_dir = output / "model"
     if config.method == "lora":
@@ -136,7 +162,9 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     else:
         trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    # Includes the steps before a resume: the trainer state comes back with the checkpoint.
+    curve = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
+    losses = [loss for _, loss in curve]
     metrics.update(
         train_samples=len(examples),
         steps=trainer.state.global_step,
@@ -146,13 +174,34 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         seconds=round(result.metrics.get("train_runtime", 0.0), 2),
         samples_per_s=result.metrics.get("train_samples_per_second"),
         resumed_from=resume,
+        world_size=world_size,
+        effective_batch_size=effective_batch,
+        loss_curve=curve,
     )
     atomic_write_json(output / "model_card.json", {"init_model": spec.init_model, "method": config.method, **metrics})
     if model_dir.is_dir() and not config.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
 
 
+def distributed_rank() -> int:
+    """This process's rank (0 when it is the only one), with torch's environment set up for the others.
+
+    torchrun exports RANK and the rest itself; a submitit job of several tasks gets them here.
+    """
+    if "RANK" not in os.environ:
+        import submitit
+
+        try:
+            job = submitit.JobEnvironment()
+        except RuntimeError:  # not in a job: a direct call
+            return 0
+        if job.num_tasks > 1:
+            # Each process picks its device from LOCAL_RANK; hiding the others would break that.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return int(os.environ.get("RANK", "0"))
+
+
 def run(spec: TrainSpec) -> dict[str, Any]:
-    with reporting(spec.target) as metrics:
+    with reporting(spec.target, primary=distributed_rank() == 0) as metrics:
         train_model(spec, metrics)
     return metrics

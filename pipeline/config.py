@@ -47,6 +47,8 @@ class Resources:
 
     timeout_min: PositiveInt = 240
     nodes: PositiveInt = 1
+    # Processes per node (distributed training: one per GPU); each gets cpus_per_task and gpus_per_task.
+    tasks_per_node: PositiveInt = 1
     cpus_per_task: PositiveInt | None = None
     gpus_per_task: Annotated[int, Ge(0)] = 0
     mem_gb: Annotated[float, Gt(0)] | None = None

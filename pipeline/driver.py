@@ -32,7 +32,7 @@ IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING))
 NEVER_SATISFIED = ("Dependency", "DependencyNeverSatisfied")
 # What a new attempt must not inherit from the one before.
 FRESH_ATTEMPT = {"error": None, "slurm_state": None, "exit_code": None, "note": None}
-HEADLINE_METRICS = ("problems_generated", "tokens_per_s", "mean_correct_rate", "filtered_samples", "final_loss", "heldout_accuracy")
+HEADLINE_METRICS = ("problems_generated", "failed_items", "tokens_per_s", "mean_correct_rate", "filtered_samples", "final_loss", "heldout_accuracy")
 
 
 class StageFailed(Exception):
@@ -224,6 +224,8 @@ class Driver:
             "shards": len(stage.tasks),
             "problems_generated": problems,
             "generated_tokens": tokens,
+            # Problems whose requests still failed after retries: in the shards with their error, left out by filter.
+            "failed_items": sum(m.get("failed_items", 0) for m in metrics),
             "wall_seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
         }

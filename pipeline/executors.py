@@ -23,7 +23,10 @@ def make_executor(
         return submitit.DebugExecutor(folder)
     if cluster == "local":
         executor = submitit.LocalExecutor(folder)
-        executor.update_parameters(timeout_min=resources.timeout_min, gpus_per_node=resources.gpus_per_task)
+        executor.update_parameters(
+            timeout_min=resources.timeout_min, tasks_per_node=resources.tasks_per_node,
+            gpus_per_node=resources.gpus_per_task * resources.tasks_per_node,
+        )
         if resources.cpus_per_task:
             # Local jobs share the machine: cap each one's threads as SLURM would cap its CPUs.
             executor.update_parameters(setup=[f"export OMP_NUM_THREADS={resources.cpus_per_task}"])
@@ -31,6 +34,7 @@ def make_executor(
     executor = submitit.SlurmExecutor(folder)
     options: dict[str, Any] = {
         "time": resources.timeout_min, "job_name": job_name, "nodes": resources.nodes,
+        "ntasks_per_node": resources.tasks_per_node,
         "array_parallelism": resources.array_parallelism, "signal_delay_s": resources.signal_delay_s,
     }
     for name in ("cpus_per_task", "partition", "account", "qos", "constraint"):
@@ -57,8 +61,10 @@ def sbatch_script(folder: Path, resources: Resources, job_name: str, num_tasks: 
     """The exact script ``submit_array`` hands to sbatch for an array of ``num_tasks`` tasks."""
     executor = make_executor("slurm", folder, resources, job_name)
     # submitit renders the script only while it submits; its renderer is the one source of truth.
+    # submitit submits an array of one as a plain job.
     return _make_sbatch_string(
-        command=executor._submitit_command_str, folder=folder, map_count=num_tasks, **executor.parameters
+        command=executor._submitit_command_str, folder=folder, map_count=num_tasks if num_tasks > 1 else None,
+        **executor.parameters,
     )
 
 

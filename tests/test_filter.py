@@ -199,3 +199,13 @@ def test_long_responses_numeric_truths_and_user_verifiers(tmp_path: Path) -> Non
     ], "shortest first; the truth as the data set wrote it; the last line when no rule matches"
     exact_only = filter_generations([shard], tmp_path / "e.json", FilterConfig(verifier="exact", strategy="all"), 42, 3)
     assert exact_only["total_correct"] == 1, "only '#### 72' extracts to exactly '72'"
+
+
+def test_failed_generations_are_left_out_and_counted_not_judged_too_hard(tmp_path: Path) -> None:
+    failed = {**seed_record("s99", 0, k=2), "error": "APIConnectionError: server gone", "num_candidates": 2}
+    records = [seed_record("s00", 8), failed, seed_record("s01", 16)]
+    shard = write_shard(tmp_path / "g.jsonl", records)
+    stats = filter_generations([shard], tmp_path / "f.json", FilterConfig(), 42, 16, expected=3)
+    assert stats["failed_items"] == 1 and stats["total_problems"] == 2
+    assert stats["categories"]["too_hard"] == 0, "a failed request is not a problem the model cannot solve"
+    assert "s99" not in (tmp_path / "f.json").read_text()

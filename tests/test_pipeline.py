@@ -187,7 +187,8 @@ def test_dry_run_prints_the_exact_sbatch_scripts(tiny_assets: Path, tmp_path: Pa
         "cluster": "slurm",
         "generate": {"partition": "gpu", "gpus_per_task": 1, "cpus_per_task": 8, "mem_gb": 64, "array_parallelism": 2,
                      "account": "lab", "qos": "high", "constraint": "a100", "timeout_min": 120},
-        "train": {"nodes": 2, "extra_sbatch": {"comment": "ReST $(not run); `nor this`", "exclude": "node7"}},
+        "train": {"nodes": 2, "tasks_per_node": 4, "gpus_per_task": 1,
+                  "extra_sbatch": {"comment": "ReST $(not run); `nor this`", "exclude": "node7"}},
     }
     config = write_config(
         tmp_path / "golden.yaml",

@@ -301,16 +301,17 @@ def test_detached_chain_whose_filter_fails_cancels_what_waits_on_it(
     assert sacct_rows(train["job_ids"][0]) == [f"{train['job_ids'][0]}|CANCELLED|0:0"]
 
 
-def test_training_checkpoints_on_the_pre_timeout_signal_requeues_and_resumes(
+def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resumes(
     slurm_cluster: str, tiny_assets: Path, tmp_path: Path
 ) -> None:
     runs = tmp_path / "runs"
-    max_steps = 300
+    max_steps, logging_steps = 300, 10
+    train_resources = {"timeout_min": 10, "tasks_per_node": 2, "cpus_per_task": 1}
     config = write_config(
         tmp_path / "train_signal.yaml",
-        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None},
-                     train={"max_steps": max_steps, "logging_steps": 50, "save_steps": 10_000},
-                     executor=SLURM_EXECUTOR),
+        small_config(tiny_assets, runs, data={"heldout": None},
+                     train={"max_steps": max_steps, "logging_steps": logging_steps, "save_steps": 10_000},
+                     executor={**SLURM_EXECUTOR, "train": train_resources}),
     )
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -319,13 +320,27 @@ def test_training_checkpoints_on_the_pre_timeout_signal_requeues_and_resumes(
     while not (record_path.exists() and read_json(record_path).get("status") == "running"):
         assert driver.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
+    job_id = read_json(record_path)["job_id"]
     # The signal SLURM sends before a time limit (--signal=USR2@...), delivered now rather than
     # after waiting for a limit: training cannot have finished 300 steps yet.
-    subprocess.run(["scancel", "--signal=USR2", read_json(record_path)["job_id"]], check=True)
-    output, _ = driver.communicate(timeout=600)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    output, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, output
+
     record = read_json(record_path)
     assert record["restart_count"] >= 1 and record["attempts"] == 1, "requeued by itself, not resubmitted"
-    assert record["executions"] == record["restart_count"] + 1
-    assert "checkpoint-" in record["metrics"]["resumed_from"], "the requeued job resumed from the checkpoint"
-    assert record["metrics"]["steps"] == max_steps
+    assert record["executions"] == record["restart_count"] + 1, "rank 0 alone reports"
+    metrics = record["metrics"]
+    assert metrics["world_size"] == 2 and metrics["effective_batch_size"] == 4 * 1 * 2
+    assert "checkpoint-" in metrics["resumed_from"], "the requeued job resumed from the checkpoint"
+    resumed_at = int(metrics["resumed_from"].rsplit("-", 1)[1])
+    steps = [step for step, _ in metrics["loss_curve"]]
+    # One loss curve across the requeue, not a second one from step 0.
+    assert steps == list(range(logging_steps, max_steps + 1, logging_steps)) and 0 < resumed_at < max_steps
+    assert metrics["steps"] == max_steps
+    # One job of two tasks; the second iteration generated with, and trained from, the first's model.
+    tasks = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "--format=JobID,NTasks"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert f"{job_id}.0|2" in tasks, tasks
+    second = read_json(runs / "small" / "ledger" / "iter_002" / "train.json")
+    assert second["status"] == "done" and second["metrics"]["world_size"] == 2

@@ -366,3 +366,26 @@ def test_server_job_serves_the_run_model_until_cancelled(
         time.sleep(1)
     assert group_members(server_pid) == [], "no process of the server outlives its job"
     assert not marker.exists(), "an argument ran as a command"
+
+
+@pytest.mark.slow
+def test_vllm_generation_as_slurm_array_tasks(slurm_cluster: str, vllm_installed: None, tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    server = vllm_generate().vllm
+    generate = {"backend": "vllm", "num_shards": 2, "num_samples": 3,
+                "vllm": {"max_model_len": server.max_model_len, "extra_args": server.extra_args, "env": server.env}}
+    executor = {"cluster": "slurm", "poll_interval_s": 0.5, "max_poll_interval_s": 2.0,
+                "generate": {"cpus_per_task": 1, "timeout_min": 15}, "filter": {"timeout_min": 10},
+                "train": {"timeout_min": 10}}
+    config = write_config(tmp_path / "vllm_slurm.yaml", small_config(
+        tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None},
+        generate=generate, executor=executor))
+    result = run_cli("-m", "pipeline.run", str(config), timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ledger = Ledger(runs / "small")
+    shards = [ledger.read(f"iter_001/generate/shard_{i:05d}") for i in range(2)]
+    assert all("_" in s["job_id"] for s in shards), "the shards ran as array tasks"
+    for index, shard in enumerate(shards):
+        output = runs / "small" / "iter_001" / "generate" / f"shard_{index:05d}.jsonl"
+        assert all(r["num_candidates"] == 3 and "error" not in r for r in records_of(output))
+        assert group_members(shard["metrics"]["servers"][0]["pid"]) == [], "no server outlives its array task"
