@@ -344,3 +344,32 @@ def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resum
     assert f"{job_id}.0|2" in tasks, tasks
     second = read_json(runs / "small" / "ledger" / "iter_002" / "train.json")
     assert second["status"] == "done" and second["metrics"]["world_size"] == 2
+
+
+def test_multinode_launcher_trains_a_stage_by_hand_with_torchrun(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "by_hand.yaml", small_config(
+        tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None}, executor=SLURM_EXECUTOR))
+    assert run_cli("-m", "pipeline.run", str(config)).returncode == 0
+    run_dir = runs / "small"
+    marker = tmp_path / "injected"
+
+    def submit(*args: str) -> str:
+        command = ["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path}/train-%j.log",
+                   "--export=ALL,SELFTRAIN_PROCS_PER_NODE=2", str(ROOT / "sbatch" / "train_multinode.sbatch"), *args]
+        job_id = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        deadline = time.monotonic() + 300
+        while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, check=False).stdout.strip():
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        return job_id
+
+    job_id = submit(str(run_dir), "iter_001/train")
+    log = (tmp_path / f"train-{job_id}.log").read_text()
+    record = read_json(run_dir / "ledger" / "iter_001" / "train.json")
+    assert record["status"] == "done" and record["job_id"] == job_id, log
+    assert record["executions"] == 2 and record["metrics"]["world_size"] == 2, "rank 0 of two reported once"
+    # Arguments reach the task as text: shell syntax in them runs nothing.
+    bad = submit(f"$(touch {marker})", "`touch {marker}`")
+    assert "not a run directory" in (tmp_path / f"train-{bad}.log").read_text()
+    assert not marker.exists()
