@@ -5,11 +5,14 @@ learning-zone categories are fractions of K (``filter.zone_bounds``), which for 
 seed's table exactly: 0 too_hard (skip), 1-3 challenging (keep all), 4-11 learning_zone (keep
 top_k), 12-14 almost_mastered (keep best 1), 15-16 mastered (skip, or sample best 1).
 
-Shards are read as streams, one problem at a time. Memory holds one problem's candidates, the
-counters, two bounded caches (answers and verdicts, a few MB) and 16 bytes per problem for the
-duplicate-id check (16 MB per million problems); the per-category id lists go to files. Every
-output is written into a staging folder and renamed into place only when all of them are
-complete, so readers never see a half-written or mixed set.
+Shards are read as streams, one problem at a time, by one worker process per CPU the job has
+(shards are independent; each worker writes its shard's kept samples and ids to files of its
+own, which are then joined in shard order, so the output does not depend on the worker count).
+A worker's memory holds one problem's candidates, the counters, two bounded caches (answers and
+verdicts, a few MB) and 16 bytes per problem for the duplicate-id check (16 MB per million
+problems); the per-category id lists go to files. Every output is written into a staging folder
+and renamed into place only when all of them are complete, so readers never see a half-written
+or mixed set.
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -95,20 +102,19 @@ def keep_count(category: str, num_correct: int, config: FilterConfig, problem_id
     return 0
 
 
-def read_generations(paths: Sequence[Path]) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """``(shard index, line number, record)`` for every line of every shard, in order."""
-    for shard, path in enumerate(paths):
-        # A large buffer: lines of K candidates are tens of KB, and the default 8 KB buffer makes
-        # splitting them cost more than parsing them.
-        with open(path, "rb", buffering=READ_BUFFER) as f:
-            for number, line in enumerate(f, start=1):
-                if not line.endswith(b"\n"):
-                    raise InputError(f"{path}:{number}: truncated last line (the shard was cut mid-write)")
-                if not line.isspace():
-                    try:
-                        yield shard, number, orjson.loads(line)
-                    except orjson.JSONDecodeError as error:
-                        raise InputError(f"{path}:{number}: malformed JSON ({error})") from None
+def read_generations(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for every line of a shard, in order."""
+    # A large buffer: lines of K candidates are tens of KB, and the default 8 KB buffer makes
+    # splitting them cost more than parsing them.
+    with open(path, "rb", buffering=READ_BUFFER) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                raise InputError(f"{path}:{number}: truncated last line (the shard was cut mid-write)")
+            if not line.isspace():
+                try:
+                    yield number, orjson.loads(line)
+                except orjson.JSONDecodeError as error:
+                    raise InputError(f"{path}:{number}: malformed JSON ({error})") from None
 
 
 class Judge:
@@ -174,6 +180,12 @@ class Analytics:
     def add(self, k: int, correct: int, category: str, kept: int) -> None:
         self.outcomes[k, correct] += 1
         self.kept_by_category[category] += kept
+
+    def merge(self, other: Analytics) -> None:
+        self.outcomes.update(other.outcomes)
+        for category, kept in other.kept_by_category.items():
+            self.kept_by_category[category] += kept
+        self.failed += other.failed
 
     @property
     def problems(self) -> int:
@@ -280,6 +292,7 @@ class ProblemIds:
     """Where each problem id was read, in 16 bytes (id hash, shard, line) instead of the id itself.
 
     Equal hashes are confirmed by reading both ids back: a hash collision is not a duplicate.
+    Workers are forked, so that their str hashes agree with each other's.
     """
 
     def __init__(self) -> None:
@@ -289,6 +302,11 @@ class ProblemIds:
         self.hashes.append(hash(problem_id))
         self.shards.append(shard)
         self.lines.append(line)
+
+    def extend(self, other: ProblemIds) -> None:
+        self.hashes.extend(other.hashes)
+        self.shards.extend(other.shards)
+        self.lines.extend(other.lines)
 
     def first_duplicate(self, paths: Sequence[Path]) -> str | None:
         import numpy as np  # here, not at the top: a filter job's start-up is ~0.1 s faster
@@ -334,6 +352,14 @@ class CategoryIds:
             f.writelines(self.pending[category])
         self.pending[category].clear()
 
+    def append(self, other: CategoryIds) -> None:
+        """Add ``other``'s ids after these (a later shard's)."""
+        for category in CATEGORIES:
+            self.flush(category)
+            other.flush(category)
+            with open(self.paths[category], "ab") as sink, open(other.paths[category], "rb") as source:
+                shutil.copyfileobj(source, sink)
+
     def write_list(self, sink: BinaryIO, category: str) -> None:
         """The category's ids as a JSON list, one id a line."""
         self.flush(category)
@@ -354,19 +380,83 @@ class CategoryIds:
         sink.write(b"\n}\n")
 
 
+def available_cpus() -> int:
+    """The CPUs this job may use: SLURM's allocation inside a job, else the process's affinity."""
+    return int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+
+
+@dataclass
+class ShardFiltered:
+    """A worker's result for one shard; its kept samples and ids are in files under ``folder``."""
+
+    folder: Path
+    analytics: Analytics
+    max_k: int
+    seen: ProblemIds
+    ids: CategoryIds
+
+    @property
+    def kept(self) -> Path:
+        return self.folder / "kept"
+
+
+def _filter_shard(job: tuple[Sequence[Path], int, Path, FilterConfig, int, int]) -> ShardFiltered:
+    """One shard into ``<staging>/shard_N/``: its kept samples (``a,\nb``, no brackets) and id files."""
+    paths, shard, staging, config, seed, num_samples = job
+    folder = staging / f"shard_{shard:05d}"
+    folder.mkdir()
+    ids = CategoryIds(folder)
+    with open(folder / "kept", "wb", buffering=WRITE_BUFFER) as sink:
+        analytics, max_k, seen = _filter_into(sink, paths, shard, config, seed, num_samples, ids)
+    for category in CATEGORIES:
+        ids.flush(category)
+    return ShardFiltered(folder, analytics, max_k, seen, ids)
+
+
+@contextmanager
+def _filtered_shards(jobs: list[Any], workers: int) -> Iterator[Iterator[ShardFiltered]]:
+    """The shards' results in shard order, from ``workers`` processes."""
+    if workers <= 1:
+        yield map(_filter_shard, jobs)
+        return
+    # Forked, not spawned: the workers share this process's imports, and its str hashes (ProblemIds).
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield pool.imap(_filter_shard, jobs)
+
+
 def filter_generations(
-    paths: Sequence[Path], output: Path, config: FilterConfig, seed: int, num_samples: int, expected: int | None = None
+    paths: Sequence[Path], output: Path, config: FilterConfig, seed: int, num_samples: int,
+    expected: int | None = None, workers: int | None = None,
 ) -> dict[str, Any]:
     """Stream ``paths`` into ``output`` (filtered.json) and its sibling analytics files."""
-    verifier = get_verifier(config.verifier)
+    get_verifier(config.verifier)  # a bad one fails here, once, not in every worker
+    workers = min(workers or available_cpus(), len(paths))
     started = time.monotonic()
     output.parent.mkdir(parents=True, exist_ok=True)
     stem = output.with_suffix("").name
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as staging_dir:
         staging = Path(staging_dir)
         ids = CategoryIds(staging)
-        with open(staging / output.name, "wb", buffering=WRITE_BUFFER) as sink:
-            analytics, max_k = _filter_into(sink, paths, config, verifier, seed, num_samples, ids)
+        analytics, max_k, seen = Analytics(tuple(config.zone_bounds)), num_samples, ProblemIds()
+        jobs = [(paths, shard, staging, config, seed, num_samples) for shard in range(len(paths))]
+        with open(staging / output.name, "wb", buffering=WRITE_BUFFER) as sink, _filtered_shards(jobs, workers) as shards:
+            sink.write(b"[")
+            separator = b"\n"
+            for shard in shards:
+                analytics.merge(shard.analytics)
+                max_k = max(max_k, shard.max_k)
+                seen.extend(shard.seen)
+                ids.append(shard.ids)
+                if shard.kept.stat().st_size:
+                    sink.write(separator)
+                    with open(shard.kept, "rb") as kept:
+                        shutil.copyfileobj(kept, sink, WRITE_BUFFER)
+                    separator = b",\n"
+                shutil.rmtree(shard.folder)
+            sink.write(b"\n]\n")
+        duplicate = seen.first_duplicate(paths)
+        if duplicate:
+            raise InputError(duplicate)
         if expected is not None and analytics.problems + analytics.failed != expected:
             raise InputError(f"the shards hold {analytics.problems + analytics.failed} problems, expected {expected}")
 
@@ -403,19 +493,18 @@ def filter_generations(
 
 
 def _filter_into(
-    sink: BinaryIO, paths: Sequence[Path], config: FilterConfig, verifier: Verifier, seed: int, num_samples: int,
+    sink: BinaryIO, paths: Sequence[Path], shard: int, config: FilterConfig, seed: int, num_samples: int,
     ids: CategoryIds,
-) -> tuple[Analytics, int]:
-    """Write the kept samples as a JSON list to ``sink``; return the analytics and the largest K."""
-    judge = Judge(config.answer_pattern, verifier)
+) -> tuple[Analytics, int, ProblemIds]:
+    """Write shard ``shard``'s kept samples to ``sink``, separated by ``,\\n``; return its counts."""
+    judge = Judge(config.answer_pattern, get_verifier(config.verifier))
     bounds = tuple(config.zone_bounds)
     category_of = cache(lambda correct, k: categorize(correct, k, bounds))
     analytics = Analytics(bounds)
     seen = ProblemIds()
     max_k = num_samples
-    separator = b"\n"
-    sink.write(b"[")
-    for shard, number, record in read_generations(paths):
+    separator = b""
+    for number, record in read_generations(paths[shard]):
         try:
             pid, question, truth = record["id"], record["question"], record["ground_truth"]
             raw_outputs = [candidate["raw_output"] for candidate in record["candidates"]]
@@ -453,11 +542,7 @@ def _filter_into(
             sample["answer_prediction"], sample["category"] = prediction, category
             sink.write(separator + orjson.dumps(sample))
             separator = b",\n"
-    sink.write(b"\n]\n")
-    duplicate = seen.first_duplicate(paths)
-    if duplicate:
-        raise InputError(duplicate)
-    return analytics, max_k
+    return analytics, max_k, seen
 
 
 def _thinking(candidate: dict[str, Any], raw: str) -> str:
@@ -505,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dedupe", action="store_true", help="keep identical correct responses of a problem once")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--num-samples", type=int, default=16, help="K, for the histogram's range")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: the CPUs this job has)")
     args = parser.parse_args(argv)
     config = FilterConfig(
         strategy=args.strategy, top_k=args.top_k, verifier=args.verifier,
@@ -518,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.generations:
             if not path.is_file():
                 raise InputError(f"{path}: file not found")
-        filter_generations(args.generations, args.output, config, args.seed, args.num_samples)
+        filter_generations(args.generations, args.output, config, args.seed, args.num_samples, workers=args.workers)
     except (InputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -80,6 +80,8 @@ def summarize(run_dir: Path | str) -> dict[str, Any]:
         "error": run.get("error"),
         "base_heldout_accuracy": (base.get("metrics") or {}).get("heldout_accuracy"),
         "iterations": iterations,
+        # A detached run's job that submits the next chain (pipeline/detach.py).
+        "advance": _job_fields(ledger.read("advance")),
     }
 
 

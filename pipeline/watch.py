@@ -148,6 +148,10 @@ def job_rows(summary: dict, cluster: str) -> list[dict]:
                 if record["job_ids"]:
                     rows.append({"iteration": iteration["iteration"], "task": label, "status": record["status"],
                                  "attempts": record["attempts"], "job_id": record["job_ids"][-1]})
+    advance = summary["advance"]
+    if advance["job_ids"]:
+        rows.append({"iteration": None, "task": "advance", "status": advance["status"], "attempts": advance["attempts"],
+                     "job_id": advance["job_ids"][-1]})
     try:
         infos = JobWatcher(cluster).poll(row["job_id"] for row in rows)
     except SchedulerUnavailable as error:

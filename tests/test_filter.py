@@ -209,3 +209,24 @@ def test_failed_generations_are_left_out_and_counted_not_judged_too_hard(tmp_pat
     assert stats["failed_items"] == 1 and stats["total_problems"] == 2
     assert stats["categories"]["too_hard"] == 0, "a failed request is not a problem the model cannot solve"
     assert "s99" not in (tmp_path / "f.json").read_text()
+
+
+def test_worker_processes_give_the_same_outputs_as_one(tmp_path: Path) -> None:
+    shards = [write_shard(tmp_path / f"g{s}.jsonl", [seed_record(f"s{s}_{c:02d}", c) for c in range(17)]) for s in range(4)]
+    outputs = {}
+    for workers in (1, 3):
+        out = tmp_path / f"out{workers}"
+        stats = filter_generations(shards, out / "f.json", FilterConfig(include_mastered=True), 42, 16, expected=68,
+                                   workers=workers)
+        outputs[workers] = ({p.name: p.read_bytes() for p in sorted(out.iterdir())}, stats.pop("seconds"), stats)
+    assert outputs[1][0] == outputs[3][0], "byte for byte, every file"
+    assert outputs[1][2] == {**outputs[3][2], "candidates_per_s": outputs[1][2]["candidates_per_s"]}
+    assert json.loads((tmp_path / "out3" / "f.json").read_bytes())[0]["original_id"] == "s0_01", "in shard order"
+
+
+def test_a_duplicate_id_across_shards_is_found_by_parallel_workers(tmp_path: Path) -> None:
+    first = write_shard(tmp_path / "a.jsonl", [seed_record("p1", 3), seed_record("p2", 5)])
+    second = write_shard(tmp_path / "b.jsonl", [seed_record("p3", 3), seed_record("p2", 7)])
+    with pytest.raises(InputError, match=r"duplicate problem id 'p2': .*a.jsonl:2 and .*b.jsonl:2"):
+        filter_generations([first, second], tmp_path / "out" / "f.json", FilterConfig(), 42, 16, workers=2)
+    assert not (tmp_path / "out" / "f.json").exists()

@@ -14,7 +14,7 @@ from tools.bench.filter_bench import write_shards
 
 def test_synthetic_shards_are_generations_with_known_correct_counts(tmp_path: Path) -> None:
     paths, total_correct = write_shards(tmp_path, 64, 16, 1000, 2)
-    records = [record for _, _, record in read_generations(paths)]
+    records = [record for path in paths for _, record in read_generations(path)]
     assert [r["id"] for r in records] == ["p0000000", "p0000001", "p0000002", "p0000003"]
     assert {len(r["candidates"]) for r in records} == {16}
     assert all(900 <= len(c["raw_output"]) <= 1000 for r in records for c in r["candidates"])
