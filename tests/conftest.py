@@ -6,7 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,14 @@ def tree_snapshot(folder: Path) -> dict[str, bytes]:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def wait_for_lines(path: Path, count: int, running: Callable[[], bool], timeout_s: float = 300) -> None:
+    """Until ``path`` (a shard's partial output) holds ``count`` items, while ``running()`` says the writer runs."""
+    deadline = time.monotonic() + timeout_s
+    while not (path.exists() and path.read_text().count("\n") >= count):
+        assert running() and time.monotonic() < deadline, f"{path} never got {count} items"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

@@ -100,3 +100,14 @@ def test_seed_formats_load(tmp_path: Path) -> None:
     problems = load_problems(path)
     assert problems[0] == {"id": "sample_001", "sound": "a.wav", "question": "<sound> How many?", "answer": "(A) 3 sounds"}
     assert problems[1] == {"id": "mixed_1", "sound": "b.wav", "question": "<sound> What?", "answer": "(B) Piano"}
+
+
+def test_unicode_line_separators_inside_strings_do_not_end_a_jsonl_line(tmp_path: Path) -> None:
+    from jobs.data import load_problems
+
+    path = tmp_path / "scraped.jsonl"
+    # ensure_ascii=False writes U+2028, U+0085 and U+001C... as they are; only "\n" ends a JSONL line.
+    lines = [json.dumps({"id": f"p{i}", "question": f"a\u2028b\x85c\x1cd {i}", "answer": "1"}, ensure_ascii=False) for i in range(3)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    problems = load_problems(path)
+    assert [p["id"] for p in problems] == ["p0", "p1", "p2"] and problems[2]["question"] == "a\u2028b\x85c\x1cd 2"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jobs.data import read_jsonl
 from jobs.generate import generate_shard, partial_path
 from jobs.specs import GenerateConfig, GenerateShardSpec, JobTarget
 
@@ -36,7 +37,7 @@ def test_shard_writes_seed_records_and_resumes_per_item(tiny_assets: Path, tmp_p
     generate_shard(spec, metrics)
 
     assert not partial.exists() and output.exists(), "the shard becomes visible whole, by rename"
-    records = [json.loads(line) for line in output.read_text().splitlines()]
+    records = read_jsonl(output)
     assert [r["id"] for r in records] == [p["id"] for p in problems], "each problem exactly once, in order"
     assert records[:2] == first_two, "items written before the restart are kept, not regenerated"
     assert metrics["resumed_items"] == 2 and metrics["problems"] == 4

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from jobs.data import read_jsonl
 from tests.conftest import (
     ROOT,
     read_json,
     run_cli,
     small_config,
     tree_snapshot,
+    wait_for_lines,
     write_config,
 )
 
@@ -38,7 +40,7 @@ def assert_each_problem_once(run_dir: Path, iterations: int, num_problems: int) 
     for i in range(1, iterations + 1):
         ids = []
         for shard in sorted((run_dir / f"iter_{i:03d}" / "generate").glob("shard_*.jsonl")):
-            ids += [json.loads(line)["id"] for line in shard.read_text().splitlines()]
+            ids += [record["id"] for record in read_jsonl(shard)]
         assert len(ids) == num_problems and len(set(ids)) == num_problems, f"iteration {i}"
 
 
@@ -148,11 +150,8 @@ def test_a_shard_killed_from_outside_is_retried_and_resumes(tiny_assets: Path, t
     )
     shard = run_dir / "ledger" / "iter_001" / "generate" / "shard_00000.json"
     partial = run_dir / "iter_001" / "generate" / "shard_00000.jsonl.partial"
-    deadline = time.monotonic() + 300
     # Kill the shard's worker once it has written some items, as an OOM killer or a node would.
-    while not (partial.exists() and partial.read_text().count("\n") >= 2):
-        assert driver.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_lines(partial, 2, lambda: driver.poll() is None)
     os.kill(read_json(shard)["pid"], signal.SIGKILL)
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output.decode()

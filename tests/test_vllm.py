@@ -24,6 +24,7 @@ import pytest
 
 from jobs import generate, vllm_server
 from jobs.backends import messages_for
+from jobs.data import read_jsonl
 from jobs.generate import partial_path
 from jobs.specs import GenerateConfig, GenerateShardSpec, JobTarget, VllmConfig
 from jobs.vllm_server import (
@@ -34,7 +35,7 @@ from jobs.vllm_server import (
     vllm_python,
 )
 from state import InputError, Ledger
-from tests.conftest import ROOT, run_cli, small_config, write_config
+from tests.conftest import ROOT, run_cli, small_config, wait_for_lines, write_config
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def start_job(spec: GenerateShardSpec) -> multiprocessing.Process:
 
 
 def records_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_jsonl(path)
 
 
 def started_pids(log: Path) -> list[int]:
@@ -173,7 +174,7 @@ def test_a_server_killed_mid_shard_fails_it_and_a_rerun_completes_it(
     log = output.parent / "servers" / output.stem / "server_0.log"
 
     job = start_job(spec)
-    wait_for_lines(partial, 3, job)
+    wait_for_lines(partial, 3, job.is_alive)
     (server_pid,) = started_pids(log)
     os.kill(server_pid, signal.SIGKILL)
     job.join(timeout=120)
@@ -184,7 +185,7 @@ def test_a_server_killed_mid_shard_fails_it_and_a_rerun_completes_it(
     last_log_line = log.read_text().rstrip().splitlines()[-1].strip()
     assert str(log) in error and last_log_line in error, "the message carries the tail of the server's log"
     assert group_members(server_pid) == [], "the rest of the killed server's processes were stopped"
-    kept = {json.loads(line)["id"]: json.loads(line) for line in partial.read_text().splitlines()}
+    kept = {record["id"]: record for record in read_jsonl(partial)}
     assert 3 <= len(kept) < stop
 
     generate.run(spec)  # the rerun, as the driver's retry would run it
@@ -197,20 +198,13 @@ def test_a_server_killed_mid_shard_fails_it_and_a_rerun_completes_it(
     assert group_members(rerun_pid) == []
 
 
-def wait_for_lines(path: Path, count: int, job: multiprocessing.Process) -> None:
-    deadline = time.monotonic() + 300
-    while not (path.exists() and len(path.read_text().splitlines()) >= count):
-        assert job.is_alive() and time.monotonic() < deadline, f"the shard never wrote {count} items"
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_sigterm_to_the_shard_job_stops_its_server(vllm_installed: None, tiny_assets: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     spec = shard_spec(tiny_assets, run_dir, 0, 0, 200, vllm_generate(batch_size=1, max_tokens=32))
     output = Path(spec.output_path)
     job = start_job(spec)
-    wait_for_lines(partial_path(output), 1, job)
+    wait_for_lines(partial_path(output), 1, job.is_alive)
     (server_pid,) = started_pids(output.parent / "servers" / output.stem / "server_0.log")
 
     os.kill(job.pid, signal.SIGTERM)  # SLURM's end of a job, scancel
@@ -311,7 +305,7 @@ def test_the_pre_timeout_signal_stops_a_shard_at_a_safe_point(
     spec = shard_spec(tiny_assets, tmp_path / "run", 0, 0, 400, config)
     partial = partial_path(Path(spec.output_path))
     job = start_job(spec)
-    wait_for_lines(partial, 2, job)
+    wait_for_lines(partial, 2, job.is_alive)
 
     os.kill(job.pid, signal.SIGUSR2)  # submitit's pre-timeout signal
     job.join(timeout=30)
