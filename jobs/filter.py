@@ -24,12 +24,14 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -413,6 +415,13 @@ def _filter_shard(job: tuple[Sequence[Path], int, Path, FilterConfig, int, int])
     return ShardFiltered(folder, analytics, max_k, seen, ids)
 
 
+def _worker_signals() -> None:
+    """Workers die on SIGTERM (a job's own handler only sets a flag, which would keep them running)
+    and leave the pre-timeout USR2 to the job's main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 @contextmanager
 def _filtered_shards(jobs: list[Any], workers: int) -> Iterator[Iterator[ShardFiltered]]:
     """The shards' results in shard order, from ``workers`` processes."""
@@ -420,8 +429,13 @@ def _filtered_shards(jobs: list[Any], workers: int) -> Iterator[Iterator[ShardFi
         yield map(_filter_shard, jobs)
         return
     # Forked, not spawned: the workers share this process's imports, and its str hashes (ProblemIds).
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield pool.imap(_filter_shard, jobs)
+    # A pool of processes that notices a dead worker (BrokenProcessPool) rather than waits for it.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_signals)
+    try:
+        yield pool.map(_filter_shard, jobs)
+    finally:
+        # After a failure, the shards not started yet are dropped.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def filter_generations(

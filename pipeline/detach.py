@@ -42,9 +42,13 @@ def _chain(driver: Driver, start: StagePlan) -> list[StagePlan]:
     return [stage for i, stage in plan if i == iteration][keys.index(start.key):]
 
 
+def _jobs(job_ids: list[str]) -> list[str]:
+    """The jobs behind these ids: an array's id stands for all of its tasks."""
+    return sorted({job_id.split("_")[0] for job_id in job_ids})
+
+
 def _dependency(kind: str, job_ids: list[str]) -> str:
-    # An array's id stands for all of its tasks.
-    return f"{kind}:" + ":".join(sorted({job_id.split("_")[0] for job_id in job_ids}))
+    return f"{kind}:" + ":".join(_jobs(job_ids))
 
 
 def advance_in_flight(driver: Driver, me: str | None = None) -> str | None:
@@ -97,7 +101,7 @@ def submit_chain(driver: Driver, me: str | None = None) -> str:
                 # The filter job of a chain first checks the shards (see ``filter_after_generation``).
                 todo = [Task(t.key, filter_after_generation, t.spec) for t in todo]
             new = driver.submit(stage, todo, _dependency(kind, waits_for) if waits_for else None)
-            said.append(f"{stage.key}: {len(new)} job(s) {_dependency('', new)[1:]}" + (f" ({kind})" if waits_for else ""))
+            said.append(f"{stage.key}: {len(new)} job(s) {', '.join(_jobs(new))}" + (f" ({kind})" if waits_for else ""))
         elif live:
             said.append(f"{stage.key}: in flight")
         waits_for = live + new

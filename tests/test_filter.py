@@ -16,6 +16,7 @@ from jobs.filter import (
 )
 from jobs.specs import FilterConfig
 from state import InputError
+from tests.conftest import run_cli
 
 BOUNDS = FilterConfig().zone_bounds
 
@@ -229,4 +230,21 @@ def test_a_duplicate_id_across_shards_is_found_by_parallel_workers(tmp_path: Pat
     second = write_shard(tmp_path / "b.jsonl", [seed_record("p3", 3), seed_record("p2", 7)])
     with pytest.raises(InputError, match=r"duplicate problem id 'p2': .*a.jsonl:2 and .*b.jsonl:2"):
         filter_generations([first, second], tmp_path / "out" / "f.json", FilterConfig(), 42, 16, workers=2)
+    assert not (tmp_path / "out" / "f.json").exists()
+
+
+def test_a_verifier_failing_in_a_worker_fails_the_filter_instead_of_hanging(tmp_path: Path) -> None:
+    shards = [write_shard(tmp_path / f"g{s}.jsonl", [seed_record(f"s{s}_{c:02d}", c) for c in range(17)]) for s in range(6)]
+    # As inside a job: reporting() makes SIGTERM only set a flag, and the workers are forked from it.
+    script = """
+import signal, sys
+from pathlib import Path
+from jobs.filter import filter_generations
+from jobs.specs import FilterConfig
+signal.signal(signal.SIGTERM, lambda *_: None)
+paths = [Path(p) for p in sys.argv[1:]]
+filter_generations(paths, paths[0].parent / "out" / "f.json", FilterConfig(verifier="json:loads"), 42, 16, workers=2)
+"""
+    result = run_cli("-c", script, *map(str, shards), timeout=120)
+    assert result.returncode == 1 and "TypeError" in result.stderr, result.stderr
     assert not (tmp_path / "out" / "f.json").exists()

@@ -216,8 +216,9 @@ def wait_for_run(run_dir: Path, timeout_s: float = 600) -> dict:
     """status.py's summary once the run has ended (done or failed) and none of its jobs is queued."""
     deadline = time.monotonic() + timeout_s
     while True:
-        summary = json.loads(run_cli("tools/status.py", str(run_dir), "--json").stdout)
+        # The queue first: a summary read after the run's jobs left it shows how they ended.
         queued = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True, check=True).stdout
+        summary = json.loads(run_cli("tools/status.py", str(run_dir), "--json").stdout)
         if summary["status"] in ("done", "failed") and run_dir.name not in queued:
             return summary
         assert time.monotonic() < deadline, summary
