@@ -71,7 +71,8 @@ def test_two_iterations_on_slurm(slurm_cluster: str, tiny_assets: Path, tmp_path
     result = run_cli("-m", "pipeline.run", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
     assert not marker.exists(), "a config value ran as a command"
-    summary = json.loads(run_cli("tools/status.py", str(runs / "small"), "--json").stdout)
+    # The driver returns once the ledger says done; the last job may still be exiting for a moment.
+    summary = wait_for_run(runs / "small")
     shards = summary["iterations"][0]["stages"]["generate"]["shards"]
     array_ids = {s["job_ids"][0].split("_")[0] for s in shards}
     assert len(array_ids) == 1, "the shards of an iteration are one job array"
