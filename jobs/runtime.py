@@ -87,6 +87,20 @@ def _requeue() -> None:
         raise RuntimeError("the pre-timeout signal arrived outside SLURM: nothing to requeue with")
 
 
+def step_aside_if_superseded(target: JobTarget, record: dict[str, Any]) -> None:
+    """Exit, doing nothing, when the ledger no longer expects this job to run its task."""
+    if target.submission is None:
+        return  # run by hand: run whatever the record says
+    if record.get("submission") != target.submission:
+        why = f"the task was resubmitted (submission {record.get('submission')})"
+    elif record.get("status") == str(Status.DONE):
+        why = "the task is done"
+    else:
+        return
+    log.info("job %s of submission %s steps aside: %s", _job_identity()["job_id"], target.submission, why)
+    raise SystemExit(0)
+
+
 @contextmanager
 def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any]]:
     """Mark the record running, then done with the metrics the body filled in, failed, or requeued.
@@ -98,17 +112,20 @@ def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any
     # lands, and it ignores TERM.
     signal.signal(signal.SIGUSR2, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
+    ledger = Ledger(target.run_dir)
     if not primary:
+        step_aside_if_superseded(target, ledger.read(target.ledger_key))
         with suppress(Preempted):
             yield {}
         return
-    ledger = Ledger(target.run_dir)
 
-    def started(record: dict[str, Any]) -> None:
+    def claim(record: dict[str, Any]) -> None:
+        step_aside_if_superseded(target, record)
+        record.update(status=str(Status.RUNNING), note=None, **_job_identity())
         # Counts executions, so that a resumed run can prove no finished work was redone.
         record["executions"] = record.get("executions", 0) + 1
 
-    ledger.update(target.ledger_key, {"status": str(Status.RUNNING), "note": None, **_job_identity()}, started)
+    ledger.update(target.ledger_key, mutate=claim)
     metrics: dict[str, Any] = {}
     try:
         yield metrics

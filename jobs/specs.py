@@ -149,10 +149,17 @@ class EvalConfig:
 
 @dataclass
 class JobTarget:
-    """Where a job reports: the run directory and the ledger record it owns."""
+    """Where a job reports: the run directory and the ledger record it owns.
+
+    ``submission`` names the driver's submission that started this job (None when run by hand).
+    A job whose record has since been handed to another submission, or is done, does nothing:
+    the driver resubmits a task when it lost track of a job (killed between sbatch's answer and
+    recording it), and the lost job must not run the task a second time if it starts after all.
+    """
 
     run_dir: str
     ledger_key: str
+    submission: str | None = None
 
 
 @dataclass

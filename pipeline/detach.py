@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobs import filter as filter_job
-from jobs.runtime import log
+from jobs.runtime import log, step_aside_if_superseded
 from jobs.specs import FilterSpec, JobTarget
 from pipeline.driver import IN_FLIGHT, Driver, StageFailed, is_array_stage, withdraw
 from pipeline.plan import StagePlan, Task
@@ -110,7 +111,7 @@ def submit_chain(driver: Driver, me: str | None = None) -> str:
     if running_advance:
         said.append(f"advance: job {running_advance} already queued")
     elif chain_jobs:
-        advance = StagePlan(ADVANCE, ADVANCE, [Task(ADVANCE, advance_run, JobTarget(str(driver.run_dir), ADVANCE))],
+        advance = StagePlan(ADVANCE, ADVANCE, [Task(ADVANCE, advance_run, AdvanceSpec(JobTarget(str(driver.run_dir), ADVANCE)))],
                             driver.config.executor.advance)
         job_ids = driver.submit(advance, advance.tasks, _dependency("afterany", chain_jobs))
         said.append(f"advance: job {job_ids[0]} (afterany)")
@@ -121,14 +122,17 @@ def _my_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def advance_run(target: JobTarget) -> dict[str, Any]:
+@dataclass
+class AdvanceSpec:
+    target: JobTarget
+
+
+def advance_run(spec: AdvanceSpec) -> dict[str, Any]:
     """The advance job: submit the next chain, or record that the run is done or failed."""
-    driver = Driver.open(Path(target.run_dir), console())
+    driver = Driver.open(Path(spec.target.run_dir), console())
     me = _my_job_id()
-    record = driver.ledger.read(ADVANCE)
-    if record.get("job_id") != me:
-        log.info("advance job %s: job %s took over, nothing to do", me, record.get("job_id"))
-        return {}
+    # Another advance job may have taken over (a --detach rerun submitted one).
+    step_aside_if_superseded(spec.target, driver.ledger.read(ADVANCE))
     driver.ledger.update(ADVANCE, {"status": DONE, "ended_at": now()})
     # A StageFailed raised here has been recorded in the ledger; it fails this job, visibly.
     log.info("advance job %s: %s", me, submit_chain(driver, me))

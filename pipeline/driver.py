@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,13 @@ from pipeline.config import RunConfig, load_config
 from pipeline.executors import make_executor, max_array_size, submit_array
 from pipeline.plan import BASELINE, Planner, StagePlan, Task
 from pipeline.status import iteration_table, summarize
-from pipeline.watch import UNKNOWN, JobInfo, JobWatcher, SchedulerUnavailable
+from pipeline.watch import (
+    UNKNOWN,
+    UNKNOWN_GRACE_S,
+    JobInfo,
+    JobWatcher,
+    SchedulerUnavailable,
+)
 from state import InputError, Ledger, Status
 from state.ledger import now
 
@@ -31,7 +39,7 @@ IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING))
 # sacct's reason for a job cancelled while it waited on a dependency that failed (--kill-on-invalid-dep).
 NEVER_SATISFIED = ("Dependency", "DependencyNeverSatisfied")
 # What a new attempt must not inherit from the one before.
-FRESH_ATTEMPT = {"error": None, "slurm_state": None, "exit_code": None, "note": None}
+FRESH_ATTEMPT = {"job_id": None, "error": None, "slurm_state": None, "exit_code": None, "note": None}
 HEADLINE_METRICS = ("problems_generated", "failed_items", "tokens_per_s", "mean_correct_rate", "filtered_samples", "final_loss", "heldout_accuracy")
 
 
@@ -54,6 +62,11 @@ def withdraw(record: dict[str, Any], why: str) -> None:
         record.update(status=str(Status.PLANNED), attempts=max(record.get("attempts", 1) - 1, 0), note=why)
 
 
+def submitted_within(record: dict[str, Any], seconds: float) -> bool:
+    submitted = record.get("submitted_at")
+    return bool(submitted) and (datetime.now(UTC) - datetime.fromisoformat(submitted)).total_seconds() < seconds
+
+
 def job_name(config: RunConfig, stage: StagePlan) -> str:
     """``demo.iter_002.generate``: squeue shows which run, iteration and stage a job is."""
     return f"{config.run_name}.{stage.key.replace('/', '.')}"
@@ -74,7 +87,6 @@ class Driver:
         self.ledger = Ledger(self.run_dir)
         self.watcher = JobWatcher(config.executor.cluster)
         self.console = console
-        self.submissions = 0
         self.max_array_size = max_array_size(config.executor.cluster)
 
     @classmethod
@@ -98,16 +110,20 @@ class Driver:
         def next_attempt(record: dict[str, Any]) -> None:
             record["attempts"] = record.get("attempts", 0) + 1
 
+        # Unique across driver processes: a rerun may submit while a lost submission's jobs start.
+        submission = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.ledger.update_many(
-            {t.key: {"status": str(Status.SUBMITTED), "submitted_at": now(), **FRESH_ATTEMPT} for t in tasks}, next_attempt
+            {t.key: {"status": str(Status.SUBMITTED), "submitted_at": now(), "submission": submission, **FRESH_ATTEMPT}
+             for t in tasks},
+            next_attempt,
         )
-        self.submissions += 1
-        folder = self.run_dir / "submitit" / stage.key / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.submissions}"
+        folder = self.run_dir / "submitit" / stage.key / submission
         executor = make_executor(self.config.executor.cluster, folder, stage.resources, job_name(self.config, stage), dependency)
+        specs = [replace(t.spec, target=replace(t.spec.target, submission=submission)) for t in tasks]
         try:
             # submitit prints sbatch's refusal itself; we report it once, in our own words.
             with contextlib.redirect_stderr(io.StringIO()):
-                jobs = submit_array(executor, tasks[0].function, [t.spec for t in tasks], self.max_array_size)
+                jobs = submit_array(executor, tasks[0].function, specs, self.max_array_size)
         except FailedJobError as error:
             message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
             self.ledger.set_status([t.key for t in tasks], Status.FAILED, error=f"submission refused: {message}")
@@ -136,6 +152,10 @@ class Driver:
             job_id = record.get("job_id")
             info = infos.get(job_id, UNKNOWN)
             if job_id and self.watcher.alive(job_id, info):
+                continue
+            if not job_id and submitted_within(record, UNKNOWN_GRACE_S):
+                # A driver killed between submitting and recording the job id: the job may still
+                # start and claim its record; later, its task is resubmitted and it steps aside.
                 continue
 
             def fail(current: dict[str, Any], job_id: str | None = job_id, info: JobInfo = info) -> None:

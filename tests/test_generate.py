@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from jobs import generate
 from jobs.data import read_jsonl
 from jobs.generate import generate_shard, partial_path
 from jobs.specs import GenerateConfig, GenerateShardSpec, JobTarget
+from state import Ledger
 
 
 def spec_for(assets: Path, output: Path, stop: int = 6) -> GenerateShardSpec:
@@ -51,3 +55,27 @@ def test_shard_writes_seed_records_and_resumes_per_item(tiny_assets: Path, tmp_p
     before = output.read_bytes()
     generate_shard(spec, {})
     assert output.read_bytes() == before
+
+
+def test_a_job_the_ledger_no_longer_expects_steps_aside(tiny_assets: Path, tmp_path: Path) -> None:
+    output = tmp_path / "shard_00000.jsonl"
+    ledger = Ledger(tmp_path)
+    key = "iter_001/generate/shard_00000"
+    lost = spec_for(tiny_assets, output)
+    lost.target = JobTarget(str(tmp_path), key, submission="lost")
+    for record in ({"status": "submitted", "submission": "newer", "attempts": 2}, {"status": "done", "submission": "lost"}):
+        ledger.update(key, record)
+        before = ledger.read(key)
+        with pytest.raises(SystemExit) as stop:
+            generate.run(lost)
+        assert stop.value.code == 0
+        assert not output.exists() and not partial_path(output).exists(), "the task was not run"
+        assert ledger.read(key) == before, "the record is left to the job it belongs to"
+
+    # The job of the submission on record runs; so does a job run by hand (no submission).
+    ledger.update(key, {"status": "submitted", "submission": "lost"})
+    generate.run(lost)
+    assert ledger.read(key)["status"] == "done" and ledger.read(key)["executions"] == 1
+    output.unlink()
+    generate.run(spec_for(tiny_assets, output))
+    assert output.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -133,6 +134,69 @@ def test_sigkill_during_iteration_2_generation_then_rerun(tiny_assets: Path, tmp
     assert not twice, f"work ran twice: {twice}"
     assert all(r["status"] == "done" for r in records.values())
     assert_each_problem_once(run_dir, 2, 24)
+
+
+# The driver, SIGKILLed right after the scheduler accepted the generation shards and before their
+# job ids were recorded: the one moment a timed kill hits only by chance. Its jobs are frozen
+# (SIGSTOP) before they can start, so that the rerun finds the records without a job id.
+DIE_AFTER_SUBMITTING = """
+import os, signal, sys
+import pipeline.driver
+import submitit.local.local as local
+start_controller = local.start_controller
+def start_frozen(*args, **kwargs):
+    process = start_controller(*args, **kwargs)
+    os.kill(process.pid, signal.SIGSTOP)
+    return process
+submit_array = pipeline.driver.submit_array
+def submit_then_die(executor, function, specs, max_array_size):
+    if "/generate/" not in specs[0].target.ledger_key:
+        return submit_array(executor, function, specs, max_array_size)
+    local.start_controller = start_frozen
+    jobs = submit_array(executor, function, specs, max_array_size)
+    print("frozen", *(job.job_id for job in jobs), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+pipeline.driver.submit_array = submit_then_die
+from pipeline.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_driver_killed_before_recording_job_ids_then_rerun(tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(
+        tmp_path / "lost.yaml",
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], data={"heldout": None}),
+    )
+    run_dir = runs / "small"
+    # Output to files: the orphaned jobs inherit it and would hold a pipe open.
+    killed_log = tmp_path / "killed.log"
+    with open(killed_log, "w") as log:
+        killed = subprocess.Popen([sys.executable, "-c", DIE_AFTER_SUBMITTING, str(config)], cwd=ROOT, stdout=log, stderr=log)
+        assert killed.wait(timeout=300) == -signal.SIGKILL, killed_log.read_text()
+    orphans = [int(pid) for pid in killed_log.read_text().split("frozen", 1)[1].split()]
+
+    def wake_orphans() -> None:
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    try:
+        shards = [read_json(p) for p in sorted((run_dir / "ledger" / "iter_001" / "generate").glob("shard_*.json"))]
+        assert len(shards) == 3 and all(s["status"] == "submitted" and not s.get("job_ids") for s in shards)
+        # The rerun finds submitted shards without a job id; their jobs wake up after it looked.
+        with open(tmp_path / "rerun.log", "w") as log:
+            rerun = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT, stdout=log, stderr=log)
+            time.sleep(10)  # the rerun starts and polls its jobs in about 3 s
+            wake_orphans()
+            assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()
+    finally:
+        wake_orphans()
+    records = job_records(run_dir)
+    twice = {k: r["executions"] for k, r in records.items() if r["executions"] != 1}
+    assert not twice, f"work ran twice: {twice}"
+    assert all(r["status"] == "done" for r in records.values())
+    assert_each_problem_once(run_dir, 1, 24)
 
 
 def test_a_shard_killed_from_outside_is_retried_and_resumes(tiny_assets: Path, tmp_path: Path) -> None:
