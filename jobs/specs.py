@@ -7,6 +7,7 @@ pydantic), so a key exists once, here. Defaults are those of the ReST seed users
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le
@@ -15,6 +16,7 @@ PositiveInt = Annotated[int, Ge(1)]
 Fraction = Annotated[float, Ge(0), Le(1)]
 
 MEDIA_FIELDS = ("sound", "image", "video")
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 # Read by pydantic when pipeline.config validates a section: an unknown key is an error, not ignored.
 REJECT_UNKNOWN_KEYS = {"extra": "forbid"}
@@ -137,6 +139,21 @@ class TrainConfig:
     # saved, unless keep_checkpoints.
     save_total_limit: PositiveInt | None = 2
     keep_checkpoints: bool = False
+    # How the processes of a training job (executor.train: nodes x tasks_per_node) share the work:
+    # plain DDP, or DeepSpeed ZeRO stage 2, stage 3, or stage 3 with parameters and optimizer
+    # states offloaded to CPU (configs/deepspeed/<strategy>.json, the seeds' settings with "auto"
+    # for what the keys above already say). DeepSpeed needs a GPU per process.
+    strategy: Literal["ddp", "zero2", "zero3", "zero3_offload"] = "ddp"
+    # A DeepSpeed JSON of your own for a zero* strategy, instead of the one under configs/deepspeed/.
+    deepspeed_config: str | None = None
+    # Also log to these trackers (TRL passes them on); TensorBoard files go to <train>/tensorboard.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=list)
+
+    def deepspeed_json(self) -> Path | None:
+        """The DeepSpeed config the strategy trains with; None for plain DDP."""
+        if self.strategy == "ddp":
+            return None
+        return Path(self.deepspeed_config) if self.deepspeed_config else DEEPSPEED_CONFIGS / f"{self.strategy}.json"
 
 
 @dataclass

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ from jobs.data import load_problems
 from jobs.runtime import log, reporting, stop_if_preempted, stop_requested
 from jobs.specs import TrainConfig, TrainSpec
 from state import atomic_write_json
+
+# What the ledger keeps of each logged step.
+STEP_LOG_KEYS = ("step", "loss", "learning_rate", "tokens_per_s", "samples_per_s", "peak_memory_mib")
 
 
 def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: str | None) -> list[dict[str, Any]]:
@@ -41,9 +46,13 @@ def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: 
 
 def _hardware_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
     """Trainer options for this machine: GPU-only choices fall back on CPU, with one line each."""
-    options: dict[str, Any] = {"optim": config.optim, "bf16": config.bf16, "use_cpu": not on_gpu}
+    deepspeed = config.deepspeed_json()
+    options: dict[str, Any] = {"optim": config.optim, "bf16": config.bf16, "use_cpu": not on_gpu,
+                               "deepspeed": str(deepspeed) if deepspeed else None}
     if on_gpu:
         return options
+    if deepspeed:
+        raise ValueError(f"train.strategy: {config.strategy} (DeepSpeed) needs a GPU, and this node has none")
     if "8bit" in config.optim or config.optim.startswith("paged"):
         log.info("no GPU: optimizer %s needs bitsandbytes on a GPU, using adamw_torch", config.optim)
         options["optim"] = "adamw_torch"
@@ -53,6 +62,17 @@ def _hardware_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
     if config.load_in_4bit:
         log.info("no GPU: loading the model unquantized (4-bit loading needs a GPU)")
     return options
+
+
+def peak_memory_mib(on_gpu: bool) -> float:
+    """The most memory this process held since the last call: GPU memory on a GPU, else resident memory."""
+    import torch
+
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        return round(peak, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux; never resets
 
 
 def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
@@ -86,8 +106,38 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
                 control.should_training_stop = True
             return control
 
+    class StepMetrics(TrainerCallback):
+        """Adds tokens/s, samples/s and peak memory since the previous logged step to each one.
+
+        They go into the trainer's log history, which checkpoints carry across a requeue.
+        """
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last = (time.monotonic(), state.global_step, state.num_input_tokens_seen)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            if "loss" not in (logs or {}):
+                return
+            then, step, tokens = self.last
+            now = time.monotonic()
+            seconds = max(now - then, 1e-9)
+            entry = state.log_history[-1]
+            entry.update(
+                # Counted over all processes; padding left out.
+                tokens_per_s=round((state.num_input_tokens_seen - tokens) / seconds, 1),
+                samples_per_s=round((state.global_step - step) * effective_batch / seconds, 2),
+                peak_memory_mib=peak_memory_mib(on_gpu),
+            )
+            self.last = (now, state.global_step, state.num_input_tokens_seen)
+            log.info("step %d: loss %.4f, learning rate %.3g, %.0f tokens/s, %.2f samples/s, peak memory %.0f MiB",
+                     state.global_step, entry["loss"], entry.get("learning_rate", 0.0), entry["tokens_per_s"],
+                     entry["samples_per_s"], entry["peak_memory_mib"])
+
     config = spec.train
     output = Path(spec.output_dir)
+    if "tensorboard" in config.report_to:
+        # Beside the model: the trainer's default is under the checkpoints, which are deleted at the end.
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "tensorboard"))
     examples = sft_examples(spec.data_path, config.replay_data, spec.system_prompt)
     if not examples:
         raise ValueError(
@@ -127,20 +177,21 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
-        report_to="none",
+        report_to=config.report_to or "none",
+        include_num_input_tokens_seen="non_padding",
         # LoRA and gradient checkpointing leave no parameter unused; looking for some costs a graph walk per step.
         ddp_find_unused_parameters=False,
         seed=spec.seed,
         disable_tqdm=True,
         **_hardware_options(config, on_gpu),
     )
+    world_size = args.world_size
+    effective_batch = config.batch_size * config.gradient_accumulation_steps * world_size
     on_preemption = CheckpointOnPreemption()
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[on_preemption],
+        peft_config=peft_config, callbacks=[on_preemption, StepMetrics()],
     )
-    world_size = args.world_size
-    effective_batch = config.batch_size * config.gradient_accumulation_steps * world_size
     log.info("effective batch size %d = %d per process x %d accumulation steps x %d processes",
              effective_batch, config.batch_size, config.gradient_accumulation_steps, world_size)
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
@@ -163,8 +214,8 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     # Includes the steps before a resume: the trainer state comes back with the checkpoint.
-    curve = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
-    losses = [loss for _, loss in curve]
+    steps = [{key: entry.get(key) for key in STEP_LOG_KEYS} for entry in trainer.state.log_history if "loss" in entry]
+    losses = [entry["loss"] for entry in steps]
     metrics.update(
         train_samples=len(examples),
         steps=trainer.state.global_step,
@@ -176,7 +227,8 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         resumed_from=resume,
         world_size=world_size,
         effective_batch_size=effective_batch,
-        loss_curve=curve,
+        strategy=config.strategy,
+        step_log=steps,
     )
     atomic_write_json(output / "model_card.json", {"init_model": spec.init_model, "method": config.method, **metrics})
     if model_dir.is_dir() and not config.keep_checkpoints:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +193,44 @@ def _check(config: RunConfig) -> None:
         raise ValueError(f"filter.zone_bounds: must rise within (0, 1], got {list(config.filter.zone_bounds)}")
     if config.train.method == "lora" and not config.train.save_merged:
         raise ValueError("train.save_merged: the transformers backend generates with a merged model; keep it true")
+    _check_training(config.train, config.executor.train)
+
+
+# The modules that make a tracker of train.report_to available, and the package that brings them.
+TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+            "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio")}
+
+
+def _check_training(train: TrainConfig, resources: Resources) -> None:
+    """Combinations of training settings that cannot work, refused before anything is submitted."""
+    if train.deepspeed_config is not None:
+        if train.strategy == "ddp":
+            raise ValueError("train.deepspeed_config: only read with a DeepSpeed strategy (train.strategy: zero2, zero3 or zero3_offload)")
+        path = Path(train.deepspeed_config)
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"train.deepspeed_config: {path} does not exist") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"train.deepspeed_config: {path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"train.deepspeed_config: {path} must hold a JSON object")
+    if train.strategy != "ddp":
+        if train.strategy.startswith("zero3") and train.method == "lora" and train.load_in_4bit:
+            raise ValueError(
+                f"train.strategy: {train.strategy} shards the weights across processes, and QLoRA's 4-bit weights"
+                " cannot be sharded that way; use zero2 or ddp with QLoRA, or set train.load_in_4bit: false"
+            )
+        if resources.gpus_per_task < 1:
+            raise ValueError(
+                f"train.strategy: {train.strategy} (DeepSpeed) needs a GPU per process; set executor.train.gpus_per_task: 1"
+            )
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError(f"train.strategy: {train.strategy} needs DeepSpeed, which is not installed here (pip install -e '.[gpu]')")
+    for tracker in train.report_to:
+        modules, package = TRACKERS[tracker]
+        if not any(importlib.util.find_spec(module) for module in modules):
+            raise ValueError(f"train.report_to: {tracker} is not installed here (pip install {package})")
 
 
 def load_config(path: Path | str, overrides: list[str] = ()) -> RunConfig:

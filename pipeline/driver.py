@@ -22,7 +22,12 @@ from rich.console import Console
 from submitit.core.utils import FailedJobError
 
 from pipeline.config import RunConfig, load_config
-from pipeline.executors import make_executor, max_array_size, submit_array
+from pipeline.executors import (
+    make_executor,
+    max_array_size,
+    require_scheduler,
+    submit_array,
+)
 from pipeline.plan import BASELINE, Planner, StagePlan, Task
 from pipeline.status import iteration_table, summarize
 from pipeline.watch import (
@@ -96,6 +101,7 @@ class Driver:
         if not config_path.is_file():
             raise InputError(f"{run_dir}: not a run directory (no config.yaml in it)")
         config = load_config(config_path)
+        require_scheduler(config.executor.cluster)
         num_train = sum(1 for line in (run_dir / "data" / "train.jsonl").open() if line.strip())
         return cls(config, Planner(config, run_dir, num_train), console)
 

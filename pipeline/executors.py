@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -14,6 +15,17 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from pipeline.config import Resources
+from state import InputError
+
+
+def require_scheduler(cluster: str) -> None:
+    """Refuse, in one line, a SLURM run on a machine where SLURM's commands are missing."""
+    missing = [command for command in ("sbatch", "srun", "sacct") if shutil.which(command) is None]
+    if cluster == "slurm" and missing:
+        raise InputError(
+            f"executor.cluster: slurm, but {', '.join(missing)} not found on this machine: run from a login node"
+            " of the cluster, or set executor.cluster=local"
+        )
 
 
 def make_executor(

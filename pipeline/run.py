@@ -22,7 +22,7 @@ from jobs.data import load_problems, write_jsonl
 from pipeline.config import RunConfig, differences, dump_yaml, load_config
 from pipeline.detach import advance_in_flight, submit_chain
 from pipeline.driver import Driver, StageFailed, job_name
-from pipeline.executors import sbatch_script
+from pipeline.executors import require_scheduler, sbatch_script
 from pipeline.plan import Planner, shard_ranges
 from pipeline.status import console as make_console
 from pipeline.status import summarize
@@ -56,7 +56,10 @@ def print_plan(config: RunConfig, planner: Planner, num_heldout: int, console: C
             jobs, writes = f"array of {len(sizes)} (problems per shard {min(sizes)}-{max(sizes)})", str(Path(spec.output_path).parent)
         else:
             jobs, writes = "1", spec.output_dir
-        extra = f" lr {config.learning_rates[iteration - 1]:g}" if stage.name == "train" else ""
+        extra = ""
+        if stage.name == "train":
+            deepspeed = config.train.deepspeed_json()
+            extra = f" lr {config.learning_rates[iteration - 1]:g}, {config.train.strategy}" + (f" ({deepspeed})" if deepspeed else "")
         label = f"iteration {iteration} {stage.name}" if iteration else "baseline eval"
         table.add_row(label, jobs, _resources(stage.resources) + extra, writes)
     console.print(table)
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()
     try:
         config = load_config(args.config, args.overrides)
+        require_scheduler(config.executor.cluster)
         train = load_problems(config.data.train)
         heldout = load_problems(config.data.heldout) if config.data.heldout else []
         resuming = check_resumable(config, str(args.config))

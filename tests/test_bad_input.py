@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, small_config, write_config
+from tests.conftest import ROOT, run_cli, small_config, write_config
 
 
 def assert_refused(result, *expected: str) -> None:
@@ -34,6 +37,15 @@ CONFIG_CASES = [
     ({"executor": {"generate": {"partition": "gpu\ntouch /tmp/pwned"}}}, [], ["executor.generate.partition", "line breaks"]),
     ({"executor": {"train": {"extra_sbatch": {"x\necho": "1"}}}}, [], ["executor.train.extra_sbatch", "sbatch option name"]),
     ({"run_name": "demo$(touch /tmp/pwned)"}, [], ["run_name: may hold only letters"]),
+    # Training combinations that cannot work (the small config trains with QLoRA settings, no GPU).
+    ({"train": {"strategy": "zero3"}}, [], ["train.strategy: zero3 shards the weights", "QLoRA", "load_in_4bit: false"]),
+    ({"train": {"strategy": "zero2"}}, [], ["train.strategy: zero2 (DeepSpeed) needs a GPU per process", "gpus_per_task"]),
+    ({"train": {"strategy": "zero2"}, "executor": {"train": {"gpus_per_task": 1}}}, [],
+     ["train.strategy: zero2 needs DeepSpeed, which is not installed"]),
+    ({"train": {"strategy": "fsdp"}}, [], ["train.strategy", "'fsdp'"]),
+    ({"train": {"deepspeed_config": "configs/deepspeed/zero2.json"}}, [], ["train.deepspeed_config: only read with a DeepSpeed strategy"]),
+    ({"train": {"strategy": "zero2", "deepspeed_config": "README.md"}}, [], ["train.deepspeed_config: README.md:1: not valid JSON"]),
+    ({"train": {"report_to": ["wandb"]}}, [], ["train.report_to: wandb is not installed here (pip install wandb)"]),
     ({}, ["generate.num_samples=-1"], ["command line", "generate.num_samples"]),
     ({}, ["generate.no_such_key=1"], ["command line", "generate.no_such_key: unknown key"]),
     ({}, ["num_iterations"], ["command line", "key.sub_key=value"]),
@@ -111,3 +123,15 @@ def test_unicode_line_separators_inside_strings_do_not_end_a_jsonl_line(tmp_path
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     problems = load_problems(path)
     assert [p["id"] for p in problems] == ["p0", "p1", "p2"] and problems[2]["question"] == "a\u2028b\x85c\x1cd 2"
+
+
+def test_slurm_run_where_there_is_no_slurm(tiny_assets: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "slurm.yaml", small_config(tiny_assets, runs, executor={"cluster": "slurm"}))
+    # A machine without SLURM's commands: none on PATH.
+    without_slurm = {**os.environ, "PATH": str(tmp_path)}
+    for extra in ([], ["--dry-run"]):
+        result = subprocess.run([sys.executable, "-m", "pipeline.run", str(config), *extra], cwd=ROOT, env=without_slurm,
+                                capture_output=True, text=True, check=False)
+        assert_refused(result, "executor.cluster: slurm, but sbatch, srun, sacct not found", "executor.cluster=local")
+    assert not runs.exists()

@@ -47,7 +47,7 @@ def assert_each_problem_once(run_dir: Path, iterations: int, num_problems: int) 
 
 def test_two_iterations_end_to_end_then_resume_is_a_no_op(tiny_assets: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    config = write_config(tmp_path / "small.yaml", small_config(tiny_assets, runs))
+    config = write_config(tmp_path / "small.yaml", small_config(tiny_assets, runs, train={"report_to": ["tensorboard"]}))
     run_dir = runs / "small"
 
     dry = run_cli("-m", "pipeline.run", str(config), "--dry-run")
@@ -84,6 +84,14 @@ def test_two_iterations_end_to_end_then_resume_is_a_no_op(tiny_assets: Path, tmp
     card = read_json(train / "model_card.json")
     assert card["init_model"] == str(run_dir / "iter_001" / "train" / "model"), "iteration 2 continues from iteration 1"
     assert card["learning_rate"] == 5e-4 and card["steps"] == 2
+    # Every logged step: loss, learning rate, throughput and memory, in the ledger too.
+    assert [entry["step"] for entry in card["step_log"]] == [1, 2]
+    assert max(entry["learning_rate"] for entry in card["step_log"]) == 5e-4, "the iteration's rate after warmup"
+    for entry in card["step_log"]:
+        assert entry["loss"] > 0
+        assert entry["tokens_per_s"] > 0 and entry["samples_per_s"] > 0 and entry["peak_memory_mib"] > 100
+    assert read_json(run_dir / "ledger" / "iter_002" / "train.json")["metrics"]["step_log"] == card["step_log"]
+    assert list((train / "tensorboard").glob("events.out.tfevents.*")), "train.report_to: tensorboard writes beside the model"
     assert_each_problem_once(run_dir, 2, 24)
 
     # Rerunning the finished run resubmits nothing.
@@ -259,7 +267,9 @@ def test_dry_run_prints_the_exact_sbatch_scripts(tiny_assets: Path, tmp_path: Pa
     )
     result = run_cli("-m", "pipeline.run", str(config), "--dry-run")
     assert result.returncode == 0, result.stderr
-    scripts = result.stdout[result.stdout.index("# ---- sbatch script"):]
+    plan, scripts = result.stdout.split("# ---- sbatch script", 1)
+    assert "ddp" in plan, "the plan names the training strategy"
+    scripts = "# ---- sbatch script" + scripts
     scripts = scripts.replace(str(runs.resolve()), "RUNS").replace(sys.executable, "PYTHON")
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text(scripts)

@@ -336,7 +336,7 @@ def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resum
     assert metrics["world_size"] == 2 and metrics["effective_batch_size"] == 4 * 1 * 2
     assert "checkpoint-" in metrics["resumed_from"], "the requeued job resumed from the checkpoint"
     resumed_at = int(metrics["resumed_from"].rsplit("-", 1)[1])
-    steps = [step for step, _ in metrics["loss_curve"]]
+    steps = [entry["step"] for entry in metrics["step_log"]]
     # One loss curve across the requeue, not a second one from step 0.
     assert steps == list(range(logging_steps, max_steps + 1, logging_steps)) and 0 < resumed_at < max_steps
     assert metrics["steps"] == max_steps
