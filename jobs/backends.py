@@ -81,6 +81,17 @@ def media_url(problem: dict[str, Any], field: str, media_dir: str) -> str:
     return path.as_uri()
 
 
+def check_media(problems: list[dict[str, Any]], media_dir: str, source: str) -> None:
+    """Every media file of ``problems`` (read from ``source``) exists inside ``media_dir``: checked before submitting."""
+    for problem in problems:
+        for field in MEDIA_FIELDS:
+            if field in problem:
+                try:
+                    media_url(problem, field, media_dir)
+                except InputError as error:
+                    raise InputError(f"{source}: {error}") from None
+
+
 def messages_for(problem: dict[str, Any], system_prompt: str | None, media_dir: str | None = None) -> Messages:
     """Chat messages of a problem. With ``media_dir``, its media go first as content parts and their
     ``<sound>``-style tags leave the text; without, the text alone (for text-only models)."""

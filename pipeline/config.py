@@ -193,7 +193,20 @@ def _check(config: RunConfig) -> None:
         raise ValueError(f"filter.zone_bounds: must rise within (0, 1], got {list(config.filter.zone_bounds)}")
     if config.train.method == "lora" and not config.train.save_merged:
         raise ValueError("train.save_merged: the transformers backend generates with a merged model; keep it true")
+    _check_generation(config)
     _check_training(config.train, config.executor.train)
+
+
+def _check_generation(config: RunConfig) -> None:
+    generate = config.generate
+    if generate.media_dir is not None and not Path(generate.media_dir).is_dir():
+        raise ValueError(f"generate.media_dir: {generate.media_dir} is not a folder")
+    if generate.backend != "vllm":
+        for key in ("endpoints", "media_dir"):
+            if getattr(generate, key):
+                raise ValueError(f"generate.{key}: used by generate.backend: vllm only (the backend is {generate.backend})")
+    if generate.vllm.lora and config.train.method != "lora":
+        raise ValueError(f"generate.vllm.lora: serves each iteration's LoRA adapter, but train.method is {config.train.method}")
 
 
 # The modules that make a tracker of train.report_to available, and the package that brings them.

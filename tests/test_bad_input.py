@@ -37,6 +37,10 @@ CONFIG_CASES = [
     ({"executor": {"generate": {"partition": "gpu\ntouch /tmp/pwned"}}}, [], ["executor.generate.partition", "line breaks"]),
     ({"executor": {"train": {"extra_sbatch": {"x\necho": "1"}}}}, [], ["executor.train.extra_sbatch", "sbatch option name"]),
     ({"run_name": "demo$(touch /tmp/pwned)"}, [], ["run_name: may hold only letters"]),
+    ({"generate": {"backend": "vllm", "media_dir": "/nonexistent/media"}}, [], ["generate.media_dir: /nonexistent/media is not a folder"]),
+    ({"generate": {"endpoints": ["http://127.0.0.1:8000"]}}, [], ["generate.endpoints: used by generate.backend: vllm only"]),
+    ({"generate": {"backend": "vllm", "vllm": {"lora": True}}, "train": {"method": "full"}}, [],
+     ["generate.vllm.lora: serves each iteration's LoRA adapter, but train.method is full"]),
     # Training combinations that cannot work (the small config trains with QLoRA settings, no GPU).
     ({"train": {"strategy": "zero3"}}, [], ["train.strategy: zero3 shards the weights", "QLoRA", "load_in_4bit: false"]),
     ({"train": {"strategy": "zero2"}}, [], ["train.strategy: zero2 (DeepSpeed) needs a GPU per process", "gpus_per_task"]),
@@ -93,6 +97,21 @@ def test_bad_data(tiny_assets: Path, tmp_path: Path, name: str, text: str, where
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "c.yaml", small_config(tiny_assets, runs, data={"train": str(data)}))
     assert_refused(run_cli("-m", "pipeline.run", str(config)), f"{data}{where}", why)
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize(("sound", "why"), [("../secret.wav", "is outside generate.media_dir"), ("missing.wav", "not found")])
+def test_media_outside_the_media_folder_or_missing(tiny_assets: Path, tmp_path: Path, sound: str, why: str) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.wav").write_bytes(b"RIFF")
+    (tmp_path / "secret.wav").write_bytes(b"RIFF")
+    data = tmp_path / "audio.jsonl"
+    data.write_text("\n".join([_problem(1, sound="a.wav"), _problem(2, sound=sound)]) + "\n")
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "c.yaml", small_config(tiny_assets, runs, data={"train": str(data)},
+                                                            generate={"backend": "vllm", "media_dir": str(media)}))
+    assert_refused(run_cli("-m", "pipeline.run", str(config)), f"{data}: problem 'p2': sound", why)
     assert not runs.exists()
 
 

@@ -251,8 +251,11 @@ def test_debug_cluster_runs_the_same_jobs_in_process(tiny_assets: Path, tmp_path
 GOLDEN = Path(__file__).parent / "golden" / "dry_run_slurm.txt"
 
 
-def test_dry_run_prints_the_exact_sbatch_scripts(tiny_assets: Path, tmp_path: Path) -> None:
-    """Compared with a golden file; regenerate it with UPDATE_GOLDEN=1 after a deliberate change."""
+def test_dry_run_prints_the_exact_sbatch_scripts(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
+    """Compared with a golden file; regenerate it with UPDATE_GOLDEN=1 after a deliberate change.
+
+    submitit renders the scripts, and only where SLURM's commands are installed.
+    """
     runs = tmp_path / "runs"
     executor = {
         "cluster": "slurm",
