@@ -207,6 +207,8 @@ class TrainSpec:
     target: JobTarget
     data_path: str
     init_model: str
+    base_model: str
+    iteration: int
     output_dir: str
     learning_rate: float
     train: TrainConfig

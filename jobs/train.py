@@ -230,7 +230,8 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         strategy=config.strategy,
         step_log=steps,
     )
-    atomic_write_json(output / "model_card.json", {"init_model": spec.init_model, "method": config.method, **metrics})
+    card = {"base_model": spec.base_model, "iteration": spec.iteration, "init_model": spec.init_model, "method": config.method}
+    atomic_write_json(output / "model_card.json", {**card, **metrics})
     if model_dir.is_dir() and not config.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
 

@@ -135,6 +135,8 @@ class Planner:
             target=self._target(key),
             data_path=str(self.run_dir / iteration_name(iteration) / "filter" / "filtered.json"),
             init_model=init,
+            base_model=self.model_after(0),
+            iteration=iteration,
             output_dir=str(self.run_dir / iteration_name(iteration) / "train"),
             learning_rate=self.config.learning_rates[iteration - 1],
             train=self.config.train,

@@ -83,7 +83,8 @@ def test_two_iterations_end_to_end_then_resume_is_a_no_op(tiny_assets: Path, tmp
     assert (train / "adapter" / "adapter_config.json").is_file() and (train / "model" / "config.json").is_file()
     card = read_json(train / "model_card.json")
     assert card["init_model"] == str(run_dir / "iter_001" / "train" / "model"), "iteration 2 continues from iteration 1"
-    assert card["learning_rate"] == 5e-4 and card["steps"] == 2
+    assert card["learning_rate"] == 5e-4 and card["steps"] == 2 and card["train_samples"] > 0
+    assert card["iteration"] == 2 and card["base_model"] == str((tiny_assets / "random_init").resolve())
     # Every logged step: loss, learning rate, throughput and memory, in the ledger too.
     assert [entry["step"] for entry in card["step_log"]] == [1, 2]
     assert max(entry["learning_rate"] for entry in card["step_log"]) == 5e-4, "the iteration's rate after warmup"
