@@ -32,7 +32,6 @@ from pipeline.plan import BASELINE, Planner, StagePlan, Task
 from pipeline.status import iteration_table, summarize
 from pipeline.watch import (
     UNKNOWN,
-    UNKNOWN_GRACE_S,
     JobInfo,
     JobWatcher,
     SchedulerUnavailable,
@@ -65,11 +64,6 @@ def withdraw(record: dict[str, Any], why: str) -> None:
     """A submitted job that will never run (its dependency failed) is not an attempt."""
     if record.get("status") in IN_FLIGHT:
         record.update(status=str(Status.PLANNED), attempts=max(record.get("attempts", 1) - 1, 0), note=why)
-
-
-def submitted_within(record: dict[str, Any], seconds: float) -> bool:
-    submitted = record.get("submitted_at")
-    return bool(submitted) and (datetime.now(UTC) - datetime.fromisoformat(submitted)).total_seconds() < seconds
 
 
 def job_name(config: RunConfig, stage: StagePlan) -> str:
@@ -158,10 +152,6 @@ class Driver:
             job_id = record.get("job_id")
             info = infos.get(job_id, UNKNOWN)
             if job_id and self.watcher.alive(job_id, info):
-                continue
-            if not job_id and submitted_within(record, UNKNOWN_GRACE_S):
-                # A driver killed between submitting and recording the job id: the job may still
-                # start and claim its record; later, its task is resubmitted and it steps aside.
                 continue
 
             def fail(current: dict[str, Any], job_id: str | None = job_id, info: JobInfo = info) -> None:

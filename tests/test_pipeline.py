@@ -153,10 +153,9 @@ import os, signal, sys
 import pipeline.driver
 import submitit.local.local as local
 start_controller = local.start_controller
-def start_frozen(*args, **kwargs):
-    process = start_controller(*args, **kwargs)
-    os.kill(process.pid, signal.SIGSTOP)
-    return process
+def start_frozen(*args, setup=(), **kwargs):
+    # The job's shell stops itself before it starts anything; SIGCONT to its pid (the job id) wakes it.
+    return start_controller(*args, setup=["kill -STOP $$", *setup], **kwargs)
 submit_array = pipeline.driver.submit_array
 def submit_then_die(executor, function, specs, max_array_size):
     if "/generate/" not in specs[0].target.ledger_key:
@@ -193,7 +192,8 @@ def test_driver_killed_before_recording_job_ids_then_rerun(tiny_assets: Path, tm
     try:
         shards = [read_json(p) for p in sorted((run_dir / "ledger" / "iter_001" / "generate").glob("shard_*.json"))]
         assert len(shards) == 3 and all(s["status"] == "submitted" and not s.get("job_ids") for s in shards)
-        # The rerun finds submitted shards without a job id; their jobs wake up after it looked.
+        # The rerun finds submitted shards without a job id: lost, so it resubmits them. The lost
+        # jobs wake up afterwards and must step aside.
         with open(tmp_path / "rerun.log", "w") as log:
             rerun = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT, stdout=log, stderr=log)
             time.sleep(10)  # the rerun starts and polls its jobs in about 3 s
@@ -205,6 +205,9 @@ def test_driver_killed_before_recording_job_ids_then_rerun(tiny_assets: Path, tm
     twice = {k: r["executions"] for k, r in records.items() if r["executions"] != 1}
     assert not twice, f"work ran twice: {twice}"
     assert all(r["status"] == "done" for r in records.values())
+    assert all(r["attempts"] == 2 for k, r in records.items() if "/generate/" in k)
+    lost_logs = "".join(p.read_text() for p in (run_dir / "submitit").rglob("*_log.err"))
+    assert lost_logs.count(" steps aside: ") == 3, "each lost job left the task alone"
     assert_each_problem_once(run_dir, 1, 24)
 
 
