@@ -10,6 +10,10 @@ SIGTERM (scancel, preemption, a node going down) stops the job at its next safe 
 does not requeue it: the scheduler decides what happens next (a cancelled job stays cancelled, a
 preempted one is requeued by SLURM itself). submitit ignores SIGTERM, which would let a cancelled
 job keep writing until SIGKILL.
+
+A job starts by claiming its ledger record. A job of a submission the ledger no longer expects
+(the driver lost track of it and resubmitted the task, or the task is done) steps aside at once,
+so that nothing runs twice however the driver was interrupted.
 """
 
 from __future__ import annotations
