@@ -116,7 +116,9 @@ def warm_start(out: Path, seed: int, target: float, steps: int = 300, every: int
     )
     folder = out / "warm_start"
     train_model(
-        TrainSpec(JobTarget(str(out), "warm_start"), None, str(out / "random_init"), str(folder), 2e-3, config, None, seed),
+        TrainSpec(target=JobTarget(str(out), "warm_start"), data_path=None, init_model=str(out / "random_init"),
+                  base_model=str(out / "random_init"), iteration=0, output_dir=str(folder), learning_rate=2e-3,
+                  train=config, system_prompt=None, seed=seed),
         {},
     )
     checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
