@@ -97,10 +97,10 @@ def step_aside_if_superseded(target: JobTarget, record: dict[str, Any]) -> None:
         return  # run by hand: run whatever the record says
     if record.get("submission") != target.submission:
         why = f"the task was resubmitted (submission {record.get('submission')})"
-    elif record.get("status") in (str(Status.DONE), str(Status.FAILED)):
-        # Failed: the driver found no job of this submission alive (it was killed before it could
-        # record the job ids) and will resubmit the task.
-        why = f"the ledger has the task {record['status']}"
+    elif record.get("status") not in (str(Status.SUBMITTED), str(Status.RUNNING)):
+        # Done; failed: the driver found no job of this submission alive (it was killed before it
+        # could record the job ids) and resubmits the task; planned: withdrawn from a chain.
+        why = f"the ledger has the task {record.get('status')}"
     else:
         return
     log.info("job %s of submission %s steps aside: %s", _job_identity()["job_id"], target.submission, why)

@@ -64,7 +64,7 @@ def test_a_job_the_ledger_no_longer_expects_steps_aside(tiny_assets: Path, tmp_p
     lost = spec_for(tiny_assets, output)
     lost.target = JobTarget(str(tmp_path), key, submission="lost")
     for record in ({"status": "submitted", "submission": "newer", "attempts": 2}, {"status": "done", "submission": "lost"},
-                   {"status": "failed", "submission": "lost"}):
+                   {"status": "failed", "submission": "lost"}, {"status": "planned", "submission": "lost"}):
         ledger.update(key, record)
         before = ledger.read(key)
         with pytest.raises(SystemExit) as stop:
