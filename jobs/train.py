@@ -214,8 +214,8 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     # Includes the steps before a resume: the trainer state comes back with the checkpoint.
-    steps = [{key: entry.get(key) for key in STEP_LOG_KEYS} for entry in trainer.state.log_history if "loss" in entry]
-    losses = [entry["loss"] for entry in steps]
+    step_log = [{key: entry.get(key) for key in STEP_LOG_KEYS} for entry in trainer.state.log_history if "loss" in entry]
+    losses = [entry["loss"] for entry in step_log]
     metrics.update(
         train_samples=len(examples),
         steps=trainer.state.global_step,
@@ -228,7 +228,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         world_size=world_size,
         effective_batch_size=effective_batch,
         strategy=config.strategy,
-        step_log=steps,
+        step_log=step_log,
     )
     card = {"base_model": spec.base_model, "iteration": spec.iteration, "init_model": spec.init_model, "method": config.method}
     atomic_write_json(output / "model_card.json", {**card, **metrics})
