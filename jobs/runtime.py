@@ -12,8 +12,8 @@ preempted one is requeued by SLURM itself). submitit ignores SIGTERM, which woul
 job keep writing until SIGKILL.
 
 A job starts by claiming its ledger record. A job of a submission the ledger no longer expects
-(the driver lost track of it and resubmitted the task, or the task is done) steps aside at once,
-so that nothing runs twice however the driver was interrupted.
+(the driver lost track of it and resubmitted the task, or the record is no longer in flight)
+steps aside at once, so that nothing runs twice however the driver was interrupted.
 """
 
 from __future__ import annotations

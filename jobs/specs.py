@@ -169,9 +169,10 @@ class JobTarget:
     """Where a job reports: the run directory and the ledger record it owns.
 
     ``submission`` names the driver's submission that started this job (None when run by hand).
-    A job whose record has since been handed to another submission, or is done, does nothing:
-    the driver resubmits a task when it lost track of a job (killed between sbatch's answer and
-    recording it), and the lost job must not run the task a second time if it starts after all.
+    A job whose record has since been handed to another submission, or is no longer in flight
+    (done, failed, withdrawn), does nothing: the driver resubmits a task when it lost track of a
+    job (killed between sbatch's answer and recording it), and the lost job must not run the task
+    a second time if it starts after all.
     """
 
     run_dir: str

@@ -20,8 +20,10 @@ from state import InputError
 
 def require_scheduler(cluster: str) -> None:
     """Refuse, in one line, a SLURM run on a machine where SLURM's commands are missing."""
+    if cluster != "slurm":
+        return
     missing = [command for command in ("sbatch", "srun", "sacct") if shutil.which(command) is None]
-    if cluster == "slurm" and missing:
+    if missing:
         raise InputError(
             f"executor.cluster: slurm, but {', '.join(missing)} not found on this machine: run from a login node"
             " of the cluster, or set executor.cluster=local"
