@@ -199,6 +199,11 @@ def test_driver_killed_before_recording_job_ids_then_rerun(tiny_assets: Path, tm
             time.sleep(10)  # the rerun starts and polls its jobs in about 3 s
             wake_orphans()
             assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()
+        # The lost jobs may outlive the rerun: what they did counts only once they have ended.
+        deadline = time.monotonic() + 120
+        while any(Path(f"/proc/{pid}").exists() for pid in orphans):
+            assert time.monotonic() < deadline, "the lost jobs never ended"
+            time.sleep(0.2)
     finally:
         wake_orphans()
     records = job_records(run_dir)
