@@ -2,9 +2,12 @@
 
 One chat request per problem asks for all K samples (``n``), so the server shares the prompt's
 prefix among them. ``batch_size`` requests per server are in flight at once, spread over the
-servers. The OpenAI client retries connection errors, timeouts, 429 and 5xx with exponential
-back-off; a request the server still refuses becomes a failed item, while a server that cannot
-be reached at all (or whose process exited: the watchdog checks every half second) fails the shard.
+servers. Requests go out through aiohttp, as vLLM's own ``bench serve`` sends them: the OpenAI
+SDK's async client kept only a fraction of them in flight here (a vLLM server ran 3-5 times more
+engine steps for the same tokens: tools/bench/vllm_bench.py). Connection errors, timeouts, 429
+and 5xx are retried with exponential back-off; a request the server still refuses becomes a
+failed item, while a server that cannot be reached at all (or whose process exited: the watchdog
+checks every half second) fails the shard.
 The watchdog also stops the shard within half a second of the pre-timeout signal (jobs.runtime):
 the items written are whole, the requests in flight are left to the requeued job.
 """
@@ -14,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import aiohttp
 import openai
+from orjson import loads as json_loads
 
 from jobs.backends import Completion, Messages, Outcome, Request, Sampling
 from jobs.runtime import stop_if_preempted
@@ -25,10 +31,12 @@ from jobs.specs import GenerateConfig
 from jobs.vllm_server import Endpoint
 
 log = logging.getLogger("selftrain")
-# The OpenAI client's HTTP library logs every request at INFO: thousands of lines per shard.
+# The OpenAI SDK (check_endpoint) logs every request at INFO.
 logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 WATCH_INTERVAL_S = 0.5
+# Worth asking again: the server was busy or briefly failing (the OpenAI SDK retries the same ones).
+RETRIED_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class EndpointError(RuntimeError):
@@ -93,18 +101,34 @@ def connect_endpoints(config: GenerateConfig) -> list[Endpoint]:
     return endpoints
 
 
-def _completions(response: Any, n: int) -> list[Completion]:
-    choices = sorted(response.choices, key=lambda c: c.index)
+def _completions(response: dict[str, Any], n: int) -> list[Completion]:
+    choices = sorted(response["choices"], key=lambda c: c["index"])
     if len(choices) != n:
         raise ValueError(f"asked for {n} samples, got {len(choices)}")
     completions = []
     for choice in choices:
         # vLLM returns each sample's token ids when asked (return_token_ids); a server that does not
         # leaves the counts to be shared out from the request's usage.
-        token_ids = getattr(choice, "token_ids", None)
-        num_tokens = len(token_ids) if token_ids is not None else round(response.usage.completion_tokens / n)
-        completions.append(Completion(choice.message.content or "", num_tokens))
+        token_ids = choice.get("token_ids")
+        num_tokens = len(token_ids) if token_ids is not None else round(response["usage"]["completion_tokens"] / n)
+        completions.append(Completion(choice["message"].get("content") or "", num_tokens))
     return completions
+
+
+def _refusal(status: int, body: str) -> str:
+    """What the server said when it refused a request: vLLM's error type and message where it gives them."""
+    try:
+        error = json_loads(body)
+        error = error.get("error", error)
+        return f"{error.get('type', 'HTTP error')} ({status}): {error.get('message', body)}"
+    except (ValueError, AttributeError):
+        return f"HTTP {status}: {body[:500]}"
+
+
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...): doubling from 0.5 s up to 8 s, jittered
+    so that the requests of a shard do not come back all at once."""
+    return min(0.5 * 2 ** (attempt - 1), 8.0) * random.uniform(0.75, 1.0)
 
 
 class OpenAIBackend:
@@ -137,26 +161,18 @@ class OpenAIBackend:
 
     async def _run(self, requests: list[Request], on_outcome: Callable[[Outcome], None]) -> None:
         pending = iter(enumerate(requests))
-        clients = [
-            openai.AsyncOpenAI(
-                base_url=e.base_url, api_key=e.api_key, max_retries=self.config.max_retries,
-                timeout=self.config.request_timeout_s,
-            )
-            for e in self.endpoints
-        ]
-        try:
-            async with asyncio.TaskGroup() as group:
-                watchdog = group.create_task(self._watch())
-                workers = [
-                    group.create_task(self._work(client, endpoint, pending, on_outcome))
-                    for client, endpoint in zip(clients, self.endpoints, strict=True)
-                    for _ in range(self.config.batch_size)
-                ]
-                await asyncio.gather(*workers)
-                watchdog.cancel()
-        finally:
-            for client in clients:
-                await client.close()
+        # No connection limit of its own: the workers bound what is in flight.
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, asyncio.TaskGroup() as group:
+            watchdog = group.create_task(self._watch())
+            workers = [
+                group.create_task(self._work(session, endpoint, pending, on_outcome))
+                for endpoint in self.endpoints
+                for _ in range(self.config.batch_size)
+            ]
+            await asyncio.gather(*workers)
+            watchdog.cancel()
 
     async def _watch(self) -> None:
         while True:
@@ -166,31 +182,47 @@ class OpenAIBackend:
             await asyncio.sleep(WATCH_INTERVAL_S)
 
     async def _work(
-        self, client: openai.AsyncOpenAI, endpoint: Endpoint, pending: Iterator[tuple[int, Request]],
+        self, session: aiohttp.ClientSession, endpoint: Endpoint, pending: Iterator[tuple[int, Request]],
         on_outcome: Callable[[Outcome], None],
     ) -> None:
         """One request in flight at a time, taking the next from ``pending`` shared by all workers."""
         for index, request in pending:
-            on_outcome(await self._complete(client, endpoint, index, request))
+            on_outcome(await self._complete(session, endpoint, index, request))
 
-    async def _complete(self, client: openai.AsyncOpenAI, endpoint: Endpoint, index: int, request: Request) -> Outcome:
+    async def _complete(self, session: aiohttp.ClientSession, endpoint: Endpoint, index: int, request: Request) -> Outcome:
         sampling = request.sampling
-        try:
-            response = await client.chat.completions.create(
-                model=endpoint.model, messages=request.messages, n=sampling.n, temperature=sampling.temperature,
-                top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=sampling.seed if endpoint.seeded else None,
-                extra_body={"return_token_ids": True, **self.config.extra_body},
-            )
-            return Outcome(index, _completions(response, sampling.n))
-        except (openai.APIStatusError, openai.APITimeoutError, ValueError) as error:
-            if self.servers:
-                self.servers.check()  # a server that died explains the failure better
-            # Still refused after the retries: this item fails, the shard goes on.
-            log.warning("request %d failed: %s", index, error)
-            return Outcome(index, [], error=f"{type(error).__name__}: {error}")
-        except openai.APIConnectionError as error:
-            if self.servers:
-                self.servers.check()
-            raise EndpointError(
-                f"{endpoint.base_url} unreachable after {self.config.max_retries} retries: {error.__cause__ or error}"
-            ) from None
+        payload: dict[str, Any] = {
+            "model": endpoint.model, "messages": request.messages, "n": sampling.n, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "return_token_ids": True, **self.config.extra_body,
+        }
+        if endpoint.seeded:
+            payload["seed"] = sampling.seed
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"}
+        error = ""
+        for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(backoff_s(attempt))
+            try:
+                async with session.post(f"{endpoint.base_url}/chat/completions", json=payload, headers=headers) as response:
+                    body = await response.text()
+                if response.status == 200:
+                    return Outcome(index, _completions(json_loads(body), sampling.n))
+                error = _refusal(response.status, body)
+                if response.status not in RETRIED_STATUSES:
+                    break
+            except TimeoutError:
+                error = f"no answer within {self.config.request_timeout_s:g} s (generate.request_timeout_s)"
+            except aiohttp.ClientConnectionError as cause:
+                error = f"{type(cause).__name__}: {cause}"
+                if attempt == self.config.max_retries:
+                    if self.servers:
+                        self.servers.check()  # a server that died explains the failure better
+                    raise EndpointError(f"{endpoint.base_url} unreachable after {self.config.max_retries} retries: {error}") from None
+            except (ValueError, KeyError) as cause:
+                error = f"unexpected answer: {cause}"
+                break
+        if self.servers:
+            self.servers.check()
+        # Still refused after the retries: this item fails, the shard goes on.
+        log.warning("request %d failed: %s", index, error)
+        return Outcome(index, [], error=error)

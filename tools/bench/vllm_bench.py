@@ -10,7 +10,10 @@ both generate exactly prompts x samples x max-tokens tokens:
   - through this project's client (jobs.openai_client, as a shard runs it);
   - through ``vllm bench serve`` (openai-chat backend, the prompts as a custom dataset).
 Prints and writes each round's generated tokens/s, the ratio of the best of each, and the median
-of the rounds' ratios. Without --model it builds the demo's tiny random model (offline).
+of the rounds' ratios. Each round also gives the server's engine steps (from its /metrics) that
+each side took for the same tokens: fewer steps, fuller batches, more requests kept in flight
+(``vllm bench serve``'s count includes its warm-up requests). Without --model it builds the
+demo's tiny random model (offline).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from jobs.backends import Outcome, Request, Sampling, messages_for
@@ -34,6 +38,14 @@ from jobs.specs import GenerateConfig, VllmConfig
 from jobs.vllm_server import ServerFiles, start_servers, vllm_command
 
 log = logging.getLogger("selftrain")
+
+
+def engine_steps(base_url: str, api_key: str) -> float:
+    """The engine steps the server has run so far (its iteration_tokens_total histogram's count)."""
+    request = urllib.request.Request(f"{base_url}/metrics", headers={"Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:iteration_tokens_total_count"))
 
 
 def client_tokens_per_s(backend: OpenAIBackend, requests: list[Request]) -> float:
@@ -112,14 +124,21 @@ def main(argv: list[str] | None = None) -> int:
             backend = OpenAIBackend(servers.endpoints, config, servers)
             client_tokens_per_s(backend, requests[: args.concurrency])  # warm-up, as vllm bench serve's
             rounds = []
+            server_url = endpoint.base_url.removesuffix("/v1")
             for number in range(1, args.rounds + 1):
+                steps = [engine_steps(server_url, endpoint.api_key)]
                 client = client_tokens_per_s(backend, requests)
+                steps.append(engine_steps(server_url, endpoint.api_key))
                 reference = vllm_bench_tokens_per_s(
-                    vllm_command(vllm), args, endpoint.model, endpoint.base_url.removesuffix("/v1"), endpoint.api_key,
-                    dataset, folder,
+                    vllm_command(vllm), args, endpoint.model, server_url, endpoint.api_key, dataset, folder,
                 )
-                rounds.append({"client_tokens_per_s": round(client, 1), "vllm_bench_serve_tokens_per_s": round(reference, 1)})
-                log.info("round %d: client %.0f tok/s, vllm bench serve %.0f tok/s", number, client, reference)
+                steps.append(engine_steps(server_url, endpoint.api_key))
+                rounds.append({
+                    "client_tokens_per_s": round(client, 1), "vllm_bench_serve_tokens_per_s": round(reference, 1),
+                    "client_engine_steps": steps[1] - steps[0], "vllm_bench_serve_engine_steps": steps[2] - steps[1],
+                })
+                log.info("round %d: client %.0f tok/s in %d engine steps, vllm bench serve %.0f tok/s in %d", number,
+                         client, steps[1] - steps[0], reference, steps[2] - steps[1])
         finally:
             servers.stop()
 
