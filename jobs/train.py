@@ -13,7 +13,9 @@ to the ledger and writes the model.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import resource
 import shutil
@@ -25,7 +27,7 @@ from jobs.backends import messages_for, pick_device
 from jobs.data import load_problems
 from jobs.runtime import log, reporting, stop_if_preempted, stop_requested
 from jobs.specs import TrainConfig, TrainSpec
-from state import atomic_write_json
+from state import atomic_write_bytes, atomic_write_json
 
 # What the ledger keeps of each logged step.
 STEP_LOG_KEYS = ("step", "loss", "learning_rate", "tokens_per_s", "samples_per_s", "peak_memory_mib")
@@ -133,6 +135,29 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
                      state.global_step, entry["loss"], entry.get("learning_rate", 0.0), entry["tokens_per_s"],
                      entry["samples_per_s"], entry["peak_memory_mib"])
 
+    class DataOrder(TrainerCallback):
+        """Writes ``data_order/rank_<r>.json``: the training-set positions of each micro-batch this
+        process trains on, epoch by epoch, as its sampler deals them.
+
+        Every rank derives one shuffled order from the shared seed and takes its own batches of it,
+        so the files of one job partition each epoch; a requeued job deals the same order again.
+        """
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            loader = kwargs["train_dataloader"]
+            # A copy, so the trainer's own sampler is left as it was; the dataset is shared, not copied.
+            dealer = copy.deepcopy(loader.batch_sampler, {id(loader.dataset): loader.dataset})
+            # Several processes: accelerate's BatchSamplerShard wraps the batch sampler.
+            sampler = getattr(dealer, "batch_sampler", dealer).sampler
+            epochs = []
+            for epoch in range(math.ceil(state.num_train_epochs)):
+                sampler.set_epoch(epoch)  # as the trainer does before each epoch
+                epochs.append([list(batch) for batch in dealer])
+            order = {"rank": args.process_index, "world_size": args.world_size, "seed": args.seed,
+                     "gradient_accumulation_steps": args.gradient_accumulation_steps, "epochs": epochs}
+            # Compact: one number per line would make a long run's file needlessly large.
+            atomic_write_bytes(output / "data_order" / f"rank_{args.process_index}.json", json.dumps(order).encode())
+
     config = spec.train
     output = Path(spec.output_dir)
     if "tensorboard" in config.report_to:
@@ -190,7 +215,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     on_preemption = CheckpointOnPreemption()
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[on_preemption, StepMetrics()],
+        peft_config=peft_config, callbacks=[on_preemption, StepMetrics(), DataOrder()],
     )
     log.info("effective batch size %d = %d per process x %d accumulation steps x %d processes",
              effective_batch, config.batch_size, config.gradient_accumulation_steps, world_size)
@@ -199,19 +224,17 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         log.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
     stop_if_preempted(on_preemption.stopped_by)  # a checkpoint is saved: the requeued job resumes from it
+    model_dir, adapter_dir = output / "model", output / "adapter"
+    # Every process takes part: under ZeRO-3 or FSDP each holds a slice of the weights, which the
+    # trainer gathers before rank 0 writes them.
+    trainer.save_model(str(adapter_dir if config.method == "lora" else model_dir))
     if not trainer.is_world_process_zero():
         return
 
-    model_dir = output / "model"
-    if config.method == "lora":
-        adapter_dir = output / "adapter"
-        trainer.model.save_pretrained(str(adapter_dir))
-        if config.save_merged:
-            # Merge into an unquantized copy of the starting model: a 4-bit base cannot be merged.
-            base = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype)
-            PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(str(model_dir))
-    else:
-        trainer.save_model(str(model_dir))
+    if config.method == "lora" and config.save_merged:
+        # Merge into an unquantized copy of the starting model: a 4-bit base cannot be merged.
+        base = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype)
+        PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     # Includes the steps before a resume: the trainer state comes back with the checkpoint.
     step_log = [{key: entry.get(key) for key in STEP_LOG_KEYS} for entry in trainer.state.log_history if "loss" in entry]

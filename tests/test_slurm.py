@@ -318,10 +318,13 @@ def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resum
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     record_path = runs / "small" / "ledger" / "iter_001" / "train.json"
+    order_paths = [runs / "small" / "iter_001" / "train" / "data_order" / f"rank_{rank}.json" for rank in (0, 1)]
     deadline = time.monotonic() + 300
-    while not (record_path.exists() and read_json(record_path).get("status") == "running"):
+    # Each rank writes the order it deals when training begins.
+    while not all(path.exists() for path in order_paths):
         assert driver.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
+    first_deal = [read_json(path) for path in order_paths]
     job_id = read_json(record_path)["job_id"]
     # The signal SLURM sends before a time limit (--signal=USR2@...), delivered now rather than
     # after waiting for a limit: training cannot have finished 300 steps yet.
@@ -340,6 +343,17 @@ def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resum
     # One loss curve across the requeue, not a second one from step 0.
     assert steps == list(range(logging_steps, max_steps + 1, logging_steps)) and 0 < resumed_at < max_steps
     assert metrics["steps"] == max_steps
+    # Both ranks shuffle with the same seed and each takes its own batches: per step disjoint, per
+    # epoch together every example, each epoch in a new order; the requeued job dealt the same.
+    orders = [read_json(path) for path in order_paths]
+    assert orders == first_deal
+    assert [o["rank"] for o in orders] == [0, 1] and {o["world_size"] for o in orders} == {2}
+    epochs = [o["epochs"] for o in orders]
+    assert len(epochs[0]) == len(epochs[1]) >= 2
+    for rank0, rank1 in zip(*epochs, strict=True):
+        assert all(len(b0) == len(b1) == 4 and not set(b0) & set(b1) for b0, b1 in zip(rank0, rank1, strict=True))
+        assert {i for batch in rank0 + rank1 for i in batch} == set(range(metrics["train_samples"]))
+    assert epochs[0][0] != epochs[0][1]
     # One job of two tasks; the second iteration generated with, and trained from, the first's model.
     tasks = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "--format=JobID,NTasks"],
                            capture_output=True, text=True, check=True).stdout.split()
