@@ -7,6 +7,7 @@ tests start few: one per shard job, as a user's run does, and one shared "extern
 
 from __future__ import annotations
 
+import http.server
 import json
 import multiprocessing
 import os
@@ -15,7 +16,10 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -294,6 +298,92 @@ def test_shard_on_external_endpoint_records_a_refused_item_as_failed(
     assert all(r["num_candidates"] == 3 for i, r in enumerate(records) if i != 2)
     assert metrics["failed_items"] == 1 and metrics["endpoints"] == [external_server["url"] + "/v1"]
     assert not (tmp_path / "run" / "iter_001" / "generate" / "servers").exists(), "no server of its own"
+
+
+class FlakyProxy(http.server.ThreadingHTTPServer):
+    """In front of the real server, the faults it cannot make on demand: the first requests for
+    samples are answered 503, twice, then dropped without an answer, once; a problem that says
+    ALWAYS-BUSY is answered 503 every time. Everything else is passed on as it is."""
+
+    def __init__(self, upstream: str):
+        self.upstream, self.attempts, self.faults = upstream, {}, ["503", "503", "drop"]
+        super().__init__(("127.0.0.1", 0), FlakyHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FlakyHandler(http.server.BaseHTTPRequestHandler):
+    server: FlakyProxy
+
+    def do_GET(self) -> None:
+        self._forward(None)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = json.loads(body)
+        if request.get("n", 1) > 1:
+            question = request["messages"][-1]["content"]
+            self.server.attempts[question] = self.server.attempts.get(question, 0) + 1
+            fault = "503" if "ALWAYS-BUSY" in question else (self.server.faults.pop(0) if self.server.faults else None)
+            if fault == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if fault == "503":
+                self._answer(503, json.dumps({"error": {"message": "busy, try later", "type": "ServiceUnavailable"}}).encode())
+                return
+        self._forward(body)
+
+    def _forward(self, body: bytes | None) -> None:
+        headers = {"Authorization": self.headers["Authorization"], "Content-Type": "application/json"}
+        request = urllib.request.Request(self.server.upstream + self.path, data=body, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                self._answer(response.status, response.read())
+        except urllib.error.HTTPError as error:
+            self._answer(error.code, error.read())
+
+    def _answer(self, status: int, payload: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_busy_and_dropped_requests_are_retried_and_one_still_refused_fails_alone(
+    external_server: dict, tiny_assets: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("SELFTRAIN_TEST_KEY", external_server["key"])
+    problems = records_of(tiny_assets / "train.jsonl")[:4]
+    problems[3]["question"] = "ALWAYS-BUSY " + problems[3]["question"]
+    problems_path = tmp_path / "problems.jsonl"
+    problems_path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    proxy = FlakyProxy(external_server["url"])
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        # One request at a time: the first problem meets all three faults, then gets through.
+        config = vllm_generate(endpoints=[proxy.url], endpoint_api_key_env="SELFTRAIN_TEST_KEY", max_retries=3, batch_size=1)
+        spec = shard_spec(tiny_assets, tmp_path / "run", 0, 0, 4, config)
+        spec.problems_path = str(problems_path)
+        metrics = generate.run(spec)
+    finally:
+        proxy.shutdown()
+
+    records = records_of(Path(spec.output_path))
+    assert [r["id"] for r in records] == [p["id"] for p in problems]
+    assert all(r["num_candidates"] == 3 and "error" not in r for r in records[:3]), "retried until answered"
+    assert proxy.attempts[problems[0]["question"]] == 4, "two 503s and a dropped connection, then the answer"
+    refused = records[3]
+    assert refused["candidates"] == [] and "(503): busy, try later" in refused["error"]
+    assert proxy.attempts[problems[3]["question"]] == 1 + 3, "asked once and retried max_retries times"
+    assert metrics["failed_items"] == 1
 
 
 @pytest.mark.slow
