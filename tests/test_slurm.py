@@ -312,7 +312,8 @@ def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resum
     config = write_config(
         tmp_path / "train_signal.yaml",
         small_config(tiny_assets, runs, data={"heldout": None},
-                     train={"max_steps": max_steps, "logging_steps": logging_steps, "save_steps": 10_000},
+                     train={"max_steps": max_steps, "logging_steps": logging_steps, "save_steps": 10_000,
+                            "keep_checkpoints": True},
                      executor={**SLURM_EXECUTOR, "train": train_resources}),
     )
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
@@ -339,6 +340,11 @@ def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resum
     assert metrics["world_size"] == 2 and metrics["effective_batch_size"] == 4 * 1 * 2
     assert "checkpoint-" in metrics["resumed_from"], "the requeued job resumed from the checkpoint"
     resumed_at = int(metrics["resumed_from"].rsplit("-", 1)[1])
+    # The checkpoint the stop left: one copy of the weights and optimizer (rank 0's), and the RNG
+    # state of each rank, which an exact resume needs.
+    checkpoint = Path(metrics["resumed_from"])
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
+    assert sorted(p.name for p in checkpoint.glob("rng_state*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
     steps = [entry["step"] for entry in metrics["step_log"]]
     # One loss curve across the requeue, not a second one from step 0.
     assert steps == list(range(logging_steps, max_steps + 1, logging_steps)) and 0 < resumed_at < max_steps
