@@ -1,7 +1,8 @@
 """Training job: TRL SFT on the filtered set, LoRA (PEFT) or full fine-tuning.
 
 Writes ``<output>/model`` (the merged model the next iteration generates with), ``<output>/adapter``
-for LoRA, and ``<output>/model_card.json``. Checkpoints go to ``<output>/checkpoints``; a restarted
+for LoRA, ``<output>/model_card.json``, and per rank the order of the examples it trains on
+(``<output>/data_order/rank_<r>.json``). Checkpoints go to ``<output>/checkpoints``; a restarted
 job continues from the last one. GPU-only settings are skipped with one log line on CPU.
 
 Distributed: a job of several tasks (``executor.train.tasks_per_node``, ``nodes``) runs one process
@@ -225,8 +226,8 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     result = trainer.train(resume_from_checkpoint=resume)
     stop_if_preempted(on_preemption.stopped_by)  # a checkpoint is saved: the requeued job resumes from it
     model_dir, adapter_dir = output / "model", output / "adapter"
-    # Every process takes part: under ZeRO-3 or FSDP each holds a slice of the weights, which the
-    # trainer gathers before rank 0 writes them.
+    # Every process takes part: under ZeRO-3 each holds a slice of the weights, which the trainer
+    # gathers before rank 0 writes them.
     trainer.save_model(str(adapter_dir if config.method == "lora" else model_dir))
     if not trainer.is_world_process_zero():
         return

@@ -88,6 +88,16 @@ def records_of(path: Path) -> list[dict]:
     return read_jsonl(path)
 
 
+def problems_asking(assets: Path, folder: Path, count: int, questions: dict[int, str]) -> tuple[list[dict], Path]:
+    """The first ``count`` problems of the tiny set, some asking other ``questions``, and their file."""
+    problems = records_of(assets / "train.jsonl")[:count]
+    for index, question in questions.items():
+        problems[index]["question"] = question
+    path = folder / "problems.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return problems, path
+
+
 def started_pids(log: Path) -> list[int]:
     return [int(pid) for pid in re.findall(r"===== selftrain: server \d+ started .*?, pid (\d+),", log.read_text())]
 
@@ -281,10 +291,8 @@ def test_shard_on_external_endpoint_records_a_refused_item_as_failed(
     external_server: dict, tiny_assets: Path, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setenv("SELFTRAIN_TEST_KEY", external_server["key"])
-    problems = records_of(tiny_assets / "train.jsonl")[:6]
-    problems[2]["question"] = "1+" * 400 + "1=?"  # longer than the server's max_model_len: it answers 400
-    problems_path = tmp_path / "problems.jsonl"
-    problems_path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    # Longer than the server's max_model_len: it answers 400.
+    problems, problems_path = problems_asking(tiny_assets, tmp_path, 6, {2: "1+" * 400 + "1=?"})
     config = vllm_generate(endpoints=[external_server["url"]], endpoint_api_key_env="SELFTRAIN_TEST_KEY", max_retries=1)
     spec = shard_spec(tiny_assets, tmp_path / "run", 0, 0, 6, config)
     spec.problems_path = str(problems_path)
@@ -361,10 +369,7 @@ def test_busy_and_dropped_requests_are_retried_and_one_still_refused_fails_alone
     external_server: dict, tiny_assets: Path, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setenv("SELFTRAIN_TEST_KEY", external_server["key"])
-    problems = records_of(tiny_assets / "train.jsonl")[:4]
-    problems[3]["question"] = "ALWAYS-BUSY " + problems[3]["question"]
-    problems_path = tmp_path / "problems.jsonl"
-    problems_path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    problems, problems_path = problems_asking(tiny_assets, tmp_path, 4, {3: "ALWAYS-BUSY 1+1=?"})
     proxy = FlakyProxy(external_server["url"])
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
