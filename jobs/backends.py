@@ -81,8 +81,24 @@ def media_url(problem: dict[str, Any], field: str, media_dir: str) -> str:
     return path.as_uri()
 
 
+def check_inputs(problems: list[dict[str, Any]], backend: str, media_dir: str | None, source: str, key: str) -> None:
+    """Problems (read from ``source``) with media need the vllm backend (``key``) and their files
+    inside ``media_dir``: checked before submitting, and again by the job."""
+    with_media = next((p["id"] for p in problems if any(f in p for f in MEDIA_FIELDS)), None)
+    if with_media is None:
+        return
+    if backend == "transformers":
+        raise InputError(
+            f"{source}: problem {with_media!r} has media, but {key} is transformers, which is text-only;"
+            " use vllm for sound / image / video"
+        )
+    if media_dir is None:
+        raise InputError(f"{source}: problem {with_media!r} has media: set generate.media_dir to the folder its files are in")
+    check_media(problems, media_dir, source)
+
+
 def check_media(problems: list[dict[str, Any]], media_dir: str, source: str) -> None:
-    """Every media file of ``problems`` (read from ``source``) exists inside ``media_dir``: checked before submitting."""
+    """Every media file of ``problems`` (read from ``source``) exists inside ``media_dir``."""
     for problem in problems:
         for field in MEDIA_FIELDS:
             if field in problem:
@@ -180,16 +196,9 @@ def make_backend(
     config: GenerateConfig, model_path: str, problems: list[dict[str, Any]], files: ServerFiles | None = None
 ) -> Backend:
     """The configured backend, ready to generate; ``files``: where a vllm backend's servers keep theirs."""
-    with_media = [p["id"] for p in problems if any(f in p for f in MEDIA_FIELDS)]
+    check_inputs(problems, config.backend, config.media_dir, "the job's problems", "its backend")
     if config.backend == "transformers":
-        if with_media:
-            raise ValueError(
-                f"the transformers backend is text-only, but problem {with_media[0]!r} has media;"
-                " use generate.backend: vllm for sound / image / video"
-            )
         return TransformersBackend(model_path, config.batch_size)
-    if with_media and config.media_dir is None:
-        raise ValueError(f"problem {with_media[0]!r} has media: set generate.media_dir to the folder its files are in")
     from jobs.openai_client import OpenAIBackend, connect_endpoints
     from jobs.vllm_server import start_servers
 

@@ -1,41 +1,62 @@
-"""Evaluation job: greedy accuracy on the held-out problems (the seed's "base vs tuned")."""
+"""Evaluation job: greedy accuracy on the held-out problems (the seed's "base vs tuned").
+
+With ``eval.backend: vllm`` the job starts vLLM servers of the model it evaluates, as a generation
+shard does (``generate.vllm``'s settings, logs under ``<eval>/servers``), and stops them at the end.
+A request the servers still refuse after the retries counts as a wrong answer, with its error.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from jobs.answers import extract
-from jobs.backends import Sampling, make_backend, messages_for
+from jobs.backends import Outcome, Request, Sampling, make_backend, messages_for
 from jobs.data import read_jsonl
 from jobs.runtime import Throughput, reporting
-from jobs.specs import EvalSpec, GenerateConfig
+from jobs.specs import EvalSpec
 from jobs.verifiers import get_verifier
+from jobs.vllm_server import ServerFiles
 from state import atomic_write_bytes
 
 
 def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
     problems = read_jsonl(spec.problems_path)
     verifier = get_verifier(spec.filter.verifier)
+    config = dataclasses.replace(spec.generate, backend=spec.eval.backend, batch_size=spec.eval.batch_size, endpoints=[])
     greedy = Sampling(n=1, temperature=0.0, top_p=1.0, max_tokens=spec.eval.max_tokens, seed=spec.seed)
-    backend = make_backend(GenerateConfig(), spec.model_path, problems)
-    progress = Throughput(len(problems))
-    lines, correct = [], 0
+    requests = [Request(messages_for(p, config.system_prompt, config.media_dir), greedy) for p in problems]
+    output = Path(spec.output_dir)
+    backend = make_backend(config, spec.model_path, problems, ServerFiles(output / "servers", Path(spec.target.run_dir) / "vllm_api_key"))
+    progress = Throughput(len(problems))  # from here: server start-up is not evaluation
+    outcomes: list[Outcome] = []
+
+    def collect(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        progress.add(1, sum(c.num_tokens for c in outcome.completions))
+
     try:
-        for first in range(0, len(problems), spec.eval.batch_size):
-            batch = problems[first:first + spec.eval.batch_size]
-            outputs = backend.generate([messages_for(p, spec.system_prompt) for p in batch], greedy)
-            for problem, (completion,) in zip(batch, outputs, strict=True):
-                prediction = extract(completion.text, spec.filter.answer_pattern).answer_prediction
-                ok = verifier(prediction, problem["answer"])
-                correct += ok
-                lines.append(json.dumps({"id": problem["id"], "prediction": prediction, "correct": ok, "raw_output": completion.text}))
-            progress.add(len(batch), sum(c.num_tokens for (c,) in outputs))
+        backend.run(requests, collect)
     finally:
+        metrics.update(backend.metrics())
         backend.close()
-    atomic_write_bytes(Path(spec.output_dir) / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
-    metrics.update(heldout_accuracy=correct / len(problems), heldout_correct=correct, heldout_problems=len(problems))
+    lines, correct = [], 0
+    for outcome in sorted(outcomes, key=lambda o: o.index):
+        problem = problems[outcome.index]
+        line: dict[str, Any] = {"id": problem["id"], "prediction": None, "correct": False, "raw_output": None}
+        if outcome.error:
+            line["error"] = outcome.error  # counted as wrong: the model was asked and gave no answer
+        else:
+            (completion,) = outcome.completions
+            prediction = extract(completion.text, spec.filter.answer_pattern).answer_prediction
+            line.update(prediction=prediction, correct=verifier(prediction, problem["answer"]), raw_output=completion.text)
+        correct += line["correct"]
+        lines.append(json.dumps(line))
+    atomic_write_bytes(output / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
+    metrics.update(heldout_accuracy=correct / len(problems), heldout_correct=correct, heldout_problems=len(problems),
+                   failed_items=sum(1 for o in outcomes if o.error))
     metrics.update(progress.totals())
 
 

@@ -160,7 +160,11 @@ class TrainConfig:
 class EvalConfig:
     __pydantic_config__ = REJECT_UNKNOWN_KEYS
 
+    # vllm: the eval job starts vLLM servers of the model it evaluates, with generate.vllm's
+    # settings (never generate.endpoints: those serve another model).
+    backend: Literal["transformers", "vllm"] = "transformers"
     max_tokens: PositiveInt = 2048
+    # Problems per forward batch (transformers) or requests in flight per server (vllm).
     batch_size: PositiveInt = 64
 
 
@@ -225,5 +229,6 @@ class EvalSpec:
     output_dir: str
     eval: EvalConfig
     filter: FilterConfig
-    system_prompt: str | None
+    # The run's generation settings: system prompt, media folder, vLLM servers.
+    generate: GenerateConfig
     seed: int

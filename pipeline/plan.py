@@ -156,7 +156,7 @@ class Planner:
             output_dir=str(self.run_dir / folder / "eval"),
             eval=self.config.eval,
             filter=self.config.filter,
-            system_prompt=self.config.generate.system_prompt,
+            generate=self.config.generate,
             seed=self.config.seed,
         )
         return StagePlan(key, "eval", [Task(key, eval_job.run, spec)], self.config.executor.eval)

@@ -115,6 +115,25 @@ def test_media_outside_the_media_folder_or_missing(tiny_assets: Path, tmp_path: 
     assert not runs.exists()
 
 
+@pytest.mark.parametrize(("split", "generate", "key"), [
+    ("train", {}, "generate.backend is transformers"),
+    ("heldout", {"backend": "vllm", "media_dir": True}, "eval.backend is transformers"),
+    ("train", {"backend": "vllm"}, "set generate.media_dir"),
+])
+def test_media_where_the_backend_cannot_take_them(tiny_assets: Path, tmp_path: Path, split: str, generate: dict, key: str) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.wav").write_bytes(b"RIFF")
+    data = tmp_path / "audio.jsonl"
+    data.write_text("\n".join([_problem(1), _problem(2, sound="a.wav")]) + "\n")
+    if generate.get("media_dir"):
+        generate = {**generate, "media_dir": str(media)}
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "c.yaml", small_config(tiny_assets, runs, data={split: str(data)}, generate=generate))
+    assert_refused(run_cli("-m", "pipeline.run", str(config)), f"{data}: problem 'p2' has media", key)
+    assert not runs.exists()
+
+
 def test_seed_formats_load(tmp_path: Path) -> None:
     from jobs.data import load_problems
 

@@ -26,11 +26,20 @@ from urllib.parse import urlparse
 
 import pytest
 
+from jobs import eval as eval_job
 from jobs import generate, vllm_server
 from jobs.backends import messages_for
 from jobs.data import read_jsonl
 from jobs.generate import partial_path
-from jobs.specs import GenerateConfig, GenerateShardSpec, JobTarget, VllmConfig
+from jobs.specs import (
+    EvalConfig,
+    EvalSpec,
+    FilterConfig,
+    GenerateConfig,
+    GenerateShardSpec,
+    JobTarget,
+    VllmConfig,
+)
 from jobs.vllm_server import (
     ServerFiles,
     group_members,
@@ -137,6 +146,30 @@ def test_run_api_key_is_made_once_and_readable_by_its_owner_only(tmp_path: Path)
     key = run_api_key(key_file)
     assert len(key) >= 32 and run_api_key(key_file) == key
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+@pytest.mark.slow
+def test_eval_on_vllm_starts_a_server_of_the_model_and_leaves_none(vllm_installed: None, tiny_assets: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    problems, problems_path = problems_asking(tiny_assets, tmp_path, 12, {})
+    spec = EvalSpec(
+        target=JobTarget(str(run_dir), "iter_001/eval"), problems_path=str(problems_path),
+        model_path=str(tiny_assets / "random_init"), output_dir=str(run_dir / "iter_001" / "eval"),
+        eval=EvalConfig(backend="vllm", max_tokens=12, batch_size=4), filter=FilterConfig(verifier="numeric"),
+        generate=vllm_generate(), seed=7,
+    )
+
+    metrics = eval_job.run(spec)
+
+    predictions = records_of(run_dir / "iter_001" / "eval" / "predictions.jsonl")
+    assert [p["id"] for p in predictions] == [p["id"] for p in problems]
+    # A random model's greedy answer may be empty (an end token first), but none failed.
+    assert not any("error" in p for p in predictions) and any(p["raw_output"] for p in predictions)
+    assert metrics["heldout_correct"] == sum(p["correct"] for p in predictions) and metrics["heldout_problems"] == 12
+    assert metrics["failed_items"] == 0 and metrics["generated_tokens"] > 0
+    (server,) = metrics["servers"]
+    assert Path(server["log"]).is_relative_to(run_dir / "iter_001" / "eval" / "servers")
+    assert group_members(server["pid"]) == [], "no process of the server is left"
 
 
 # -- shards that start their own servers -------------------------------------------------------
