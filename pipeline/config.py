@@ -276,6 +276,15 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config with the defaults of keys added to selftrain since it was written, so
+    that upgrading does not make a run look changed."""
+    try:
+        return yaml.safe_load(dump_yaml(_ADAPTER.validate_python(stored)))
+    except ValidationError:  # keys this version no longer knows: compared as written
+        return stored
+
+
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """``["generate.num_samples: 8 -> 16", ...]`` for the keys whose values differ."""
     out = []

@@ -20,7 +20,13 @@ from rich.table import Table
 
 from jobs.backends import check_inputs
 from jobs.data import load_problems, write_jsonl
-from pipeline.config import RunConfig, differences, dump_yaml, load_config
+from pipeline.config import (
+    RunConfig,
+    differences,
+    dump_yaml,
+    load_config,
+    with_defaults,
+)
 from pipeline.detach import advance_in_flight, submit_chain
 from pipeline.driver import Driver, StageFailed, job_name
 from pipeline.executors import require_scheduler, sbatch_script
@@ -36,7 +42,7 @@ def check_resumable(config: RunConfig, source: str) -> bool:
     stored = config.run_dir / "config.yaml"
     if not stored.exists():
         return False
-    changed = differences(yaml.safe_load(stored.read_text()), yaml.safe_load(dump_yaml(config)))
+    changed = differences(with_defaults(yaml.safe_load(stored.read_text())), yaml.safe_load(dump_yaml(config)))
     if changed:
         raise InputError(
             f"{source}: run {config.run_name!r} exists in {config.run_dir} with a different config ("
