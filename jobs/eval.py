@@ -42,6 +42,9 @@ def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
     finally:
         metrics.update(backend.metrics())
         backend.close()
+    failed = [o for o in outcomes if o.error]
+    if failed and len(failed) == len(problems):
+        raise RuntimeError(f"every held-out request failed, e.g. {problems[failed[0].index]['id']!r}: {failed[0].error}")
     lines, correct = [], 0
     for outcome in sorted(outcomes, key=lambda o: o.index):
         problem = problems[outcome.index]
@@ -56,7 +59,7 @@ def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
         lines.append(json.dumps(line))
     atomic_write_bytes(output / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
     metrics.update(heldout_accuracy=correct / len(problems), heldout_correct=correct, heldout_problems=len(problems),
-                   failed_items=sum(1 for o in outcomes if o.error))
+                   failed_items=len(failed))
     metrics.update(progress.totals())
 
 

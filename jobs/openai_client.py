@@ -35,8 +35,6 @@ log = logging.getLogger("selftrain")
 logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 WATCH_INTERVAL_S = 0.5
-# Worth asking again: the server was busy or briefly failing (the OpenAI SDK retries the same ones).
-RETRIED_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class EndpointError(RuntimeError):
@@ -125,6 +123,11 @@ def _refusal(status: int, body: str) -> str:
         return f"HTTP {status}: {body[:500]}"
 
 
+def retried(status: int) -> bool:
+    """Worth asking again: the server timed out, was busy or failed (as the OpenAI SDK decides)."""
+    return status in (408, 409, 429) or status >= 500
+
+
 def backoff_s(attempt: int) -> float:
     """Seconds to wait before retry ``attempt`` (1, 2, ...): doubling from 0.5 s up to 8 s, jittered
     so that the requests of a shard do not come back all at once."""
@@ -192,8 +195,10 @@ class OpenAIBackend:
     async def _complete(self, session: aiohttp.ClientSession, endpoint: Endpoint, index: int, request: Request) -> Outcome:
         sampling = request.sampling
         payload: dict[str, Any] = {
-            "model": endpoint.model, "messages": request.messages, "n": sampling.n, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "return_token_ids": True, **self.config.extra_body,
+            # The sampling settings win over extra_body's: an evaluation stays greedy.
+            **self.config.extra_body, "model": endpoint.model, "messages": request.messages, "n": sampling.n,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens,
+            "return_token_ids": True,
         }
         if endpoint.seeded:
             payload["seed"] = sampling.seed
@@ -205,21 +210,24 @@ class OpenAIBackend:
             try:
                 async with session.post(f"{endpoint.base_url}/chat/completions", json=payload, headers=headers) as response:
                     body = await response.text()
-                if response.status == 200:
-                    return Outcome(index, _completions(json_loads(body), sampling.n))
-                error = _refusal(response.status, body)
-                if response.status not in RETRIED_STATUSES:
-                    break
-            except TimeoutError:
+            except TimeoutError:  # before ClientError: aiohttp's read timeouts are both
                 error = f"no answer within {self.config.request_timeout_s:g} s (generate.request_timeout_s)"
-            except aiohttp.ClientConnectionError as cause:
+                continue
+            except aiohttp.ClientError as cause:  # refused, dropped, or cut off in the middle of the answer
                 error = f"{type(cause).__name__}: {cause}"
                 if attempt == self.config.max_retries:
                     if self.servers:
                         self.servers.check()  # a server that died explains the failure better
                     raise EndpointError(f"{endpoint.base_url} unreachable after {self.config.max_retries} retries: {error}") from None
-            except (ValueError, KeyError) as cause:
-                error = f"unexpected answer: {cause}"
+                continue
+            if response.status == 200:
+                try:
+                    return Outcome(index, _completions(json_loads(body), sampling.n))
+                except (ValueError, KeyError, TypeError, AttributeError) as cause:
+                    error = f"unexpected answer ({type(cause).__name__}: {cause}): {body[:500]}"
+                    break
+            error = _refusal(response.status, body)
+            if not retried(response.status):
                 break
         if self.servers:
             self.servers.check()

@@ -138,10 +138,13 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
 
     class DataOrder(TrainerCallback):
         """Writes ``data_order/rank_<r>.json``: the training-set positions of each micro-batch this
-        process trains on, epoch by epoch, as its sampler deals them.
+        process trains on, epoch by epoch, as its sampler deals them (every epoch the run enters, in
+        full: a max_steps run stops partway through its last).
 
         Every rank derives one shuffled order from the shared seed and takes its own batches of it,
-        so the files of one job partition each epoch; a requeued job deals the same order again.
+        so the files of one job cover each epoch without overlap, except that the last batches may
+        repeat a few examples from its start so that every rank gets whole batches; a requeued job
+        deals the same order again.
         """
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -7,6 +7,7 @@ tests start few: one per shard job, as a user's run does, and one shared "extern
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import multiprocessing
@@ -170,6 +171,16 @@ def test_eval_on_vllm_starts_a_server_of_the_model_and_leaves_none(vllm_installe
     (server,) = metrics["servers"]
     assert Path(server["log"]).is_relative_to(run_dir / "iter_001" / "eval" / "servers")
     assert group_members(server["pid"]) == [], "no process of the server is left"
+
+    # Held-out prompts the servers refuse, every one (longer than max_model_len): the stage fails
+    # with the reason rather than scoring 0 %.
+    (tmp_path / "long").mkdir()
+    _, too_long = problems_asking(tiny_assets, tmp_path / "long", 2, {0: "1+" * 400 + "1=?", 1: "2+" * 400 + "2=?"})
+    refused = dataclasses.replace(spec, target=JobTarget(str(run_dir), "iter_002/eval"), problems_path=str(too_long),
+                                  output_dir=str(run_dir / "iter_002" / "eval"))
+    with pytest.raises(RuntimeError, match="every held-out request failed, e.g. 'train_00000': BadRequestError"):
+        eval_job.run(refused)
+    assert Ledger(run_dir).read("iter_002/eval")["status"] == "failed"
 
 
 # -- shards that start their own servers -------------------------------------------------------
@@ -343,11 +354,12 @@ def test_shard_on_external_endpoint_records_a_refused_item_as_failed(
 
 class FlakyProxy(http.server.ThreadingHTTPServer):
     """In front of the real server, the faults it cannot make on demand: the first requests for
-    samples are answered 503, twice, then dropped without an answer, once; a problem that says
-    ALWAYS-BUSY is answered 503 every time. Everything else is passed on as it is."""
+    samples are answered 503, twice, then dropped without an answer, then cut off in the middle of
+    the answer; a problem that says ALWAYS-BUSY is answered 503 every time. Everything else is
+    passed on as it is."""
 
     def __init__(self, upstream: str):
-        self.upstream, self.attempts, self.faults = upstream, {}, ["503", "503", "drop"]
+        self.upstream, self.attempts, self.faults = upstream, {}, ["503", "503", "drop", "cut"]
         super().__init__(("127.0.0.1", 0), FlakyHandler)
 
     @property
@@ -369,6 +381,16 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
             self.server.attempts[question] = self.server.attempts.get(question, 0) + 1
             fault = "503" if "ALWAYS-BUSY" in question else (self.server.faults.pop(0) if self.server.faults else None)
             if fault == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if fault == "cut":  # promises more of the answer than it sends
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b'{"choices": [')
+                self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
@@ -406,8 +428,8 @@ def test_busy_and_dropped_requests_are_retried_and_one_still_refused_fails_alone
     proxy = FlakyProxy(external_server["url"])
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
-        # One request at a time: the first problem meets all three faults, then gets through.
-        config = vllm_generate(endpoints=[proxy.url], endpoint_api_key_env="SELFTRAIN_TEST_KEY", max_retries=3, batch_size=1)
+        # One request at a time: the first problem meets all four faults, then gets through.
+        config = vllm_generate(endpoints=[proxy.url], endpoint_api_key_env="SELFTRAIN_TEST_KEY", max_retries=4, batch_size=1)
         spec = shard_spec(tiny_assets, tmp_path / "run", 0, 0, 4, config)
         spec.problems_path = str(problems_path)
         metrics = generate.run(spec)
@@ -417,10 +439,10 @@ def test_busy_and_dropped_requests_are_retried_and_one_still_refused_fails_alone
     records = records_of(Path(spec.output_path))
     assert [r["id"] for r in records] == [p["id"] for p in problems]
     assert all(r["num_candidates"] == 3 and "error" not in r for r in records[:3]), "retried until answered"
-    assert proxy.attempts[problems[0]["question"]] == 4, "two 503s and a dropped connection, then the answer"
+    assert proxy.attempts[problems[0]["question"]] == 5, "two 503s, a dropped connection, a cut answer, then the answer"
     refused = records[3]
     assert refused["candidates"] == [] and "(503): busy, try later" in refused["error"]
-    assert proxy.attempts[problems[3]["question"]] == 1 + 3, "asked once and retried max_retries times"
+    assert proxy.attempts[problems[3]["question"]] == 1 + 4, "asked once and retried max_retries times"
     assert metrics["failed_items"] == 1
 
 
