@@ -50,10 +50,6 @@ class Outcome:
 
 
 class Backend(Protocol):
-    def generate(self, conversations: list[Messages], sampling: Sampling) -> list[list[Completion]]:
-        """``sampling.n`` completions for each conversation, in order."""
-        ...
-
     def run(self, requests: list[Request], on_outcome: Callable[[Outcome], None]) -> None:
         """Hand each request's outcome to ``on_outcome`` as soon as it is there, in any order."""
         ...
@@ -81,9 +77,9 @@ def media_url(problem: dict[str, Any], field: str, media_dir: str) -> str:
     return path.as_uri()
 
 
-def check_inputs(problems: list[dict[str, Any]], backend: str, media_dir: str | None, source: str, key: str) -> None:
-    """Problems (read from ``source``) with media need the vllm backend (``key``) and their files
-    inside ``media_dir``: checked before submitting, and again by the job."""
+def check_backend_takes(problems: list[dict[str, Any]], backend: str, media_dir: str | None, source: str, key: str) -> None:
+    """Problems (read from ``source``) with media need the vllm backend (``key``) and a media folder:
+    checked before submitting, and again by the job."""
     with_media = next((p["id"] for p in problems if any(f in p for f in MEDIA_FIELDS)), None)
     if with_media is None:
         return
@@ -94,11 +90,11 @@ def check_inputs(problems: list[dict[str, Any]], backend: str, media_dir: str | 
         )
     if media_dir is None:
         raise InputError(f"{source}: problem {with_media!r} has media: set generate.media_dir to the folder its files are in")
-    check_media(problems, media_dir, source)
 
 
 def check_media(problems: list[dict[str, Any]], media_dir: str, source: str) -> None:
-    """Every media file of ``problems`` (read from ``source``) exists inside ``media_dir``."""
+    """Every media file of ``problems`` (read from ``source``) exists inside ``media_dir``: checked
+    before submitting (the job finds each one again as it builds the problem's request)."""
     for problem in problems:
         for field in MEDIA_FIELDS:
             if field in problem:
@@ -196,7 +192,7 @@ def make_backend(
     config: GenerateConfig, model_path: str, problems: list[dict[str, Any]], files: ServerFiles | None = None
 ) -> Backend:
     """The configured backend, ready to generate; ``files``: where a vllm backend's servers keep theirs."""
-    check_inputs(problems, config.backend, config.media_dir, "the job's problems", "its backend")
+    check_backend_takes(problems, config.backend, config.media_dir, "the job's problems", "its backend")
     if config.backend == "transformers":
         return TransformersBackend(model_path, config.batch_size)
     from jobs.openai_client import OpenAIBackend, connect_endpoints

@@ -25,7 +25,7 @@ import aiohttp
 import openai
 from orjson import loads as json_loads
 
-from jobs.backends import Completion, Messages, Outcome, Request, Sampling
+from jobs.backends import Completion, Outcome, Request
 from jobs.runtime import stop_if_preempted
 from jobs.specs import GenerateConfig
 from jobs.vllm_server import Endpoint
@@ -144,14 +144,6 @@ class OpenAIBackend:
         except BaseExceptionGroup as group:
             # The first failure is the cause (a server exit); the others are its echoes.
             raise group.exceptions[0] from None
-
-    def generate(self, conversations: list[Messages], sampling: Sampling) -> list[list[Completion]]:
-        outcomes: list[Outcome] = []
-        self.run([Request(m, sampling) for m in conversations], outcomes.append)
-        failed = [o for o in outcomes if o.error]
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {len(outcomes)} requests failed, e.g.: {failed[0].error}")
-        return [o.completions for o in sorted(outcomes, key=lambda o: o.index)]
 
     def metrics(self) -> dict[str, Any]:
         if self.servers is not None:

@@ -18,7 +18,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from jobs.backends import check_inputs
+from jobs.backends import check_backend_takes, check_media
 from jobs.data import load_problems, write_jsonl
 from pipeline.config import (
     RunConfig,
@@ -98,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         require_scheduler(config.executor.cluster)
         train = load_problems(config.data.train)
         heldout = load_problems(config.data.heldout) if config.data.heldout else []
-        check_inputs(train, config.generate.backend, config.generate.media_dir, config.data.train, "generate.backend")
-        check_inputs(heldout, config.eval.backend, config.generate.media_dir, str(config.data.heldout), "eval.backend")
+        check_backend_takes(train, config.generate.backend, config.generate.media_dir, config.data.train, "generate.backend")
+        check_backend_takes(heldout, config.eval.backend, config.generate.media_dir, str(config.data.heldout), "eval.backend")
+        if config.generate.media_dir:
+            check_media(train, config.generate.media_dir, config.data.train)
+            check_media(heldout, config.generate.media_dir, str(config.data.heldout))
         resuming = check_resumable(config, str(args.config))
         if args.detach and config.executor.cluster != "slurm":
             raise InputError(f"{args.config}: --detach needs executor.cluster: slurm (the chain waits on SLURM dependencies)")
