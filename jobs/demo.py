@@ -107,8 +107,8 @@ def warm_start(out: Path, seed: int, target: float, steps: int = 300, every: int
     thread scheduling, so the build measures it instead of hard-coding a step count. Returns the
     dev accuracy of the model written to ``out/base_model``.
     """
-    from jobs.eval import evaluate
-    from jobs.train import train_model
+    from jobs.generation.evaluate import evaluate
+    from jobs.training.sft import train_model
 
     config = TrainConfig(
         method="full", max_steps=steps, batch_size=32, gradient_accumulation_steps=1, warmup_ratio=0.05,

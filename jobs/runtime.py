@@ -183,3 +183,12 @@ class Throughput:
             "problems_per_s": round(self.done / seconds, 3),
             "tokens_per_s": round(self.tokens / seconds, 1),
         }
+
+
+def pick_device() -> tuple[str, Any]:
+    """The device and dtype to run on: bf16 on a GPU that has it, float32 on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return "cpu", torch.float32

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, Gt, Le
+from annotated_types import Ge, Gt, Le, Len
+from pydantic import FiniteFloat, model_validator
 
 PositiveInt = Annotated[int, Ge(1)]
+PositiveFloat = Annotated[float, Gt(0)]
 Fraction = Annotated[float, Ge(0), Le(1)]
 
 MEDIA_FIELDS = ("sound", "image", "video")
@@ -28,7 +30,7 @@ class VllmConfig:
 
     __pydantic_config__ = REJECT_UNKNOWN_KEYS
 
-    # The python of vLLM's own environment; it runs jobs/vllm_launcher.py. Default: this checkout's
+    # The python of vLLM's own environment; it runs jobs/services/vllm_launcher.py. Default: this checkout's
     # .venv-vllm/bin/python (tools/setup_vllm.sh) if there is one, else the job's own python.
     python: str | None = None
     # Or a whole command that takes ``serve MODEL ...``, e.g. ["vllm"]; replaces python + launcher.
@@ -82,6 +84,38 @@ class GenerateConfig:
 
 
 @dataclass
+class RewardConfig:
+    """One reward of a list: a registered name or ``package.module:function``, its weight, and its
+    parameters, written beside them: ``{name: tag_count, weight: 0.5, tags: [reasoning, answer]}``."""
+
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    name: str
+    weight: FiniteFloat = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_params(cls, data: Any) -> Any:
+        """Keys other than name and weight are the reward's parameters."""
+        if isinstance(data, dict):
+            params = dict(data.get("params") or {})
+            params.update({k: v for k, v in data.items() if k not in ("name", "weight", "params")})
+            data = {k: v for k, v in data.items() if k in ("name", "weight")} | {"params": params}
+        return data
+
+
+@dataclass
+class RewardFilterConfig:
+    """ReST on rewards: a candidate counts as correct when its weighted reward reaches ``threshold``."""
+
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    rewards: Annotated[list[RewardConfig], Len(min_length=1)]
+    threshold: FiniteFloat = 1.0
+
+
+@dataclass
 class FilterConfig:
     __pydantic_config__ = REJECT_UNKNOWN_KEYS
 
@@ -100,6 +134,12 @@ class FilterConfig:
     zone_bounds: tuple[Fraction, Fraction, Fraction] = (0.25, 0.75, 0.9)
     # Keep identical correct responses of one problem once.
     dedupe: bool = False
+    # Judge by rewards instead of the verifier (e.g. a reward model served by services.reward).
+    reward: RewardFilterConfig | None = None
+    # The seed's Weight column, written as ``weight`` into filtered.json and used by training as a
+    # per-sample loss weight; off (None) by default. The seed's: {challenging: 1.0,
+    # learning_zone: 1.5, almost_mastered: 0.5, mastered: 0.1}.
+    category_weights: dict[Literal["too_hard", "challenging", "learning_zone", "almost_mastered", "mastered"], Annotated[float, Ge(0)]] | None = None
 
 
 @dataclass
@@ -169,6 +209,58 @@ class EvalConfig:
 
 
 @dataclass
+class RewardServiceConfig:
+    """A reward model served by a job of the run (seed 002's listener service), and how clients use it."""
+
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    # A local Hugging Face model folder (no hub is contacted).
+    model: str
+    # yes_probability: the probability of "yes" for each candidate (the seed's listener, which
+    # picks the likeliest); classifier: a sequence-classification reward model's score.
+    kind: Literal["yes_probability", "classifier"]
+    # Server: inferences at once (the seed's INFERENCE_CONCURRENCY), how long a request waits for
+    # one before it is answered 503 (INFERENCE_ACQUIRE_TIMEOUT), pairs per model call
+    # (LISTENER_BATCH_SIZE).
+    concurrency: PositiveInt = 1
+    acquire_timeout_s: PositiveFloat = 300.0
+    batch_size: PositiveInt = 5
+    # Where it listens: default 127.0.0.1 on the embedded default, the node's address on SLURM.
+    host: str | None = None
+    startup_timeout_s: PositiveFloat = 600.0
+    # Clients (the service_score reward): requests per call (LISTENER_CHUNK_SIZE), the pause
+    # between calls (LISTENER_CHUNK_DELAY), per-call timeout, retries with back-off on 503, 5xx,
+    # timeouts and dropped connections (LISTENER_MAX_RETRIES, LISTENER_BACKOFF_FACTOR), and how long
+    # to wait for a service that is down (being resubmitted) before its scores count as failed.
+    chunk_size: PositiveInt = 4
+    chunk_delay_s: Annotated[float, Ge(0)] = 0.05
+    timeout_s: PositiveFloat = 60.0
+    max_retries: Annotated[int, Ge(0)] = 3
+    backoff_factor: Annotated[float, Ge(0)] = 1.0
+    wait_s: PositiveFloat = 900.0
+
+
+@dataclass
+class ServicesConfig:
+    """Long-lived servers of the run, each a job that serves while the stages needing it run."""
+
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    reward: RewardServiceConfig | None = None
+
+
+@dataclass
+class ServiceRef:
+    """How a job reaches a service of the run: the endpoint file its job writes (and rewrites after a
+    restart), the run's API key file, and the service's settings."""
+
+    name: str
+    endpoint_file: str
+    api_key_file: str
+    config: RewardServiceConfig
+
+
+@dataclass
 class JobTarget:
     """Where a job reports: the run directory and the ledger record it owns.
 
@@ -205,6 +297,8 @@ class FilterSpec:
     filter: FilterConfig
     num_samples: int
     seed: int
+    # The services its rewards call (filter.reward), by name.
+    services: dict[str, ServiceRef] = field(default_factory=dict)
 
 
 @dataclass

@@ -19,7 +19,8 @@ import yaml
 from annotated_types import Ge, Gt
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from jobs.answers import answer_rules
+from jobs.scoring.answers import answer_rules
+from jobs.scoring.verifiers import get_verifier
 from jobs.specs import (
     REJECT_UNKNOWN_KEYS,
     EvalConfig,
@@ -28,7 +29,6 @@ from jobs.specs import (
     PositiveInt,
     TrainConfig,
 )
-from jobs.verifiers import get_verifier
 from state import InputError
 
 # Values end up in #SBATCH lines: a line break would start a shell command of its own.

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs import filter as filter_job
 from jobs.runtime import log, step_aside_if_superseded
+from jobs.scoring import filtering as filter_job
 from jobs.specs import FilterSpec, JobTarget
 from pipeline.driver import IN_FLIGHT, Driver, StageFailed, is_array_stage, withdraw
 from pipeline.plan import StagePlan, Task

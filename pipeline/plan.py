@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs import eval as eval_job
-from jobs import filter as filter_job
-from jobs import generate as generate_job
-from jobs import train as train_job
+from jobs.generation import evaluate as eval_job
+from jobs.generation import generate as generate_job
+from jobs.scoring import filtering as filter_job
 from jobs.specs import EvalSpec, FilterSpec, GenerateShardSpec, JobTarget, TrainSpec
+from jobs.training import sft as train_job
 from pipeline.config import Resources, RunConfig
 
 STAGES = ("generate", "filter", "train", "eval")

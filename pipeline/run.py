@@ -18,8 +18,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from jobs.backends import check_backend_takes, check_media
 from jobs.data import load_problems, write_jsonl
+from jobs.prompts import check_backend_takes, check_media
 from pipeline.config import (
     RunConfig,
     differences,

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.vllm_server import ServerError, ServerFiles, start_servers
+from jobs.services.vllm_server import ServerError, ServerFiles, start_servers
 from pipeline.config import load_config
 from state import InputError, atomic_write_bytes
 

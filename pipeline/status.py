@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jobs.filter import RATE_BUCKETS
+from jobs.scoring.learning_zone import RATE_BUCKETS
 from pipeline.plan import BASELINE, STAGES, iteration_name, stage_key
 from state import Ledger
 

@@ -27,6 +27,8 @@ class Status(str, enum.Enum):
     PLANNED = "planned"
     SUBMITTED = "submitted"
     RUNNING = "running"
+    # A service of the run (a reward model server) that is up and answering.
+    SERVING = "serving"
     DONE = "done"
     FAILED = "failed"
 

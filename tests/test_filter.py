@@ -7,13 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.filter import (
-    categorize,
-    category_ranges,
-    filter_generations,
-    keep_count,
-    main,
-)
+from jobs.filter import main
+from jobs.scoring.filtering import filter_generations
+from jobs.scoring.learning_zone import categorize, category_ranges, keep_count
 from jobs.specs import FilterConfig
 from state import InputError
 from tests.conftest import run_cli
@@ -239,7 +235,7 @@ def test_a_verifier_failing_in_a_worker_fails_the_filter_instead_of_hanging(tmp_
     script = """
 import signal, sys
 from pathlib import Path
-from jobs.filter import filter_generations
+from jobs.scoring.filtering import filter_generations
 from jobs.specs import FilterConfig
 signal.signal(signal.SIGTERM, lambda *_: None)
 paths = [Path(p) for p in sys.argv[1:]]

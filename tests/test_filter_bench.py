@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from jobs.answers import extract
-from jobs.filter import read_generations
-from jobs.verifiers import multiple_choice
+from jobs.scoring.answers import extract
+from jobs.scoring.filtering import read_generations
+from jobs.scoring.verifiers import multiple_choice
 from tests.conftest import run_cli
 from tools.bench.filter_bench import write_shards
 

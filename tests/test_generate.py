@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs import generate
 from jobs.data import read_jsonl
-from jobs.generate import generate_shard, partial_path
+from jobs.generation import generate
+from jobs.generation.generate import generate_shard, partial_path
 from jobs.specs import GenerateConfig, GenerateShardSpec, JobTarget
 from state import Ledger
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobs import filter as filter_job
+from jobs.scoring import filtering as filter_job
 from jobs.specs import FilterConfig, FilterSpec, JobTarget
 from pipeline.status import summarize, warning_signs
 from state import Ledger, Status

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.answers import extract
-from jobs.verifiers import (
+from jobs.scoring.answers import extract
+from jobs.scoring.verifiers import (
     VERIFIERS,
     get_verifier,
     regex_match,

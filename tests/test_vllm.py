@@ -27,11 +27,15 @@ from urllib.parse import urlparse
 
 import pytest
 
-from jobs import eval as eval_job
-from jobs import generate, vllm_server
-from jobs.backends import messages_for
 from jobs.data import read_jsonl
-from jobs.generate import partial_path
+from jobs.generation import evaluate as eval_job
+from jobs.generation import generate
+from jobs.generation.generate import partial_path
+from jobs.prompts import messages_for
+from jobs.services import vllm_server
+from jobs.services.process import group_members, run_api_key
+from jobs.services.vllm_args import vllm_python
+from jobs.services.vllm_server import ServerFiles, start_servers
 from jobs.specs import (
     EvalConfig,
     EvalSpec,
@@ -40,13 +44,6 @@ from jobs.specs import (
     GenerateShardSpec,
     JobTarget,
     VllmConfig,
-)
-from jobs.vllm_server import (
-    ServerFiles,
-    group_members,
-    run_api_key,
-    start_servers,
-    vllm_python,
 )
 from state import InputError, Ledger
 from tests.conftest import ROOT, run_cli, small_config, wait_for_lines, write_config

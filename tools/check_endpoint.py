@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from jobs.openai_client import EndpointError, check_endpoint
+from jobs.generation.openai_client import EndpointError, check_endpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,6 @@ if [ "$TARGET" = cpu ]; then
   "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton 2>&1 | grep -v "^WARNING: Skipping" || true
 fi
 if $fresh; then
-  "$VENV/bin/python" jobs/vllm_launcher.py --version >/dev/null 2>&1 || { echo "vLLM in $VENV does not start" >&2; exit 1; }
+  "$VENV/bin/python" jobs/services/vllm_launcher.py --version >/dev/null 2>&1 || { echo "vLLM in $VENV does not start" >&2; exit 1; }
   echo "vLLM $(vllm_version) is ready in $VENV"
 fi

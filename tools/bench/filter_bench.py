@@ -40,10 +40,10 @@ from typing import Any
 
 import orjson
 
-from jobs.answers import answer_from, answer_part, answer_rules
-from jobs.filter import available_cpus, read_generations
-from jobs.generate import generation_record
-from jobs.verifiers import get_verifier
+from jobs.generation.generate import generation_record
+from jobs.scoring.answers import answer_from, answer_part, answer_rules
+from jobs.scoring.filtering import available_cpus, read_generations
+from jobs.scoring.verifiers import get_verifier
 from pipeline.plan import shard_ranges
 
 GIB = 1 << 30

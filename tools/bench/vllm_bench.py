@@ -30,12 +30,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from jobs.backends import Outcome, Request, Sampling, messages_for
 from jobs.data import read_jsonl
 from jobs.demo import build
-from jobs.openai_client import OpenAIBackend
+from jobs.generation.openai_client import OpenAIBackend
+from jobs.generation.protocol import Outcome, Request, Sampling
+from jobs.prompts import messages_for
+from jobs.services.vllm_args import vllm_command
+from jobs.services.vllm_server import ServerFiles, start_servers
 from jobs.specs import GenerateConfig, VllmConfig
-from jobs.vllm_server import ServerFiles, start_servers, vllm_command
 
 log = logging.getLogger("selftrain")
 

@@ -18,12 +18,14 @@ from typing import Any
 
 from filelock import FileLock
 
-from jobs.answers import extract
-from jobs.backends import Outcome, Request, Sampling, make_backend, messages_for
 from jobs.data import read_jsonl
+from jobs.generation.backends import make_backend
+from jobs.generation.protocol import Outcome, Request, Sampling
+from jobs.prompts import messages_for
 from jobs.runtime import Throughput, log, reporting, stop_if_preempted
+from jobs.scoring.answers import extract
+from jobs.services.vllm_server import ServerFiles
 from jobs.specs import MEDIA_FIELDS, GenerateShardSpec
-from jobs.vllm_server import ServerFiles
 from state import atomic_write_bytes
 
 

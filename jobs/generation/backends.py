@@ -1,0 +1,96 @@
+"""Generation backends behind one interface (jobs.generation.protocol): in-process transformers, or
+OpenAI-compatible servers (vLLM) that the job starts or that already run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from jobs.generation.protocol import (
+    Backend,
+    Completion,
+    Messages,
+    Outcome,
+    Request,
+    Sampling,
+)
+from jobs.prompts import check_backend_takes
+from jobs.runtime import pick_device
+from jobs.specs import GenerateConfig
+
+if TYPE_CHECKING:
+    from jobs.services.vllm_server import ServerFiles
+
+
+class TransformersBackend:
+    """In-process ``model.generate`` (the seed's generate_hf.py), batched, text only."""
+
+    def __init__(self, model_path: str, batch_size: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device, dtype = pick_device()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # Left padding keeps every prompt's end next to its generated tokens.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.batch_size = batch_size
+
+    def generate(self, conversations: list[Messages], sampling: Sampling) -> list[list[Completion]]:
+        import torch
+
+        prompts = [
+            self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in conversations
+        ]
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        torch.manual_seed(sampling.seed)
+        sample = sampling.temperature > 0
+        with torch.inference_mode():
+            output = self.model.generate(
+                **batch,
+                do_sample=sample,
+                temperature=sampling.temperature if sample else None,
+                top_p=sampling.top_p if sample else None,
+                top_k=None,
+                max_new_tokens=sampling.max_tokens,
+                num_return_sequences=sampling.n,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new_tokens = output[:, batch["input_ids"].shape[1]:]
+        lengths = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        completions = [Completion(t, n) for t, n in zip(texts, lengths, strict=True)]
+        return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(conversations))]
+
+    def run(self, requests: list[Request], on_outcome: Callable[[Outcome], None]) -> None:
+        for first in range(0, len(requests), self.batch_size):
+            batch = requests[first:first + self.batch_size]
+            # One seed per generate call: a batch samples with its first request's.
+            outputs = self.generate([r.messages for r in batch], batch[0].sampling)
+            for offset, completions in enumerate(outputs):
+                on_outcome(Outcome(first + offset, completions))
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        del self.model
+
+
+def make_backend(
+    config: GenerateConfig, model_path: str, problems: list[dict[str, Any]], files: ServerFiles | None = None
+) -> Backend:
+    """The configured backend, ready to generate; ``files``: where a vllm backend's servers keep theirs."""
+    check_backend_takes(problems, config.backend, config.media_dir, "the job's problems", "its backend")
+    if config.backend == "transformers":
+        return TransformersBackend(model_path, config.batch_size)
+    from jobs.generation.openai_client import OpenAIBackend, connect_endpoints
+    from jobs.services.vllm_server import start_servers
+
+    if config.endpoints:
+        return OpenAIBackend(connect_endpoints(config), config)
+    if files is None:
+        raise ValueError("the vllm backend needs a folder for its servers' logs and caches")
+    servers = start_servers(model_path, config, files)
+    return OpenAIBackend(servers.endpoints, config, servers)

@@ -1,0 +1,1 @@
+"""Scoring: answer extraction, verifiers, reward functions, and the filter that keeps an SFT set."""

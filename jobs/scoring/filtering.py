@@ -1,0 +1,413 @@
+"""Filter job: merge the generation shards, judge every candidate, keep an SFT set.
+
+What is kept follows the seed's strategies (jobs.scoring.learning_zone); what is counted, its
+analytics (jobs.scoring.analytics).
+
+Shards are read as streams, one problem at a time, by one worker process per CPU the job has
+(shards are independent; each worker writes its shard's kept samples and ids to files of its
+own, which are then joined in shard order, so the output does not depend on the worker count).
+A worker's memory holds one problem's candidates, the counters, two bounded caches (answers and
+verdicts, a few MB) and 16 bytes per problem for the duplicate-id check (16 MB per million
+problems); the per-category id lists go to files. Every output is written into a staging folder
+and renamed into place only when all of them are complete, so readers never see a half-written
+or mixed set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from array import array
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from jobs.runtime import reporting
+from jobs.scoring.analytics import Analytics
+from jobs.scoring.answers import (
+    THINK_CLOSE,
+    answer_from,
+    answer_part,
+    answer_rules,
+    split_thinking,
+)
+from jobs.scoring.learning_zone import (
+    CATEGORIES,
+    categorize,
+    category_ranges,
+    keep_count,
+)
+from jobs.scoring.verifiers import Verifier, get_verifier
+from jobs.specs import MEDIA_FIELDS, FilterConfig, FilterSpec
+from state import InputError
+
+READ_BUFFER = WRITE_BUFFER = 1 << 20
+
+
+def read_generations(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for every line of a shard, in order."""
+    # A large buffer: lines of K candidates are tens of KB, and the default 8 KB buffer makes
+    # splitting them cost more than parsing them.
+    with open(path, "rb", buffering=READ_BUFFER) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                raise InputError(f"{path}:{number}: truncated last line (the shard was cut mid-write)")
+            if not line.isspace():
+                try:
+                    yield number, orjson.loads(line)
+                except orjson.JSONDecodeError as error:
+                    raise InputError(f"{path}:{number}: malformed JSON ({error})") from None
+
+
+class Judge:
+    """Extraction and verification of candidates: each distinct answer ending is extracted once,
+    each distinct (answer, truth) pair verified once (verifiers are pure).
+
+    Answer lines ("ANSWER: (B) Piano", "#### 42") repeat within a problem's K candidates and
+    across problems, so the cost per candidate is mostly two dictionary lookups. The memos are
+    emptied when full, which bounds their memory to a few MB.
+    """
+
+    # Longer texts (a response without </think> is all ending; a truth may be a whole worked
+    # solution) rarely repeat: not remembered.
+    MAX_REMEMBERED = 512
+    MEMO_SIZE = 8192
+
+    def __init__(self, answer_pattern: str | list[str], verifier: Verifier) -> None:
+        rules = answer_rules(answer_pattern)
+        self.extract = lambda ending: answer_from(answer_part(ending), rules)
+        self.verify = verifier
+        self.answers: dict[str, str] = {}
+        self.verdicts: dict[tuple[str, str], bool] = {}
+
+    def correct(self, raw_outputs: list[str], truth: str) -> list[tuple[int, int, str]]:
+        """``(length, candidate index, extracted answer)`` of the candidates judged correct, shortest first."""
+        answers, verdicts = self.answers, self.verdicts
+        correct = []
+        for index, raw in enumerate(raw_outputs):
+            # The answer depends only on what follows the reasoning: look it up by that, without
+            # copying the reasoning (this loop runs for every candidate).
+            end = raw.rfind(THINK_CLOSE)
+            ending = raw[end:] if end >= 0 else raw
+            answer = answers.get(ending)
+            if answer is None:
+                answer = self._remember(answers, ending, self.extract(ending), len(ending))
+            pair = (answer, truth)
+            ok = verdicts.get(pair)
+            if ok is None:
+                ok = self._remember(verdicts, pair, bool(self.verify(answer, truth)), len(answer) + len(truth))
+            if ok:
+                correct.append((len(raw), index, answer))
+        correct.sort()  # by length, then in candidate order
+        return correct
+
+    def _remember(self, memo: dict[Any, Any], key: Any, value: Any, size: int) -> Any:
+        if size <= self.MAX_REMEMBERED:
+            if len(memo) >= self.MEMO_SIZE:
+                memo.clear()
+            memo[key] = value
+        return value
+
+
+class ProblemIds:
+    """Where each problem id was read, in 16 bytes (id hash, shard, line) instead of the id itself.
+
+    Equal hashes are confirmed by reading both ids back: a hash collision is not a duplicate.
+    Workers are forked, so that their str hashes agree with each other's.
+    """
+
+    def __init__(self) -> None:
+        self.hashes, self.shards, self.lines = array("q"), array("I"), array("I")
+
+    def add(self, problem_id: Any, shard: int, line: int) -> None:
+        self.hashes.append(hash(problem_id))
+        self.shards.append(shard)
+        self.lines.append(line)
+
+    def extend(self, other: ProblemIds) -> None:
+        self.hashes.extend(other.hashes)
+        self.shards.extend(other.shards)
+        self.lines.extend(other.lines)
+
+    def first_duplicate(self, paths: Sequence[Path]) -> str | None:
+        import numpy as np  # here, not at the top: a filter job's start-up is ~0.1 s faster
+
+        hashes = np.frombuffer(self.hashes, dtype=np.int64)
+        order = np.argsort(hashes, kind="stable")
+        ordered = hashes[order]
+        positions = np.flatnonzero(ordered[1:] == ordered[:-1])
+        # Report the duplicate met first in reading order, as a check while reading would have.
+        for position in positions[np.argsort(order[positions + 1], kind="stable")]:
+            first, second = int(order[position]), int(order[position + 1])
+            where = [(paths[self.shards[i]], self.lines[i]) for i in (first, second)]
+            problem_id = _id_at(*where[0])
+            if problem_id == _id_at(*where[1]):
+                return f"duplicate problem id {problem_id!r}: {where[0][0]}:{where[0][1]} and {where[1][0]}:{where[1][1]}"
+        return None
+
+
+def _id_at(path: Path, line: int) -> Any:
+    with open(path, "rb") as f:
+        return orjson.loads(next(itertools.islice(f, line - 1, None)))["id"]
+
+
+class CategoryIds:
+    """Problem ids by category, appended to files in ``folder`` a batch at a time, never all held."""
+
+    BATCH = 4096
+
+    def __init__(self, folder: Path) -> None:
+        self.paths = {c: folder / f"{c}.ids" for c in CATEGORIES}
+        self.pending: dict[str, list[bytes]] = {c: [] for c in CATEGORIES}
+        for path in self.paths.values():
+            path.touch()
+
+    def add(self, category: str, problem_id: Any) -> None:
+        pending = self.pending[category]
+        pending.append(orjson.dumps(problem_id) + b"\n")
+        if len(pending) >= self.BATCH:
+            self.flush(category)
+
+    def flush(self, category: str) -> None:
+        with open(self.paths[category], "ab") as f:
+            f.writelines(self.pending[category])
+        self.pending[category].clear()
+
+    def append(self, other: CategoryIds) -> None:
+        """Add ``other``'s ids after these (a later shard's)."""
+        for category in CATEGORIES:
+            self.flush(category)
+            other.flush(category)
+            with open(self.paths[category], "ab") as sink, open(other.paths[category], "rb") as source:
+                shutil.copyfileobj(source, sink)
+
+    def write_list(self, sink: BinaryIO, category: str) -> None:
+        """The category's ids as a JSON list, one id a line."""
+        self.flush(category)
+        separator = b"\n"
+        sink.write(b"[")
+        with open(self.paths[category], "rb") as ids:
+            for line in ids:
+                sink.write(separator + line.rstrip(b"\n"))
+                separator = b",\n"
+        sink.write(b"\n]")
+
+    def write_by_category(self, sink: BinaryIO) -> None:
+        separator = b"{\n"
+        for category in CATEGORIES:
+            sink.write(separator + orjson.dumps(category) + b": ")
+            self.write_list(sink, category)
+            separator = b",\n"
+        sink.write(b"\n}\n")
+
+
+def available_cpus() -> int:
+    """The CPUs this job may use: SLURM's allocation inside a job, else the process's affinity."""
+    return int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+
+
+@dataclass
+class ShardFiltered:
+    """A worker's result for one shard; its kept samples and ids are in files under ``folder``."""
+
+    folder: Path
+    analytics: Analytics
+    max_k: int
+    seen: ProblemIds
+    ids: CategoryIds
+
+    @property
+    def kept(self) -> Path:
+        return self.folder / "kept"
+
+
+def _filter_shard(job: tuple[Sequence[Path], int, Path, FilterConfig, int, int]) -> ShardFiltered:
+    """One shard into ``<staging>/shard_N/``: its kept samples (``a,\nb``, no brackets) and id files."""
+    paths, shard, staging, config, seed, num_samples = job
+    folder = staging / f"shard_{shard:05d}"
+    folder.mkdir()
+    ids = CategoryIds(folder)
+    with open(folder / "kept", "wb", buffering=WRITE_BUFFER) as sink:
+        analytics, max_k, seen = _filter_into(sink, paths, shard, config, seed, num_samples, ids)
+    for category in CATEGORIES:
+        ids.flush(category)
+    return ShardFiltered(folder, analytics, max_k, seen, ids)
+
+
+def _worker_signals() -> None:
+    """Workers die on SIGTERM (a job's own handler only sets a flag, which would keep them running)
+    and leave the pre-timeout USR2 to the job's main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+@contextmanager
+def _filtered_shards(jobs: list[Any], workers: int) -> Iterator[Iterator[ShardFiltered]]:
+    """The shards' results in shard order, from ``workers`` processes."""
+    if workers <= 1:
+        yield map(_filter_shard, jobs)
+        return
+    # Forked, not spawned: the workers share this process's imports, and its str hashes (ProblemIds).
+    # A pool of processes that notices a dead worker (BrokenProcessPool) rather than waits for it.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_signals)
+    try:
+        yield pool.map(_filter_shard, jobs)
+    finally:
+        # After a failure, the shards not started yet are dropped.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def filter_generations(
+    paths: Sequence[Path], output: Path, config: FilterConfig, seed: int, num_samples: int,
+    expected: int | None = None, workers: int | None = None,
+) -> dict[str, Any]:
+    """Stream ``paths`` into ``output`` (filtered.json) and its sibling analytics files."""
+    # A bad verifier or pattern fails here, once, not in every worker.
+    get_verifier(config.verifier)
+    answer_rules(config.answer_pattern)
+    workers = min(workers or available_cpus(), len(paths))
+    started = time.monotonic()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stem = output.with_suffix("").name
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as staging_dir:
+        staging = Path(staging_dir)
+        ids = CategoryIds(staging)
+        analytics, max_k, seen = Analytics(tuple(config.zone_bounds)), num_samples, ProblemIds()
+        jobs = [(paths, shard, staging, config, seed, num_samples) for shard in range(len(paths))]
+        with open(staging / output.name, "wb", buffering=WRITE_BUFFER) as sink, _filtered_shards(jobs, workers) as shards:
+            sink.write(b"[")
+            separator = b"\n"
+            for shard in shards:
+                analytics.merge(shard.analytics)
+                max_k = max(max_k, shard.max_k)
+                seen.extend(shard.seen)
+                ids.append(shard.ids)
+                if shard.kept.stat().st_size:
+                    sink.write(separator)
+                    with open(shard.kept, "rb") as kept:
+                        shutil.copyfileobj(kept, sink, WRITE_BUFFER)
+                    separator = b",\n"
+                shutil.rmtree(shard.folder)
+            sink.write(b"\n]\n")
+        duplicate = seen.first_duplicate(paths)
+        if duplicate:
+            raise InputError(duplicate)
+        if expected is not None and analytics.problems + analytics.failed != expected:
+            raise InputError(f"the shards hold {analytics.problems + analytics.failed} problems, expected {expected}")
+
+        ranges = category_ranges(max_k, config.zone_bounds)
+        stats = analytics.stats(config.strategy)
+        log_text = analytics.log_text(ranges, max_k)
+        sidecars = {
+            "stats.json": _json_bytes(stats),
+            "analytics.json": _json_bytes({**analytics.analytics(config.strategy, max_k), "category_ranges": ranges}),
+            "analytics.log": log_text.encode(),
+        }
+        for suffix, data in sidecars.items():
+            (staging / f"{stem}_{suffix}").write_bytes(data)
+        with open(staging / f"{stem}_by_category.json", "wb") as sink:
+            ids.write_by_category(sink)
+        with open(staging / f"{stem}_no_correct.json", "wb") as sink:
+            ids.write_list(sink, "too_hard")
+            sink.write(b"\n")
+        # filtered.json last: when it is there, its analytics are too.
+        for name in [*(f"{stem}_{s}" for s in (*sidecars, "by_category.json", "no_correct.json")), output.name]:
+            os.replace(staging / name, output.parent / name)
+    print(log_text, flush=True)
+    if analytics.failed:
+        print(f"{analytics.failed} problem(s) left out: their generation failed (the record's 'error' says why)", flush=True)
+    seconds = time.monotonic() - started
+    return {
+        **stats,
+        "failed_items": analytics.failed,
+        "categories": {c: analytics.share(analytics.categories[c]) for c in CATEGORIES},
+        **analytics.distributions(max_k),
+        "seconds": round(seconds, 3),
+        "candidates_per_s": round(analytics.candidates / max(seconds, 1e-9), 1),
+    }
+
+
+def _filter_into(
+    sink: BinaryIO, paths: Sequence[Path], shard: int, config: FilterConfig, seed: int, num_samples: int,
+    ids: CategoryIds,
+) -> tuple[Analytics, int, ProblemIds]:
+    """Write shard ``shard``'s kept samples to ``sink``, separated by ``,\\n``; return its counts."""
+    judge = Judge(config.answer_pattern, get_verifier(config.verifier))
+    bounds = tuple(config.zone_bounds)
+    category_of = cache(lambda correct, k: categorize(correct, k, bounds))
+    analytics = Analytics(bounds)
+    seen = ProblemIds()
+    max_k = num_samples
+    separator = b""
+    for number, record in read_generations(paths[shard]):
+        try:
+            pid, question, truth = record["id"], record["question"], record["ground_truth"]
+            raw_outputs = [candidate["raw_output"] for candidate in record["candidates"]]
+        except (KeyError, TypeError) as error:
+            raise InputError(f"{paths[shard]}:{number}: not a generations.jsonl record (missing {error})") from None
+        seen.add(pid, shard, number)
+        if "error" in record:
+            # Its candidates (if any) are incomplete: counting it would pass a server error off as "too hard".
+            analytics.failed += 1
+            continue
+        k = len(raw_outputs)
+        max_k = max(max_k, k)
+        # A data set's numeric truths (72, not "72") are judged as their JSON text.
+        correct = judge.correct(raw_outputs, truth if isinstance(truth, str) else json.dumps(truth))
+        num_correct = len(correct)
+        category = category_of(num_correct, k)
+        if config.dedupe:
+            # Repeats count for the correct rate, but are kept once.
+            first: dict[str, tuple[int, int, str]] = {}
+            for item in correct:
+                first.setdefault(raw_outputs[item[1]], item)
+            correct = list(first.values())
+        kept = correct[: keep_count(category, len(correct), config, pid, seed)]
+        analytics.add(k, num_correct, category, len(kept))
+        ids.add(category, pid)
+        if kept:
+            media = {f: record[f] for f in MEDIA_FIELDS if f in record}
+        for number_kept, (_, index, prediction) in enumerate(kept):
+            raw = raw_outputs[index]
+            # Key by key in the seed's order: a dict display with **media is several times slower.
+            sample = {"id": f"{pid}_sol{number_kept}", "original_id": pid}
+            sample.update(media)
+            sample["question"], sample["answer"], sample["response"] = question, truth, raw
+            sample["thinking_prediction"] = _thinking(record["candidates"][index], raw)
+            sample["answer_prediction"], sample["category"] = prediction, category
+            sink.write(separator + orjson.dumps(sample))
+            separator = b",\n"
+    return analytics, max_k, seen
+
+
+def _thinking(candidate: dict[str, Any], raw: str) -> str:
+    """The generator's own split of the reasoning, as the seed's filter copies it; else ours."""
+    thinking = candidate.get("thinking_prediction")
+    return thinking if isinstance(thinking, str) else split_thinking(raw)[0]
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def run(spec: FilterSpec) -> dict[str, Any]:
+    with reporting(spec.target) as metrics:
+        metrics.update(
+            filter_generations(
+                [Path(p) for p in spec.shard_paths], Path(spec.output_dir) / "filtered.json",
+                spec.filter, spec.seed, spec.num_samples, spec.num_problems,
+            )
+        )
+    return metrics

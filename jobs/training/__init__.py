@@ -1,0 +1,1 @@
+"""Training: supervised fine-tuning with TRL + PEFT, and its callbacks."""
