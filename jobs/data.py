@@ -3,6 +3,8 @@
 Accepted: a JSON array or JSONL of records, either ``{"id", "question", "answer"}`` (optional
 ``sound`` / ``image`` / ``video``) or the conversations format
 ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}`` (id optional there).
+Every other field of a problem is kept as it is (seed 003's task_type, duration, timestamps,
+references ...): generation records carry them, and rewards get them as columns.
 Errors name the file and line: ``data/train.jsonl:17: missing field 'answer'``.
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from jobs.scoring.records import RECORD_KEYS
 from jobs.specs import MEDIA_FIELDS
 from state import InputError, atomic_write_bytes
 
@@ -105,13 +108,14 @@ def _problem(record: Any, where: str, index: int, stem: str) -> Problem:
     for key in ("question", "answer", *MEDIA_FIELDS):
         if key in record and not isinstance(record[key], str):
             raise InputError(f"{where}: field {key!r} must be a string")
-    problem = {key: record[key] for key in ("question", "answer", *MEDIA_FIELDS) if key in record}
-    problem["id"] = str(record["id"])
-    return problem
+    reserved = next((key for key in RECORD_KEYS if key in record), None)
+    if reserved:
+        raise InputError(f"{where}: field {reserved!r} is reserved for generation records: rename it")
+    return {**record, "id": str(record["id"])}
 
 
 def load_problems(path: Path | str) -> list[Problem]:
-    """Every problem of ``path``, normalized to id / question / answer (+ media fields)."""
+    """Every problem of ``path``: id (as text), question, answer, and its other fields as they are."""
     path = Path(path)
     problems: list[Problem] = []
     first_line: dict[str, int] = {}

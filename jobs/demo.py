@@ -128,7 +128,8 @@ def warm_start(out: Path, seed: int, target: float, steps: int = 300, every: int
         metrics: dict[str, Any] = {}
         evaluate(
             EvalSpec(JobTarget(str(out), "warm_start"), str(out / "dev.jsonl"), str(checkpoint), str(checkpoint),
-                     EvalConfig(max_tokens=80, batch_size=100), FilterConfig(verifier="numeric"), GenerateConfig(), seed),
+                     EvalConfig(max_tokens=80, batch_size=100), FilterConfig(verifier="numeric"), GenerateConfig(), seed,
+                     str(out / "api_key")),
             metrics,
         )
         log.info("warm start: %s, dev accuracy %.1f%%", checkpoint.name, 100 * metrics["heldout_accuracy"])

@@ -241,18 +241,42 @@ class RewardServiceConfig:
 
 
 @dataclass
+class VllmServiceConfig:
+    """vLLM servers of one model as a job of the run (the seeds' "start the vLLM server" step), with
+    ``generate.vllm``'s settings; ``python -m pipeline.serve`` and sbatch/vllm_server.sbatch run it."""
+
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    # A local model folder; default: model.path.
+    model: str | None = None
+
+
+@dataclass
 class ServicesConfig:
     """Long-lived servers of the run, each a job that serves while the stages needing it run."""
 
     __pydantic_config__ = REJECT_UNKNOWN_KEYS
 
     reward: RewardServiceConfig | None = None
+    vllm: VllmServiceConfig | None = None
+
+
+@dataclass
+class VllmServing:
+    """What a vLLM service job serves: a model, with the run's generation settings for its servers."""
+
+    model: str
+    generate: GenerateConfig
+
+    @property
+    def startup_timeout_s(self) -> float:
+        return self.generate.vllm.startup_timeout_s
 
 
 @dataclass
 class ServiceRef:
-    """How a job reaches a service of the run: the endpoint file its job writes (and rewrites after a
-    restart), the run's API key file, and the service's settings."""
+    """How a job reaches a reward service of the run: the endpoint file its job writes (and rewrites
+    after a restart), the run's API key file, and the service's settings."""
 
     name: str
     endpoint_file: str
@@ -286,6 +310,8 @@ class GenerateShardSpec:
     output_path: str
     generate: GenerateConfig
     seed: int
+    # The run's API key file, for the vLLM servers the shard starts.
+    api_key_path: str
 
 
 @dataclass
@@ -326,3 +352,25 @@ class EvalSpec:
     # The run's generation settings: system prompt, media folder, vLLM servers.
     generate: GenerateConfig
     seed: int
+    # The run's API key file, for the vLLM servers the evaluation starts.
+    api_key_path: str
+
+
+@dataclass
+class ServiceSpec:
+    """A service job: serve ``config`` until the stages it serves are done, or the job is stopped."""
+
+    target: JobTarget
+    name: str
+    config: RewardServiceConfig | VllmServing
+    # Where consumers find it (rewritten by every start), the run's API key file, and a folder for its
+    # servers' logs and caches.
+    endpoint_file: str
+    api_key_file: str
+    folder: str
+    # Listen on loopback (the embedded default: consumers run on this machine), else on the node's address.
+    loopback: bool
+    # Ledger keys of the stages it serves: once all are done it stops by itself (a detached run has no
+    # driver to cancel it).
+    consumers: list[str]
+

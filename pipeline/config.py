@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
-import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from annotated_types import Ge, Gt
-from pydantic import StringConstraints, TypeAdapter, ValidationError
+from pydantic import StringConstraints, TypeAdapter, ValidationError, model_validator
 
 from jobs.scoring.answers import answer_rules
 from jobs.scoring.verifiers import get_verifier
@@ -27,6 +26,7 @@ from jobs.specs import (
     FilterConfig,
     GenerateConfig,
     PositiveInt,
+    ServicesConfig,
     TrainConfig,
 )
 from state import InputError
@@ -66,9 +66,18 @@ class Resources:
     extra_sbatch: dict[SbatchOption, SbatchValue] = field(default_factory=dict)
 
 
+# Keys of the executor section that are not a stage's or service's resources.
+EXECUTOR_SETTINGS = ("cluster", "max_attempts", "poll_interval_s", "max_poll_interval_s")
+
+
 @dataclass
 class ExecutorConfig:
-    """How jobs run. Changing it does not change results, so a resumed run may change it."""
+    """How jobs run. Changing it does not change results, so a resumed run may change it.
+
+    Besides the settings, every key is a stage's or a service's resources, by name:
+    ``executor.generate``, ``executor.train``, ``executor.reward`` (the reward service), and
+    ``executor.advance`` (the detached chain's CPU job). Each stage has defaults of its own.
+    """
 
     __pydantic_config__ = REJECT_UNKNOWN_KEYS
 
@@ -77,12 +86,21 @@ class ExecutorConfig:
     poll_interval_s: Annotated[float, Gt(0)] = 2.0
     # Polls back off up to this while nothing changes.
     max_poll_interval_s: Annotated[float, Gt(0)] = 30.0
-    generate: Resources = field(default_factory=Resources)
-    filter: Resources = field(default_factory=lambda: Resources(timeout_min=60))
-    train: Resources = field(default_factory=Resources)
-    eval: Resources = field(default_factory=lambda: Resources(timeout_min=60))
-    # The small CPU job of a detached run that submits the next iteration (pipeline/detach.py).
-    advance: Resources = field(default_factory=lambda: Resources(timeout_min=10, cpus_per_task=1))
+    stages: dict[str, Resources] = field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resources_by_name(cls, data: Any) -> Any:
+        """``executor.generate: {...}`` is written beside the settings; it lands in ``stages``."""
+        if isinstance(data, dict):
+            stages = dict(data.get("stages") or {})
+            stages.update({k: v for k, v in data.items() if k not in (*EXECUTOR_SETTINGS, "stages")})
+            data = {k: v for k, v in data.items() if k in EXECUTOR_SETTINGS} | {"stages": stages}
+        return data
+
+    def resources(self, name: str, default: Resources) -> Resources:
+        """What a stage or service asks the scheduler for: ``executor.<name>``, else ``default``."""
+        return self.stages.get(name, default)
 
 
 @dataclass
@@ -109,6 +127,8 @@ class RunConfig:
     data: DataConfig
     run_name: RunName = "run"
     runs_dir: str = "runs"
+    # The method each iteration runs (pipeline/recipes/): rest (ReST / expert iteration).
+    method: Literal["rest"] = "rest"
     seed: int = 42
     num_iterations: PositiveInt = 3
     # learning_rates[i] is iteration i+1's.
@@ -117,6 +137,7 @@ class RunConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    services: ServicesConfig = field(default_factory=ServicesConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     @property
@@ -149,13 +170,24 @@ def _known_keys(path: list[str]) -> list[str]:
     """The keys the schema allows in the section at ``path`` (for "did you mean")."""
     schema: Any = RunConfig
     for part in path:
-        schema = typing.get_type_hints(schema).get(part) if dataclasses.is_dataclass(schema) else None
+        hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+        # executor.<stage> is a stage's resources.
+        schema = hints.get(part, Resources if schema is ExecutorConfig else None)
+    schema = typing.get_args(schema)[0] if typing.get_origin(schema) in (typing.Union, types.UnionType) else schema
     return [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
 
 
+def user_key(loc: tuple[Any, ...]) -> list[str]:
+    """A validation error's location as the user wrote the key: ``executor.generate``, not
+    ``executor.stages.generate``; quoted where a line break would split the message."""
+    parts = [str(part) if str(part).isprintable() else repr(part) for part in loc]
+    if parts[:2] == ["executor", "stages"]:
+        del parts[1]
+    return parts
+
+
 def _describe(error: dict[str, Any]) -> str:
-    # A key with a line break in it is shown quoted, so that the message stays one line.
-    loc = [str(part) if str(part).isprintable() else repr(part) for part in error["loc"]]
+    loc = user_key(error["loc"])
     key = ".".join(loc)
     if error["type"] == "unexpected_keyword_argument":
         hint = difflib.get_close_matches(loc[-1], _known_keys(loc[:-1]), n=1)
@@ -194,7 +226,6 @@ def _check(config: RunConfig) -> None:
     if config.train.method == "lora" and not config.train.save_merged:
         raise ValueError("train.save_merged: the transformers backend generates with a merged model; keep it true")
     _check_generation(config)
-    _check_training(config.train, config.executor.train)
 
 
 def _check_generation(config: RunConfig) -> None:
@@ -207,43 +238,6 @@ def _check_generation(config: RunConfig) -> None:
                 raise ValueError(f"generate.{key}: used by generate.backend: vllm only (the backend is {generate.backend})")
     if generate.vllm.lora and config.train.method != "lora":
         raise ValueError(f"generate.vllm.lora: serves each iteration's LoRA adapter, but train.method is {config.train.method}")
-
-
-# The modules that make a tracker of train.report_to available, and the package that brings them.
-TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
-            "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio")}
-
-
-def _check_training(train: TrainConfig, resources: Resources) -> None:
-    """Combinations of training settings that cannot work, refused before anything is submitted."""
-    if train.deepspeed_config is not None:
-        if train.strategy == "ddp":
-            raise ValueError("train.deepspeed_config: only read with a DeepSpeed strategy (train.strategy: zero2, zero3 or zero3_offload)")
-        path = Path(train.deepspeed_config)
-        try:
-            settings = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ValueError(f"train.deepspeed_config: {path} does not exist") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"train.deepspeed_config: {path}:{error.lineno}: not valid JSON ({error.msg})") from None
-        if not isinstance(settings, dict):
-            raise ValueError(f"train.deepspeed_config: {path} must hold a JSON object")
-    if train.strategy != "ddp":
-        if train.strategy.startswith("zero3") and train.method == "lora" and train.load_in_4bit:
-            raise ValueError(
-                f"train.strategy: {train.strategy} shards the weights across processes, and QLoRA's 4-bit weights"
-                " cannot be sharded that way; use zero2 or ddp with QLoRA, or set train.load_in_4bit: false"
-            )
-        if resources.gpus_per_task < 1:
-            raise ValueError(
-                f"train.strategy: {train.strategy} (DeepSpeed) needs a GPU per process; set executor.train.gpus_per_task: 1"
-            )
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ValueError(f"train.strategy: {train.strategy} needs DeepSpeed, which is not installed here (pip install -e '.[gpu]')")
-    for tracker in train.report_to:
-        modules, package = TRACKERS[tracker]
-        if not any(importlib.util.find_spec(module) for module in modules):
-            raise ValueError(f"train.report_to: {tracker} is not installed here (pip install {package})")
 
 
 def load_config(path: Path | str, overrides: list[str] = ()) -> RunConfig:
@@ -262,18 +256,34 @@ def load_config(path: Path | str, overrides: list[str] = ()) -> RunConfig:
     try:
         config = _ADAPTER.validate_python(data)
         _check(config)
+        from pipeline.recipes import (
+            check_config,  # the recipes' rules (they import this module)
+        )
+
+        check_config(config)
     except ValidationError as error:
         first = error.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
+        key = ".".join(user_key(first["loc"]))
         source = "command line" if key in from_command_line else str(path)
         raise InputError(f"{source}: {_describe(first)}") from None
     except ValueError as error:
-        raise InputError(f"{path}: {error}") from None
+        key = str(error).split(":", 1)[0]
+        given = any(k == key or k.startswith(f"{key}.") for k in from_command_line)
+        raise InputError(f"{'command line' if given else path}: {error}") from None
     return config
 
 
+def read_run_config(path: Path) -> RunConfig:
+    """A run's stored config, for reading its state: validated, but the files it names are not checked
+    again (a run is looked at where its model folder may not be reachable)."""
+    return _ADAPTER.validate_python(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
 def to_dict(config: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as YAML holds it: stage resources beside the executor's settings, as written."""
+    data = dataclasses.asdict(config)
+    data["executor"] |= data["executor"].pop("stages")
+    return data
 
 
 def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:

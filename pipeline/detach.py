@@ -1,14 +1,17 @@
 """Detached runs: an iteration's stages go to SLURM as one dependency chain; nothing waits on the login node.
 
-    generate array --afterany--> filter --afterok--> train --afterok--> eval
-          \\____________________ afterany on all of them ____________________> advance
+    ReST:   generate array --afterany--> filter --afterok--> train --afterok--> eval
+                  \\____________________ afterany on all of them ____________________> advance
 
-``filter`` waits with afterany, so that it starts even when shards failed: it then resubmits them
-(up to ``executor.max_attempts``) with a new chain after them, instead of dying. ``train`` and
-``eval`` wait with afterok, and ``--kill-on-invalid-dep=yes`` makes SLURM cancel them when their
-dependency fails instead of leaving them pending forever. ``advance`` is a small CPU job that does
-what ``pipeline.run --detach`` does on the login node: it reconciles the ledger with sacct, then
-submits the chain of what is left of the run, or marks the run done or failed.
+Each stage waits as its recipe says (``StagePlan.after``). One that waits with afterany (the
+filter) starts even when tasks of the stage before it failed: it then resubmits them (up to
+``executor.max_attempts``) with a new chain after them, instead of dying. afterok stages are
+cancelled by SLURM (``--kill-on-invalid-dep=yes``) when their dependency fails, instead of pending
+forever. A stage that needs a service has the service's job submitted with the chain, without a
+dependency; its clients wait for the endpoint, and while the stage runs its job resubmits the
+service if it dies. ``advance`` is a small CPU job that does what ``pipeline.run --detach`` does
+on the login node: it reconciles the ledger with sacct, then submits the chain of what is left of
+the run (stopping services the chain does not need), or marks the run done or failed.
 
 Every step is idempotent: a stage in flight is waited for, never submitted twice, so rerunning
 ``--detach`` (or a stale job running late) cannot fork the run.
@@ -18,29 +21,31 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from jobs.runtime import log, step_aside_if_superseded
-from jobs.scoring import filtering as filter_job
-from jobs.specs import FilterSpec, JobTarget
-from pipeline.driver import IN_FLIGHT, Driver, StageFailed, is_array_stage, withdraw
+from jobs.specs import JobTarget
+from pipeline.config import Resources
+from pipeline.driver import IN_FLIGHT, Driver, StageFailed, withdraw
 from pipeline.plan import StagePlan, Task
 from pipeline.status import console
 from state import Status
 from state.ledger import now
 
 ADVANCE = "advance"
+# executor.advance: the small CPU job that submits the next chain.
+ADVANCE_RESOURCES = Resources(timeout_min=10, cpus_per_task=1)
 DONE = str(Status.DONE)
 
 
 def _chain(driver: Driver, start: StagePlan) -> list[StagePlan]:
     """``start`` and the stages after it in its iteration."""
-    plan = driver.planner.stages()
-    iteration = next(i for i, stage in plan if stage.key == start.key)
-    keys = [stage.key for i, stage in plan if i == iteration]
-    return [stage for i, stage in plan if i == iteration][keys.index(start.key):]
+    iteration = [stage for stage in driver.planner.stages() if stage.iteration == start.iteration]
+    return iteration[[stage.key for stage in iteration].index(start.key):]
 
 
 def _jobs(job_ids: list[str]) -> list[str]:
@@ -70,9 +75,12 @@ def submit_chain(driver: Driver, me: str | None = None) -> str:
     """
     current = driver.current_stage()
     if current is None:
+        driver.services.release()
         driver.ledger.update("run", {"status": DONE, "ended_at": now()})
         return "run complete"
     chain = _chain(driver, current)
+    needed = {name for stage in chain for name in stage.services}
+    driver.services.release(keep=tuple(needed))
     # The ledger first learns how every job of the chain ended, so that it is right however this ends.
     all_records = {t.key: driver.ledger.read(t.key) for stage in chain for t in stage.tasks}
     driver.mark_lost([t for stage in chain for t in stage.tasks], all_records)
@@ -91,16 +99,20 @@ def submit_chain(driver: Driver, me: str | None = None) -> str:
                 said.append(f"{stage.key}: waiting for {len(live)} job(s) before stopping")
                 break
             summary = driver.failure_summary(exhausted, records)
+            driver.services.release()
             driver.ledger.update("run", {"status": str(Status.FAILED), "error": summary.splitlines()[0], "ended_at": now()})
             raise StageFailed(summary)
         new: list[str] = []
-        if todo and is_array_stage(stage):
+        if todo and stage.is_array:
             driver.start_array(stage)
         if todo:
-            kind = "afterany" if stage.name == "filter" else "afterok"
-            if stage.name == "filter":
-                # The filter job of a chain first checks the shards (see ``filter_after_generation``).
-                todo = [Task(t.key, filter_after_generation, t.spec) for t in todo]
+            for name in stage.services:
+                started = driver.services.start(name, stage)
+                said += [f"service {name}: job {started[0]}"] if started else []
+            if stage.after == "afterany" or stage.services:
+                todo = [Task(t.key, run_in_chain, ChainStep(t.spec.target, t.function, t.spec, stage.after == "afterany"))
+                        for t in todo]
+            kind = stage.after
             new = driver.submit(stage, todo, _dependency(kind, waits_for) if waits_for else None)
             said.append(f"{stage.key}: {len(new)} job(s) {', '.join(_jobs(new))}" + (f" ({kind})" if waits_for else ""))
         elif live:
@@ -111,8 +123,8 @@ def submit_chain(driver: Driver, me: str | None = None) -> str:
     if running_advance:
         said.append(f"advance: job {running_advance} already queued")
     elif chain_jobs:
-        advance = StagePlan(ADVANCE, ADVANCE, [Task(ADVANCE, advance_run, AdvanceSpec(JobTarget(str(driver.run_dir), ADVANCE)))],
-                            driver.config.executor.advance)
+        advance = StagePlan(ADVANCE, ADVANCE, 0, [Task(ADVANCE, advance_run, AdvanceSpec(JobTarget(str(driver.run_dir), ADVANCE)))],
+                            driver.config.executor.resources(ADVANCE, ADVANCE_RESOURCES))
         job_ids = driver.submit(advance, advance.tasks, _dependency("afterany", chain_jobs))
         said.append(f"advance: job {job_ids[0]} (afterany)")
     return "; ".join(said)
@@ -139,31 +151,76 @@ def advance_run(spec: AdvanceSpec) -> dict[str, Any]:
     return {}
 
 
-def filter_after_generation(spec: FilterSpec) -> dict[str, Any]:
-    """A chain's filter job: filter when every shard is done, otherwise resubmit the failed ones first.
+@dataclass
+class ChainStep:
+    """A task of a detached chain that first looks around: ``target`` is the task's (the driver puts its
+    submission here), ``function(spec)`` its work."""
 
-    The filter waits with afterany, so it starts however the shards ended. Failed ones go back
-    with a new chain behind them; this job and the rest of its chain step aside without counting
-    as attempts.
+    target: JobTarget
+    function: Callable[[Any], dict[str, Any]]
+    spec: Any
+    # afterany: check how the stage before ended, and resubmit what failed of it instead of running.
+    check_previous: bool
+
+
+def run_in_chain(step: ChainStep) -> dict[str, Any]:
+    """Run a chained task once the stage before it is done (resubmitting what failed of it otherwise),
+    keeping its services up while it runs."""
+    driver = Driver.open(Path(step.target.run_dir), console())
+    stage = next(s for s in driver.planner.stages() if any(t.key == step.target.ledger_key for t in s.tasks))
+    if step.check_previous and not _previous_done(driver, stage):
+        return {}
+    keeper = _ServiceWatch(driver, stage) if stage.services else None
+    try:
+        return step.function(replace(step.spec, target=step.target))
+    finally:
+        if keeper:
+            keeper.stop()
+
+
+class _ServiceWatch:
+    """While a chained stage runs, its services' jobs are resubmitted if they die (a detached run has no
+    driver to do it); their clients wait for the new endpoint."""
+
+    def __init__(self, driver: Driver, stage: StagePlan):
+        self.driver, self.stage, self.done = driver, stage, threading.Event()
+        threading.Thread(target=self._watch, name="service-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(self.driver.config.executor.poll_interval_s):
+            try:
+                self.driver.services.check(self.stage)
+            except StageFailed as error:  # out of attempts: the clients' waits run out, their scores count as failed
+                log.info("%s", error)
+                return
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+def _previous_done(driver: Driver, stage: StagePlan) -> bool:
+    """True when the stage before ``stage`` is done; otherwise resubmit what failed of it with a new
+    chain behind it, withdraw this job and the rest of its chain (they do not count as attempts), and
+    return False.
     """
-    driver = Driver.open(Path(spec.target.run_dir), console())
     me = _my_job_id()
-    generate = driver.current_stage()
-    if generate is None or generate.name != "generate":
-        return filter_job.run(spec)
-    records = {t.key: driver.ledger.read(t.key) for t in generate.tasks}
-    driver.mark_lost(generate.tasks, records)
-    if all(records[t.key].get("status") == DONE for t in generate.tasks):
-        driver.finish_array(generate, records)
-        return filter_job.run(spec)
+    previous = driver.current_stage()
+    if previous is None or previous.key == stage.key:
+        return True
+    records = {t.key: driver.ledger.read(t.key) for t in previous.tasks}
+    driver.mark_lost(previous.tasks, records)
+    if all(records[t.key].get("status") == DONE for t in previous.tasks):
+        if previous.is_array:
+            driver.finish_array(previous, records)
+        return True
     # Step aside: this job and the later jobs of the chain, which have not run.
-    later = [s.key for s in _chain(driver, generate)[1:]] + [ADVANCE]
+    later = [s.key for s in _chain(driver, previous)[1:]] + [ADVANCE]
     pending = [driver.ledger.read(key).get("job_id") for key in later]
     others = [job_id for key, job_id in zip(later, pending, strict=True)
               if job_id and job_id != me and driver.ledger.read(key).get("status") in IN_FLIGHT]
     if others:
         subprocess.run(["scancel", *others], check=False, capture_output=True)
     driver.ledger.update_many({key: {} for key in later}, lambda record: withdraw(
-        record, "stepped aside before it ran: the shards it waits for were resubmitted"))
-    log.info("shards failed; resubmitted: %s", submit_chain(driver))
-    return {}
+        record, "stepped aside before it ran: the tasks it waits for were resubmitted"))
+    log.info("%s: tasks of %s failed; resubmitted: %s", stage.key, previous.key, submit_chain(driver))
+    return False

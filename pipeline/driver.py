@@ -1,9 +1,10 @@
-"""The iteration loop: generate -> filter -> train -> eval, resumable from the ledger.
+"""The run loop: every stage of every iteration, as the method's recipe lists them, resumable from the ledger.
 
-Every stage goes through ``run_stage``: it submits the stage's tasks that are not done, waits
-while the ledger says they are in flight and the watcher says their job lives, resubmits failed
-ones up to ``executor.max_attempts``, and stops with a summary when that is not enough. Nothing
-done is redone: a rerun finds ``done`` records and skips them, and reattaches to live jobs.
+Every stage goes through ``run_stage``: it starts the services the stage needs, submits the
+stage's tasks that are not done, waits while the ledger says they are in flight and the watcher
+says their job lives, resubmits failed ones up to ``executor.max_attempts``, and stops with a
+summary when that is not enough. Nothing done is redone: a rerun finds ``done`` records and skips
+them, and reattaches to live jobs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from pipeline.executors import (
     require_scheduler,
     submit_array,
 )
-from pipeline.plan import BASELINE, Planner, StagePlan, Task
+from pipeline.layout import RunLayout
+from pipeline.plan import Planner, StagePlan, Task
+from pipeline.services import ServiceKeeper
 from pipeline.status import iteration_table, summarize
 from pipeline.watch import (
     UNKNOWN,
@@ -39,7 +42,7 @@ from pipeline.watch import (
 from state import InputError, Ledger, Status
 from state.ledger import now
 
-IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING))
+IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING), str(Status.SERVING))
 # sacct's reason for a job cancelled while it waited on a dependency that failed (--kill-on-invalid-dep).
 NEVER_SATISFIED = ("Dependency", "DependencyNeverSatisfied")
 # What a new attempt must not inherit from the one before.
@@ -53,11 +56,6 @@ class StageFailed(Exception):
 
 class SubmissionRefused(InputError):
     """The scheduler refused a job as asked for (e.g. GPUs on a cluster without any): fix the config."""
-
-
-def is_array_stage(stage: StagePlan) -> bool:
-    """A one-job stage's record is its job's record; an array stage's record sums up its tasks."""
-    return [t.key for t in stage.tasks] != [stage.key]
 
 
 def withdraw(record: dict[str, Any], why: str) -> None:
@@ -87,17 +85,17 @@ class Driver:
         self.watcher = JobWatcher(config.executor.cluster)
         self.console = console
         self.max_array_size = max_array_size(config.executor.cluster)
+        self.services = ServiceKeeper(self)
 
     @classmethod
     def open(cls, run_dir: Path, console: Console) -> Driver:
         """A driver for an existing run directory, from the config and data frozen in it."""
-        config_path = run_dir / "config.yaml"
+        config_path = RunLayout(run_dir).config
         if not config_path.is_file():
             raise InputError(f"{run_dir}: not a run directory (no config.yaml in it)")
         config = load_config(config_path)
         require_scheduler(config.executor.cluster)
-        num_train = sum(1 for line in (run_dir / "data" / "train.jsonl").open() if line.strip())
-        return cls(config, Planner(config, run_dir, num_train), console)
+        return cls(config, Planner(config, run_dir), console)
 
     # -- one stage -----------------------------------------------------------------------
 
@@ -117,7 +115,7 @@ class Driver:
              for t in tasks},
             next_attempt,
         )
-        folder = self.run_dir / "submitit" / stage.key / submission
+        folder = self.planner.layout.job_logs(stage.key, submission)
         executor = make_executor(self.config.executor.cluster, folder, stage.resources, job_name(self.config, stage), dependency)
         specs = [replace(t.spec, target=replace(t.spec.target, submission=submission)) for t in tasks]
         try:
@@ -170,7 +168,7 @@ class Driver:
 
     def current_stage(self) -> StagePlan | None:
         """The first stage that is not done, or None when the run is complete."""
-        pending = (s for _, s in self.planner.stages() if self.ledger.read(s.key).get("status") != str(Status.DONE))
+        pending = (s for s in self.planner.stages() if self.ledger.read(s.key).get("status") != str(Status.DONE))
         return next(pending, None)
 
     def failed_tasks(self, stage: StagePlan) -> list[Task]:
@@ -182,9 +180,9 @@ class Driver:
     def run_stage(self, stage: StagePlan, on_progress: Callable[[int, int], None] | None = None) -> None:
         if self.ledger.read(stage.key).get("status") == str(Status.DONE):
             return
-        is_array = is_array_stage(stage)
-        if is_array:
+        if stage.is_array:
             self.start_array(stage)
+        self.services.ensure(stage)
         executor = self.config.executor
         interval, last_seen = executor.poll_interval_s, None
         while True:
@@ -200,17 +198,18 @@ class Driver:
             retry = [t for t in failed if records[t.key].get("attempts", 0) < executor.max_attempts]
             exhausted = [t for t in failed if t not in retry]
             if exhausted and not any(status in IN_FLIGHT for status in statuses):
-                if is_array:
+                if stage.is_array:
                     self.ledger.set_status([stage.key], Status.FAILED, error=f"{len(exhausted)} task(s) failed")
                 raise StageFailed(self.failure_summary(exhausted, records))
             if retry:
                 self.submit(stage, retry)
                 continue
+            self.services.check(stage)
             # Back off while nothing changes, so that a long stage costs the scheduler few queries.
             interval = executor.poll_interval_s if statuses != last_seen else min(interval * 1.5, executor.max_poll_interval_s)
             last_seen = statuses
             time.sleep(interval)
-        if is_array:
+        if stage.is_array:
             self.finish_array(stage, records)
 
     def failure_summary(self, tasks: list[Task], records: dict[str, dict[str, Any]]) -> str:
@@ -233,18 +232,11 @@ class Driver:
         """Mark an array stage whose tasks are all done as done, with its totals."""
         started = self.ledger.read(stage.key).get("started_at")
         seconds = (datetime.now(UTC) - datetime.fromisoformat(started)).total_seconds() if started else 0.0
-        metrics = [records[t.key].get("metrics") or {} for t in stage.tasks]
-        problems = sum(m.get("problems", 0) for m in metrics)
-        tokens = sum(m.get("generated_tokens", 0) for m in metrics)
-        totals = {
-            "shards": len(stage.tasks),
-            "problems_generated": problems,
-            "generated_tokens": tokens,
-            # Problems whose requests still failed after retries: in the shards with their error, left out by filter.
-            "failed_items": sum(m.get("failed_items", 0) for m in metrics),
-            "wall_seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-        }
+        totals = stage.totals([records[t.key].get("metrics") or {} for t in stage.tasks]) if stage.totals else {}
+        tokens = totals.get("generated_tokens")
+        totals.update(shards=len(stage.tasks), wall_seconds=round(seconds, 2))
+        if tokens is not None:
+            totals["tokens_per_s"] = round(tokens / seconds, 1) if seconds else None
         self.ledger.set_status([stage.key], Status.DONE, metrics=totals)
 
     # -- the loop ------------------------------------------------------------------------
@@ -259,20 +251,23 @@ class Driver:
         )
 
         columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        plan = self.planner.stages()
         # Bars on a terminal; in a log file (a batch job, CI) one line per stage is easier to read.
         with Progress(*columns, console=self.console, disable=not self.console.is_terminal) as progress:
-
-            def run(stage: StagePlan, label: str) -> None:
-                bar = progress.add_task(label, total=len(stage.tasks))
-                started = time.monotonic()
-                self.run_stage(stage, lambda done, total: progress.update(bar, completed=done, total=total))
-                metrics = self.ledger.read(stage.key).get("metrics") or {}
-                shown = {k: v for k, v in metrics.items() if k in HEADLINE_METRICS}
-                self.console.log(f"{label}: done in {time.monotonic() - started:.0f} s {shown}", highlight=False)
-
-            plan = self.planner.stages()
-            for index, (iteration, stage) in enumerate(plan):
-                run(stage, f"iteration {iteration}: {stage.name}" if iteration else f"{BASELINE}: eval base model")
-                if iteration and (index + 1 == len(plan) or plan[index + 1][0] != iteration):
-                    self.console.print(iteration_table(summarize(self.run_dir)))
+            try:
+                for index, stage in enumerate(plan):
+                    following = plan[index + 1] if index + 1 < len(plan) else None
+                    bar = progress.add_task(stage.label, total=len(stage.tasks))
+                    started = time.monotonic()
+                    self.run_stage(stage, lambda done, total, bar=bar: progress.update(bar, completed=done, total=total))
+                    # A service no later stage needs right away gives its resources back.
+                    self.services.release(keep=following.services if following else ())
+                    metrics = self.ledger.read(stage.key).get("metrics") or {}
+                    shown = {k: v for k, v in metrics.items() if k in HEADLINE_METRICS}
+                    self.console.log(f"{stage.label}: done in {time.monotonic() - started:.0f} s {shown}", highlight=False)
+                    if stage.iteration and (following is None or following.iteration != stage.iteration):
+                        self.console.print(iteration_table(summarize(self.run_dir)))
+            except StageFailed:
+                self.services.release()
+                raise
         self.ledger.update("run", {"status": str(Status.DONE), "ended_at": now()})

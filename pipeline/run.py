@@ -30,7 +30,9 @@ from pipeline.config import (
 from pipeline.detach import advance_in_flight, submit_chain
 from pipeline.driver import Driver, StageFailed, job_name
 from pipeline.executors import require_scheduler, sbatch_script
-from pipeline.plan import Planner, shard_ranges
+from pipeline.layout import RunLayout
+from pipeline.plan import Planner
+from pipeline.services import service_plan
 from pipeline.status import console as make_console
 from pipeline.status import summarize
 from state import InputError, Ledger, atomic_write_bytes
@@ -39,7 +41,7 @@ from state.ledger import now
 
 def check_resumable(config: RunConfig, source: str) -> bool:
     """True if the run exists with the same config; refuse a different one."""
-    stored = config.run_dir / "config.yaml"
+    stored = RunLayout(config.run_dir).config
     if not stored.exists():
         return False
     changed = differences(with_defaults(yaml.safe_load(stored.read_text())), yaml.safe_load(dump_yaml(config)))
@@ -55,24 +57,20 @@ def check_resumable(config: RunConfig, source: str) -> bool:
 def print_plan(config: RunConfig, planner: Planner, num_heldout: int, console: Console) -> None:
     console.print(f"run {config.run_name!r} in {planner.run_dir}, cluster {config.executor.cluster}")
     console.print(f"{planner.num_train} training problems, {num_heldout} held-out, {config.num_iterations} iterations")
+    stages = planner.stages()
+    services = {name: service_plan(planner, name, [s.key for s in stages if name in s.services])
+                for name in dict.fromkeys(n for s in stages for n in s.services)}
     table = Table("stage", "jobs", "resources", "writes")
-    for iteration, stage in planner.stages():
-        spec = stage.tasks[0].spec
-        if stage.name == "generate":
-            sizes = [b - a for a, b in shard_ranges(planner.num_train, config.generate.num_shards)]
-            jobs, writes = f"array of {len(sizes)} (problems per shard {min(sizes)}-{max(sizes)})", str(Path(spec.output_path).parent)
-        else:
-            jobs, writes = "1", spec.output_dir
-        extra = ""
-        if stage.name == "train":
-            deepspeed = config.train.deepspeed_json()
-            extra = f" lr {config.learning_rates[iteration - 1]:g}, {config.train.strategy}" + (f" ({deepspeed})" if deepspeed else "")
-        label = f"iteration {iteration} {stage.name}" if iteration else "baseline eval"
-        table.add_row(label, jobs, _resources(stage.resources) + extra, writes)
+    for stage in stages:
+        needs = f" (needs service {', '.join(stage.services)})" if stage.services else ""
+        table.add_row(stage.label + needs, stage.jobs_text, ", ".join(filter(None, [_resources(stage.resources), stage.detail])),
+                      stage.writes)
+    for name, service in services.items():
+        table.add_row(f"service {name}", service.jobs_text, _resources(service.resources), service.writes)
     console.print(table)
     if config.executor.cluster == "slurm":
-        for _, stage in planner.stages():
-            folder = planner.run_dir / "submitit" / stage.key / "<submission>"
+        for stage in [*stages, *services.values()]:
+            folder = planner.layout.job_logs(stage.key, "<submission>")
             # Printed as is (no rich wrapping): this is the exact text sbatch gets.
             print(f"# ---- sbatch script of {stage.key} ----")
             print(sbatch_script(folder, stage.resources, job_name(config, stage), len(stage.tasks)), flush=True)
@@ -91,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
     parser.add_argument("--detach", action="store_true",
                         help="submit the run as SLURM dependency chains and exit; follow it with tools/status.py")
-    args = parser.parse_args(argv)
+    # Options may come anywhere: after the overrides too (CONFIG key=value --dry-run).
+    args = parser.parse_intermixed_args(argv)
     console = make_console()
     try:
         config = load_config(args.config, args.overrides)
@@ -122,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         return InputError.exit_code
     ledger = Ledger(config.run_dir)
     if not resuming:
-        write_jsonl(planner.train_problems, train)
+        write_jsonl(planner.layout.train_problems, train)
         if heldout:
-            write_jsonl(planner.heldout_problems, heldout)
-        ledger.update("run", {"run_name": config.run_name, "created_at": now(), "num_iterations": config.num_iterations})
+            write_jsonl(planner.layout.heldout_problems, heldout)
+        ledger.update("run", {"run_name": config.run_name, "created_at": now(), "num_iterations": config.num_iterations,
+                              "num_train": len(train)})
         # Written last: its presence means the run directory is complete and resumable.
-        atomic_write_bytes(config.run_dir / "config.yaml", dump_yaml(config).encode())
+        atomic_write_bytes(planner.layout.config, dump_yaml(config).encode())
     else:
         console.print(f"resuming run {config.run_name!r} from {config.run_dir}")
     ledger.update("run", {"status": "running", "num_iterations": config.num_iterations})

@@ -10,7 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.scoring.learning_zone import RATE_BUCKETS
-from pipeline.plan import BASELINE, STAGES, iteration_name, stage_key
+from pipeline.config import read_run_config
+from pipeline.layout import BASELINE, RunLayout, iteration_name
+from pipeline.plan import Planner
+from pipeline.services import configured, service_fields, service_key
 from state import Ledger
 
 CATEGORY_ROWS = (
@@ -38,48 +41,45 @@ def _job_fields(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_planner(run_dir: Path | str) -> Planner:
+    """The plan of an existing run, from the config frozen in it."""
+    layout = RunLayout(run_dir)
+    num_train = Ledger(run_dir).read("run").get("num_train")
+    return Planner(read_run_config(layout.config), layout.run_dir, num_train)
+
+
 def summarize(run_dir: Path | str) -> dict[str, Any]:
+    """Where the run stands: every stage of every iteration as its recipe lists them, with the metrics
+    each stage reports for its iteration; services; the detached run's advance job."""
     ledger = Ledger(run_dir)
     run = ledger.read("run")
+    planner = run_planner(run_dir)
     base = ledger.read(f"{BASELINE}/eval")
     iterations = []
-    for iteration in range(1, run.get("num_iterations", 0) + 1):
+    for iteration in range(1, planner.config.num_iterations + 1):
         stages: dict[str, Any] = {}
-        for stage in STAGES:
-            record = ledger.read(stage_key(iteration, stage))
-            stages[stage] = {**_job_fields(record), "metrics": record.get("metrics") or {}}
-        shards = ledger.children(stage_key(iteration, "generate"))
-        stages["generate"]["shards"] = [
-            {"index": int(name.rsplit("_", 1)[1]), **_job_fields(record), "executions": record.get("executions", 0)}
-            for name, record in shards.items()
-        ]
-        filtered, evaluated = stages["filter"]["metrics"], stages["eval"]["metrics"]
-        iterations.append(
-            {
-                "iteration": iteration,
-                "name": iteration_name(iteration),
-                "stages": stages,
-                "metrics": {
-                    "heldout_accuracy": evaluated.get("heldout_accuracy"),
-                    "mean_correct_rate": filtered.get("mean_correct_rate"),
-                    "categories": filtered.get("categories"),
-                    "filtered_samples": filtered.get("filtered_samples"),
-                    "final_loss": stages["train"]["metrics"].get("final_loss"),
-                    "total_problems": filtered.get("total_problems"),
-                    "total_candidates": filtered.get("total_candidates"),
-                    "overall_accuracy": filtered.get("overall_accuracy"),
-                    "correct_count_histogram": filtered.get("correct_count_histogram"),
-                    "correct_rate_buckets": filtered.get("correct_rate_buckets"),
-                },
-            }
-        )
+        metrics: dict[str, Any] = {}
+        for stage in planner.iteration(iteration):
+            record = ledger.read(stage.key)
+            info = {**_job_fields(record), "metrics": record.get("metrics") or {}}
+            if stage.is_array:
+                info["shards"] = [
+                    {"index": int(name.rsplit("_", 1)[1]), **_job_fields(child), "executions": child.get("executions", 0)}
+                    for name, child in ledger.children(stage.key).items()
+                ]
+            stages[stage.name] = info
+            metrics.update({key: info["metrics"].get(key) for key in stage.reports})
+        iterations.append({"iteration": iteration, "name": iteration_name(iteration), "method": planner.config.method,
+                           "stages": stages, "metrics": metrics})
     return {
-        "run_dir": str(Path(run_dir).resolve()),
+        "run_dir": str(planner.run_dir),
         "run_name": run.get("run_name"),
         "status": run.get("status"),
         "error": run.get("error"),
+        "stage_names": planner.stage_names(),
         "base_heldout_accuracy": (base.get("metrics") or {}).get("heldout_accuracy"),
         "iterations": iterations,
+        "services": {name: service_fields(ledger.read(service_key(name))) for name in configured(planner.config)},
         # A detached run's job that submits the next chain (pipeline/detach.py).
         "advance": _job_fields(ledger.read("advance")),
     }
@@ -99,19 +99,21 @@ def iteration_table(summary: dict[str, Any]) -> Table:
     table.add_column("Healthy trend")
     empty = ["-"]
     for key, label, trend in CATEGORY_ROWS:
-        cells = [_percent((e["metrics"]["categories"] or {}).get(key)) if e["metrics"]["categories"] else "-" for e in summary["iterations"]]
+        cells = [_percent((e["metrics"].get("categories") or {}).get(key)) if e["metrics"].get("categories") else "-"
+                 for e in summary["iterations"]]
         table.add_row(label, *empty, *cells, trend)
     table.add_row(
-        "Mean correct rate", *empty, *[_percent(e["metrics"]["mean_correct_rate"]) for e in summary["iterations"]], "Increasing"
+        "Mean correct rate", *empty, *[_percent(e["metrics"].get("mean_correct_rate")) for e in summary["iterations"]], "Increasing"
     )
     table.add_row(
         "Filtered samples", *empty,
-        *[str(e["metrics"]["filtered_samples"]) if e["metrics"]["filtered_samples"] is not None else "-" for e in summary["iterations"]],
+        *[str(e["metrics"]["filtered_samples"]) if e["metrics"].get("filtered_samples") is not None else "-"
+          for e in summary["iterations"]],
         "",
     )
     table.add_row(
         "Held-out accuracy", _percent(summary["base_heldout_accuracy"]),
-        *[_percent(e["metrics"]["heldout_accuracy"]) for e in summary["iterations"]], "Increasing",
+        *[_percent(e["metrics"].get("heldout_accuracy")) for e in summary["iterations"]], "Increasing",
     )
     return table
 
@@ -177,12 +179,12 @@ def warning_signs(summary: dict[str, Any]) -> list[dict[str, Any]]:
     signs = []
     for entry in summary["iterations"]:
         metrics = entry["metrics"]
-        categories = metrics["categories"] or {}
+        categories = metrics.get("categories") or {}
         found = []
         for key, sign in (("too_hard", TOO_MANY_TOO_HARD), ("mastered", TOO_MANY_MASTERED)):
             if categories.get(key, 0) > WARNING_SHARE:
                 found.append((sign, f"{categories[key]:.1%} {key}"))
-        if metrics["filtered_samples"] is not None and metrics["filtered_samples"] < MIN_FILTERED_SAMPLES:
+        if metrics.get("filtered_samples") is not None and metrics["filtered_samples"] < MIN_FILTERED_SAMPLES:
             found.append((SMALL_FILTERED_SET, f"{metrics['filtered_samples']} samples"))
         for (title, meaning, advice), value in found:
             signs.append({"iteration": entry["iteration"], "sign": title, "value": value, "meaning": meaning, "advice": advice})
@@ -194,14 +196,17 @@ def stage_table(summary: dict[str, Any]) -> Table:
     caption = f"run {summary['status'] or 'not started'}" + (f": {summary['error']}" if summary["error"] else "")
     table = Table(title=f"{summary['run_name']} ({summary['run_dir']})", caption=caption)
     table.add_column("Iteration", justify="right")
-    for stage in STAGES:
-        table.add_column(stage)
+    for name in summary["stage_names"]:
+        table.add_column(name)
     for entry in summary["iterations"]:
         cells = []
-        for stage in STAGES:
-            info = entry["stages"][stage]
+        for name in summary["stage_names"]:
+            info = entry["stages"].get(name)
+            if info is None:
+                cells.append("-")
+                continue
             text = info["status"]
-            if stage == "generate" and info["shards"]:
+            if info.get("shards"):
                 counts = Counter(s["status"] for s in info["shards"])
                 text += " (" + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ")"
                 attempts = max(s["attempts"] for s in info["shards"])
@@ -214,4 +219,16 @@ def stage_table(summary: dict[str, Any]) -> Table:
                 text += "\njobs " + ", ".join(jobs[:3]) + (f" +{len(jobs) - 3}" if len(jobs) > 3 else "")
             cells.append(text)
         table.add_row(str(entry["iteration"]), *cells)
+    return table
+
+
+def services_table(summary: dict[str, Any]) -> Table:
+    """The run's services: where each serves (node, endpoint), its job and how often it was started again."""
+    table = Table(title="services")
+    for column in ("service", "status", "job", "node", "endpoint", "restarts", "error"):
+        table.add_column(column)
+    for name, info in summary["services"].items():
+        job = info["job_ids"][-1] if info["job_ids"] else None
+        table.add_row(name, info["status"], *["-" if v is None else str(v) for v in (job, info["node"], info["endpoint"],
+                                                                                       info["restarts"], info["error"])])
     return table

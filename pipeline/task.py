@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         driver = Driver.open(args.run_dir, console())
-        tasks = {task.key: task for _, stage in driver.planner.stages() for task in stage.tasks}
+        tasks = {task.key: task for stage in driver.planner.stages() for task in stage.tasks}
         if args.key not in tasks:
             raise InputError(f"{args.run_dir}: no task {args.key!r} in this run (e.g. {next(iter(tasks))!r})")
     except InputError as error:

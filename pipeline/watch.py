@@ -11,7 +11,9 @@ what overloads controllers' RPC limits on shared clusters).
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
@@ -124,6 +126,14 @@ class JobWatcher:
         # task has ended (whether it succeeded is the ledger's word, not sacct's).
         return {j: infos.get(j) or infos.get(j.split("_")[0], UNKNOWN) for j in job_ids}
 
+    def cancel(self, job_id: str) -> None:
+        """Stop a job (SIGTERM to its tasks first, so they can stop cleanly)."""
+        if self.cluster == "slurm":
+            subprocess.run(["scancel", job_id], capture_output=True, check=False)
+        elif self.cluster == "local" and _local_info(int(job_id)).state == "RUNNING":
+            # A local job's id is its submitit controller's pid, which passes SIGTERM on to the tasks.
+            os.kill(int(job_id), signal.SIGTERM)
+
     def alive(self, job_id: str, info: JobInfo) -> bool:
         if self.cluster != "slurm":
             return info.state == "RUNNING"
@@ -148,6 +158,10 @@ def job_rows(summary: dict, cluster: str) -> list[dict]:
                 if record["job_ids"]:
                     rows.append({"iteration": iteration["iteration"], "task": label, "status": record["status"],
                                  "attempts": record["attempts"], "job_id": record["job_ids"][-1]})
+    for name, service in summary["services"].items():
+        if service["job_ids"]:
+            rows.append({"iteration": None, "task": f"service {name}", "status": service["status"],
+                         "attempts": service["attempts"], "job_id": service["job_ids"][-1]})
     advance = summary["advance"]
     if advance["job_ids"]:
         rows.append({"iteration": None, "task": "advance", "status": advance["status"], "attempts": advance["attempts"],

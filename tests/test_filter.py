@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from jobs.filter import main
 from jobs.scoring.filtering import filter_generations
 from jobs.scoring.learning_zone import categorize, category_ranges, keep_count
-from jobs.specs import FilterConfig
+from jobs.specs import FilterConfig, RewardConfig, RewardFilterConfig
 from state import InputError
 from tests.conftest import run_cli
 
@@ -244,3 +245,65 @@ filter_generations(paths, paths[0].parent / "out" / "f.json", FilterConfig(verif
     result = run_cli("-c", script, *map(str, shards), timeout=120)
     assert result.returncode == 1 and "TypeError" in result.stderr, result.stderr
     assert not (tmp_path / "out" / "f.json").exists()
+
+
+REWARD_DATA = Path(__file__).parent / "data" / "rewards"
+# tests/data/rewards/expected.yaml's seed004 totals: a1 3, 2, 1; a2 0.5, 0.75, 1; a3 3, 3; a4 2, 0, 1.
+SEED004_REWARDS = [
+    RewardConfig("correctness", 2.0), RewardConfig("format", 0.5, {"tags": ["reasoning", "answer"]}),
+    RewardConfig("tag_count", 1.0, {"tags": ["reasoning", "answer"]}),
+]
+
+
+def test_reward_judged_filtering_and_category_weights(tmp_path: Path) -> None:
+    config = FilterConfig(strategy="all", verifier="numeric", reward=RewardFilterConfig(SEED004_REWARDS, threshold=1.0),
+                          category_weights={"mastered": 0.1})
+    stats = filter_generations([REWARD_DATA / "seed004.jsonl"], tmp_path / "f.json", config, 42, 3)
+    samples = json.loads((tmp_path / "f.json").read_text())
+    # Totals of at least 1 count as correct, whatever the verifier says: a1's third answer (6) and
+    # a2's third (6, truth 7) are wrong but reach 1.0; highest totals first.
+    assert [(s["id"], s["reward"], s["category"], s["weight"]) for s in samples] == [
+        ("a1_sol0", 3.0, "mastered", 0.1), ("a1_sol1", 2.0, "mastered", 0.1), ("a1_sol2", 1.0, "mastered", 0.1),
+        ("a2_sol0", 1.0, "learning_zone", 1.0),
+        ("a3_sol0", 3.0, "mastered", 0.1), ("a3_sol1", 3.0, "mastered", 0.1),
+        ("a4_sol0", 2.0, "learning_zone", 1.0), ("a4_sol1", 1.0, "learning_zone", 1.0),
+    ], "a category not in category_weights weighs 1.0"
+    assert samples[2]["rewards"] == {"correctness": 0.0, "format": 1.0, "tag_count": 0.5}
+    assert samples[2]["response"].endswith("<answer>6</answer>") and samples[2]["answer_prediction"] == "6"
+    assert stats["total_correct"] == 8 and stats["reward_failures"] == {
+        name: {"failed": 0, "first_error": None} for name in ("correctness", "format", "tag_count")}
+    filter_generations([REWARD_DATA / "seed004.jsonl"], tmp_path / "g.json", FilterConfig(strategy="all", verifier="numeric"), 42, 3)
+    judged = json.loads((tmp_path / "g.json").read_text())
+    assert [(s["id"], s["answer_prediction"]) for s in judged] == [
+        ("a1_sol0", "5"), ("a1_sol1", "5"), ("a3_sol0", "4"), ("a3_sol1", "4"), ("a4_sol0", "- so 12"),
+    ], "the verifier's verdicts, shortest first"
+    assert all("weight" not in s and "reward" not in s for s in judged), "both are off by default"
+
+
+def unscored_x(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
+    """A user's reward (tests.test_filter:unscored_x) that cannot score problems whose id starts with x."""
+    pid = columns["id"][0]
+    if str(pid).startswith("x"):
+        raise RuntimeError(f"no score for {pid}")
+    return [1.0] * len(completions)
+
+
+def test_reward_failures_add_up_across_worker_processes(tmp_path: Path) -> None:
+    shards = [
+        write_shard(tmp_path / "a.jsonl", [seed_record("x1", 1, k=2), seed_record("g1", 1, k=2)]),
+        write_shard(tmp_path / "b.jsonl", [seed_record("g2", 1, k=3), seed_record("x2", 1, k=3)]),
+    ]
+    reward = RewardFilterConfig([RewardConfig("tests.test_filter:unscored_x"), RewardConfig("tag_count", 0.5)], threshold=1.0)
+    stats = filter_generations(shards, tmp_path / "out" / "f.json", FilterConfig(strategy="all", reward=reward), 42, 3, workers=2)
+    expected = {"unscored_x": {"failed": 5, "first_error": "RuntimeError: no score for x1"},
+                "tag_count": {"failed": 0, "first_error": None}}
+    assert stats["reward_failures"] == expected, "summed over both shards, the first error of the first shard"
+    assert json.loads((tmp_path / "out" / "f_stats.json").read_text())["reward_failures"] == expected
+    # x1 and x2 score 0.5 (tag_count's <think> pair only): below the threshold, never kept.
+    assert {s["original_id"] for s in json.loads((tmp_path / "out" / "f.json").read_text())} == {"g1", "g2"}
+
+
+def test_a_bad_reward_fails_before_any_shard_is_read(tmp_path: Path) -> None:
+    reward = RewardFilterConfig([RewardConfig("tag_count", params={"tags": "think"})])
+    with pytest.raises(ValueError, match="parameter 'tags' of reward 'tag_count'"):
+        filter_generations([tmp_path / "missing.jsonl"], tmp_path / "f.json", FilterConfig(reward=reward), 42, 3)

@@ -24,6 +24,7 @@ def spec_for(assets: Path, output: Path, stop: int = 6) -> GenerateShardSpec:
         output_path=str(output),
         generate=GenerateConfig(num_samples=3, max_tokens=8, batch_size=2),
         seed=1,
+        api_key_path=str(output.parent / "api_key"),
     )
 
 

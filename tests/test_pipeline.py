@@ -53,7 +53,7 @@ def test_two_iterations_end_to_end_then_resume_is_a_no_op(tiny_assets: Path, tmp
 
     dry = run_cli("-m", "pipeline.run", str(config), "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "array of 3" in dry.stdout and "iteration 2 train" in dry.stdout and "nothing submitted" in dry.stdout
+    assert "array of 3" in dry.stdout and "iteration 2: train" in dry.stdout and "nothing submitted" in dry.stdout
     assert not runs.exists(), "--dry-run writes nothing"
 
     first = run_cli("-m", "pipeline.run", str(config))

@@ -26,7 +26,9 @@ HELDOUT = [0.2, 0.3, 0.45, 0.6]
 def filtered_run(run_dir: Path) -> Path:
     """A run's ledger as the driver and jobs leave it: real filter jobs over shards, eval metrics."""
     ledger = Ledger(run_dir)
-    ledger.update("run", {"run_name": "weak_to_strong", "num_iterations": len(ITERATIONS), "status": "done"})
+    ledger.update("run", {"run_name": "weak_to_strong", "num_iterations": len(ITERATIONS), "status": "done", "num_train": 20})
+    write_config(run_dir / "config.yaml", {"run_name": "weak_to_strong", "num_iterations": len(ITERATIONS), "model": {"path": "m"},
+                                           "data": {"train": "t.jsonl", "heldout": "h.jsonl"}})
     ledger.set_status(["baseline/eval"], Status.DONE, metrics={"heldout_accuracy": HELDOUT[0]})
     for iteration, counts in enumerate(ITERATIONS, start=1):
         folder = run_dir / f"iter_{iteration:03d}"
@@ -77,7 +79,7 @@ def test_summary_keeps_its_keys_and_adds_the_distributions(tmp_path: Path) -> No
 def test_not_a_run_directory_is_one_line(tmp_path: Path) -> None:
     result = run_cli("tools/report.py", str(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path}: not a run directory (no ledger/ in it)"
+    assert result.stderr.strip() == f"error: {tmp_path}: not a run directory (no ledger/ and config.yaml in it)"
 
 
 @pytest.mark.slow

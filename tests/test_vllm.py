@@ -81,6 +81,7 @@ def shard_spec(assets: Path, run_dir: Path, index: int, start: int, stop: int, c
         output_path=str(run_dir / "iter_001" / "generate" / f"shard_{index:05d}.jsonl"),
         generate=config,
         seed=7,
+        api_key_path=str(run_dir / "vllm_api_key"),
     )
 
 
@@ -154,7 +155,7 @@ def test_eval_on_vllm_starts_a_server_of_the_model_and_leaves_none(vllm_installe
         target=JobTarget(str(run_dir), "iter_001/eval"), problems_path=str(problems_path),
         model_path=str(tiny_assets / "random_init"), output_dir=str(run_dir / "iter_001" / "eval"),
         eval=EvalConfig(backend="vllm", max_tokens=12, batch_size=4), filter=FilterConfig(verifier="numeric"),
-        generate=vllm_generate(), seed=7,
+        generate=vllm_generate(), seed=7, api_key_path=str(run_dir / "vllm_api_key"),
     )
 
     metrics = eval_job.run(spec)
@@ -484,21 +485,25 @@ def test_server_job_serves_the_run_model_until_cancelled(
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
     job_id = submitted.stdout.strip()
-    endpoints = runs / "small" / "servers" / job_id / "endpoints.json"
+    endpoint_file = runs / "small" / "services" / "vllm" / "endpoint.json"
     deadline = time.monotonic() + 600
-    while not endpoints.exists():
+    while not endpoint_file.exists():
         state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, check=False).stdout
         assert state.strip() in ("PENDING", "RUNNING", "CONFIGURING"), (tmp_path / f"server-{job_id}.log").read_text()
         assert time.monotonic() < deadline
         time.sleep(1)
-    (endpoint,) = json.loads(endpoints.read_text())
-    key_file = runs / "small" / "servers" / "api_key"
+    endpoint = json.loads(endpoint_file.read_text())
+    key_file = runs / "small" / "vllm_api_key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     checked = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "tools/check_endpoint.py", endpoint["url"]],
                              cwd=ROOT, capture_output=True, text=True, env={**os.environ, "VLLM_API_KEY": key_file.read_text()},
                              check=False)
     assert checked.returncode == 0, checked.stderr
-    (server_pid,) = started_pids(runs / "small" / "servers" / job_id / "server_0.log")
+    # A service of the run: in its ledger, with its job, node and endpoint.
+    record = Ledger(runs / "small").read("services/vllm")
+    assert (record["status"], record["job_id"], record["endpoint"]) == ("serving", job_id, endpoint["url"])
+    assert record["node"] == endpoint["node"]
+    (server_pid,) = started_pids(runs / "small" / "services" / "vllm" / "server_0.log")
 
     subprocess.run(["scancel", job_id], check=True)
     deadline = time.monotonic() + 120
@@ -507,6 +512,7 @@ def test_server_job_serves_the_run_model_until_cancelled(
         time.sleep(1)
     assert group_members(server_pid) == [], "no process of the server outlives its job"
     assert not marker.exists(), "an argument ran as a command"
+    assert Ledger(runs / "small").read("services/vllm")["status"] == "done", "the service says it stopped"
 
 
 @pytest.mark.slow

@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--png", type=Path, help="where to write the chart (default RUN_DIR/report.png)")
     args = parser.parse_args(argv)
-    if not (args.run_dir / "ledger").is_dir():
-        print(f"error: {args.run_dir}: not a run directory (no ledger/ in it)", file=sys.stderr)
+    if not (args.run_dir / "ledger").is_dir() or not (args.run_dir / "config.yaml").is_file():
+        print(f"error: {args.run_dir}: not a run directory (no ledger/ and config.yaml in it)", file=sys.stderr)
         return 2
     summary = summarize(args.run_dir)
     # Piped to a file or a job log, rich would fit the tables into 80 columns.

@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from pipeline.status import console as make_console
-from pipeline.status import iteration_table, stage_table, summarize
+from pipeline.status import iteration_table, services_table, stage_table, summarize
 from pipeline.watch import job_rows
 
 COLUMNS = ("iteration", "task", "status", "attempts", "job_id", "scheduler_state", "reason", "node", "elapsed", "exit_code")
@@ -42,7 +42,10 @@ def jobs_table(rows: list[dict]) -> Table:
 def report(run_dir: Path, cluster: str) -> tuple[dict, Group]:
     summary = summarize(run_dir)
     summary["jobs"] = job_rows(summary, cluster)
-    return summary, Group(stage_table(summary), jobs_table(summary["jobs"]), iteration_table(summary))
+    tables = [stage_table(summary), jobs_table(summary["jobs"]), iteration_table(summary)]
+    if summary["services"]:
+        tables.insert(1, services_table(summary))
+    return summary, Group(*tables)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,8 @@ def resume_partial(partial: Path) -> set[str]:
 
 
 def generation_record(problem: dict[str, Any], texts: list[tuple[str, int]]) -> dict[str, Any]:
-    """One line of the seed's generations.jsonl."""
+    """One line of the seed's generations.jsonl, with the problem's other fields too (task_type,
+    duration ...: what the filter's and jobs.score's rewards read as columns)."""
     candidates = []
     for text, num_tokens in texts:
         extracted = extract(text)
@@ -62,7 +63,9 @@ def generation_record(problem: dict[str, Any], texts: list[tuple[str, int]]) -> 
             }
         )
     record = {"id": problem["id"], **{f: problem[f] for f in MEDIA_FIELDS if f in problem}}
-    record.update(question=problem["question"], ground_truth=problem["answer"], candidates=candidates)
+    record.update(question=problem["question"], ground_truth=problem["answer"])
+    record.update({k: v for k, v in problem.items() if k not in record and k != "answer"})
+    record["candidates"] = candidates
     record["num_candidates"] = len(candidates)
     return record
 
@@ -112,7 +115,7 @@ def generate_shard(spec: GenerateShardSpec, metrics: dict[str, Any]) -> None:
                 )
                 for p in todo
             ]
-            files = ServerFiles(output.parent / "servers" / output.stem, Path(spec.target.run_dir) / "vllm_api_key")
+            files = ServerFiles(output.parent / "servers" / output.stem, Path(spec.api_key_path))
             backend = make_backend(config, spec.model_path, todo, files)
             progress = Throughput(len(todo))  # from here: server start-up is not generation
             try:

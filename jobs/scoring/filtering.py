@@ -1,7 +1,10 @@
 """Filter job: merge the generation shards, judge every candidate, keep an SFT set.
 
 What is kept follows the seed's strategies (jobs.scoring.learning_zone); what is counted, its
-analytics (jobs.scoring.analytics).
+analytics (jobs.scoring.analytics). A candidate is correct when the verifier accepts its answer,
+or, with ``filter.reward``, when its weighted reward total reaches the threshold (the verifier is
+then not asked; kept samples carry their ``reward`` and per-reward ``rewards``, the highest totals
+kept first). With ``filter.category_weights`` each kept sample carries its category's ``weight``.
 
 Shards are read as streams, one problem at a time, by one worker process per CPU the job has
 (shards are independent; each worker writes its shard's kept samples and ids to files of its
@@ -49,26 +52,13 @@ from jobs.scoring.learning_zone import (
     category_ranges,
     keep_count,
 )
+from jobs.scoring.records import raw_outputs, read_generations, score_candidates
+from jobs.scoring.rewards import RewardContext, RewardSet
 from jobs.scoring.verifiers import Verifier, get_verifier
-from jobs.specs import MEDIA_FIELDS, FilterConfig, FilterSpec
+from jobs.specs import MEDIA_FIELDS, FilterConfig, FilterSpec, ServiceRef
 from state import InputError
 
-READ_BUFFER = WRITE_BUFFER = 1 << 20
-
-
-def read_generations(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` for every line of a shard, in order."""
-    # A large buffer: lines of K candidates are tens of KB, and the default 8 KB buffer makes
-    # splitting them cost more than parsing them.
-    with open(path, "rb", buffering=READ_BUFFER) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.endswith(b"\n"):
-                raise InputError(f"{path}:{number}: truncated last line (the shard was cut mid-write)")
-            if not line.isspace():
-                try:
-                    yield number, orjson.loads(line)
-                except orjson.JSONDecodeError as error:
-                    raise InputError(f"{path}:{number}: malformed JSON ({error})") from None
+WRITE_BUFFER = 1 << 20
 
 
 class Judge:
@@ -92,18 +82,23 @@ class Judge:
         self.answers: dict[str, str] = {}
         self.verdicts: dict[tuple[str, str], bool] = {}
 
+    def answer(self, raw: str) -> str:
+        """The answer extracted from a candidate."""
+        # The answer depends only on what follows the reasoning: look it up by that, without
+        # copying the reasoning (this runs for every candidate).
+        end = raw.rfind(THINK_CLOSE)
+        ending = raw[end:] if end >= 0 else raw
+        answer = self.answers.get(ending)
+        if answer is None:
+            answer = self._remember(self.answers, ending, self.extract(ending), len(ending))
+        return answer
+
     def correct(self, raw_outputs: list[str], truth: str) -> list[tuple[int, int, str]]:
         """``(length, candidate index, extracted answer)`` of the candidates judged correct, shortest first."""
-        answers, verdicts = self.answers, self.verdicts
+        verdicts = self.verdicts
         correct = []
         for index, raw in enumerate(raw_outputs):
-            # The answer depends only on what follows the reasoning: look it up by that, without
-            # copying the reasoning (this loop runs for every candidate).
-            end = raw.rfind(THINK_CLOSE)
-            ending = raw[end:] if end >= 0 else raw
-            answer = answers.get(ending)
-            if answer is None:
-                answer = self._remember(answers, ending, self.extract(ending), len(ending))
+            answer = self.answer(raw)
             pair = (answer, truth)
             ok = verdicts.get(pair)
             if ok is None:
@@ -218,6 +213,20 @@ def available_cpus() -> int:
     return int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """What a worker needs to filter shard ``shard`` of ``paths`` into ``staging``."""
+
+    paths: Sequence[Path]
+    shard: int
+    staging: Path
+    config: FilterConfig
+    seed: int
+    num_samples: int
+    # The run's services, for rewards that call one (filter.reward).
+    services: dict[str, ServiceRef]
+
+
 @dataclass
 class ShardFiltered:
     """A worker's result for one shard; its kept samples and ids are in files under ``folder``."""
@@ -227,23 +236,41 @@ class ShardFiltered:
     max_k: int
     seen: ProblemIds
     ids: CategoryIds
+    # filter.reward: per reward, the samples it could not score and its first error.
+    reward_failures: dict[str, dict[str, Any]]
 
     @property
     def kept(self) -> Path:
         return self.folder / "kept"
 
 
-def _filter_shard(job: tuple[Sequence[Path], int, Path, FilterConfig, int, int]) -> ShardFiltered:
+def _reward_set(config: FilterConfig, services: dict[str, ServiceRef]) -> RewardSet | None:
+    """filter.reward's rewards, bound to the run's verifier, answer pattern and services."""
+    if config.reward is None:
+        return None
+    return RewardSet(config.reward.rewards, RewardContext(config.verifier, config.answer_pattern, services))
+
+
+def _filter_shard(job: ShardJob) -> ShardFiltered:
     """One shard into ``<staging>/shard_N/``: its kept samples (``a,\nb``, no brackets) and id files."""
-    paths, shard, staging, config, seed, num_samples = job
-    folder = staging / f"shard_{shard:05d}"
+    folder = job.staging / f"shard_{job.shard:05d}"
     folder.mkdir()
     ids = CategoryIds(folder)
+    # Each worker its own: rewards keep per-process state (counts of failures, a loaded model).
+    rewards = _reward_set(job.config, job.services)
     with open(folder / "kept", "wb", buffering=WRITE_BUFFER) as sink:
-        analytics, max_k, seen = _filter_into(sink, paths, shard, config, seed, num_samples, ids)
+        analytics, max_k, seen = _filter_into(sink, job, ids, rewards)
     for category in CATEGORIES:
         ids.flush(category)
-    return ShardFiltered(folder, analytics, max_k, seen, ids)
+    return ShardFiltered(folder, analytics, max_k, seen, ids, rewards.failure_report() if rewards else {})
+
+
+def _merge_failures(total: dict[str, dict[str, Any]], shard: dict[str, dict[str, Any]]) -> None:
+    """Add a later shard's reward failures to ``total``: counts add up, the first error stays."""
+    for name, report in shard.items():
+        merged = total.setdefault(name, {"failed": 0, "first_error": None})
+        merged["failed"] += report["failed"]
+        merged["first_error"] = merged["first_error"] or report["first_error"]
 
 
 def _worker_signals() -> None:
@@ -271,12 +298,14 @@ def _filtered_shards(jobs: list[Any], workers: int) -> Iterator[Iterator[ShardFi
 
 def filter_generations(
     paths: Sequence[Path], output: Path, config: FilterConfig, seed: int, num_samples: int,
-    expected: int | None = None, workers: int | None = None,
+    expected: int | None = None, workers: int | None = None, services: dict[str, ServiceRef] | None = None,
 ) -> dict[str, Any]:
     """Stream ``paths`` into ``output`` (filtered.json) and its sibling analytics files."""
-    # A bad verifier or pattern fails here, once, not in every worker.
+    # A bad verifier, pattern or reward fails here, once, not in every worker.
     get_verifier(config.verifier)
     answer_rules(config.answer_pattern)
+    services = services or {}
+    _reward_set(config, services)
     workers = min(workers or available_cpus(), len(paths))
     started = time.monotonic()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +314,8 @@ def filter_generations(
         staging = Path(staging_dir)
         ids = CategoryIds(staging)
         analytics, max_k, seen = Analytics(tuple(config.zone_bounds)), num_samples, ProblemIds()
-        jobs = [(paths, shard, staging, config, seed, num_samples) for shard in range(len(paths))]
+        reward_failures: dict[str, dict[str, Any]] = {}
+        jobs = [ShardJob(paths, shard, staging, config, seed, num_samples, services) for shard in range(len(paths))]
         with open(staging / output.name, "wb", buffering=WRITE_BUFFER) as sink, _filtered_shards(jobs, workers) as shards:
             sink.write(b"[")
             separator = b"\n"
@@ -294,6 +324,7 @@ def filter_generations(
                 max_k = max(max_k, shard.max_k)
                 seen.extend(shard.seen)
                 ids.append(shard.ids)
+                _merge_failures(reward_failures, shard.reward_failures)
                 if shard.kept.stat().st_size:
                     sink.write(separator)
                     with open(shard.kept, "rb") as kept:
@@ -309,6 +340,8 @@ def filter_generations(
 
         ranges = category_ranges(max_k, config.zone_bounds)
         stats = analytics.stats(config.strategy)
+        if config.reward:
+            stats["reward_failures"] = reward_failures
         log_text = analytics.log_text(ranges, max_k)
         sidecars = {
             "stats.json": _json_bytes(stats),
@@ -328,6 +361,9 @@ def filter_generations(
     print(log_text, flush=True)
     if analytics.failed:
         print(f"{analytics.failed} problem(s) left out: their generation failed (the record's 'error' says why)", flush=True)
+    for name, report in reward_failures.items():
+        if report["failed"]:
+            print(f"reward {name}: no score for {report['failed']} candidate(s), first error: {report['first_error']}", flush=True)
     seconds = time.monotonic() - started
     return {
         **stats,
@@ -339,54 +375,63 @@ def filter_generations(
     }
 
 
-def _filter_into(
-    sink: BinaryIO, paths: Sequence[Path], shard: int, config: FilterConfig, seed: int, num_samples: int,
-    ids: CategoryIds,
-) -> tuple[Analytics, int, ProblemIds]:
-    """Write shard ``shard``'s kept samples to ``sink``, separated by ``,\\n``; return its counts."""
+def _filter_into(sink: BinaryIO, job: ShardJob, ids: CategoryIds, rewards: RewardSet | None) -> tuple[Analytics, int, ProblemIds]:
+    """Write the shard's kept samples to ``sink``, separated by ``,\\n``; return its counts."""
+    config, path = job.config, job.paths[job.shard]
     judge = Judge(config.answer_pattern, get_verifier(config.verifier))
     bounds = tuple(config.zone_bounds)
     category_of = cache(lambda correct, k: categorize(correct, k, bounds))
     analytics = Analytics(bounds)
     seen = ProblemIds()
-    max_k = num_samples
+    max_k = job.num_samples
+    threshold = config.reward.threshold if config.reward else 0.0
     separator = b""
-    for number, record in read_generations(paths[shard]):
-        try:
-            pid, question, truth = record["id"], record["question"], record["ground_truth"]
-            raw_outputs = [candidate["raw_output"] for candidate in record["candidates"]]
-        except (KeyError, TypeError) as error:
-            raise InputError(f"{paths[shard]}:{number}: not a generations.jsonl record (missing {error})") from None
-        seen.add(pid, shard, number)
+    for number, record in read_generations(path):
+        texts = raw_outputs(record, f"{path}:{number}")
+        pid, truth = record["id"], record["ground_truth"]
+        seen.add(pid, job.shard, number)
         if "error" in record:
             # Its candidates (if any) are incomplete: counting it would pass a server error off as "too hard".
             analytics.failed += 1
             continue
-        k = len(raw_outputs)
+        k = len(texts)
         max_k = max(max_k, k)
-        # A data set's numeric truths (72, not "72") are judged as their JSON text.
-        correct = judge.correct(raw_outputs, truth if isinstance(truth, str) else json.dumps(truth))
+        scores = None
+        if rewards is None:
+            # A data set's numeric truths (72, not "72") are judged as their JSON text.
+            correct = judge.correct(texts, truth if isinstance(truth, str) else json.dumps(truth))
+        else:
+            scores = score_candidates(rewards, record, texts)
+            passed = [(total, i) for i, total in enumerate(scores.totals) if total is not None and total >= threshold]
+            # The highest rewards first; among equal ones the shortest, then in candidate order.
+            passed.sort(key=lambda item: (-item[0], len(texts[item[1]]), item[1]))
+            correct = [(len(texts[i]), i, judge.answer(texts[i])) for _, i in passed]
         num_correct = len(correct)
         category = category_of(num_correct, k)
         if config.dedupe:
             # Repeats count for the correct rate, but are kept once.
             first: dict[str, tuple[int, int, str]] = {}
             for item in correct:
-                first.setdefault(raw_outputs[item[1]], item)
+                first.setdefault(texts[item[1]], item)
             correct = list(first.values())
-        kept = correct[: keep_count(category, len(correct), config, pid, seed)]
+        kept = correct[: keep_count(category, len(correct), config, pid, job.seed)]
         analytics.add(k, num_correct, category, len(kept))
         ids.add(category, pid)
         if kept:
             media = {f: record[f] for f in MEDIA_FIELDS if f in record}
         for number_kept, (_, index, prediction) in enumerate(kept):
-            raw = raw_outputs[index]
+            raw = texts[index]
             # Key by key in the seed's order: a dict display with **media is several times slower.
             sample = {"id": f"{pid}_sol{number_kept}", "original_id": pid}
             sample.update(media)
-            sample["question"], sample["answer"], sample["response"] = question, truth, raw
+            sample["question"], sample["answer"], sample["response"] = record["question"], truth, raw
             sample["thinking_prediction"] = _thinking(record["candidates"][index], raw)
             sample["answer_prediction"], sample["category"] = prediction, category
+            if scores is not None:
+                sample["reward"] = scores.totals[index]
+                sample["rewards"] = {name: values[index] for name, values in scores.by_reward.items()}
+            if config.category_weights is not None:
+                sample["weight"] = config.category_weights.get(category, 1.0)
             sink.write(separator + orjson.dumps(sample))
             separator = b",\n"
     return analytics, max_k, seen
@@ -407,7 +452,7 @@ def run(spec: FilterSpec) -> dict[str, Any]:
         metrics.update(
             filter_generations(
                 [Path(p) for p in spec.shard_paths], Path(spec.output_dir) / "filtered.json",
-                spec.filter, spec.seed, spec.num_samples, spec.num_problems,
+                spec.filter, spec.seed, spec.num_samples, spec.num_problems, services=spec.services,
             )
         )
     return metrics

@@ -15,7 +15,7 @@ Built-in rewards (jobs.scoring.reward_functions: the seeds' formulas; jobs.scori
 ``package.module:function``. A reward's parameters are its keyword-only arguments; values from
 YAML are checked against their annotations when the run's config is loaded. A parameter
 annotated ``RewardContext`` is not the user's to set: it carries the run's verifier, answer
-pattern and services.
+pattern and services; one annotated ``ServiceName`` names the service a reward calls.
 
 A reward that raises gives None for the samples of that call, counted per reward with its first
 error (``RewardSet.failures``): a failure is not a zero. One that could score only some samples
@@ -39,6 +39,9 @@ from jobs.scoring.answers import DEFAULT_PATTERN
 from jobs.specs import RewardConfig, ServiceRef
 
 RewardFunction = Callable[..., list[float | None]]
+# The annotation of a reward's parameter that names a service of the run it calls (``services.<name>``):
+# the planner starts that service for the stages using the reward.
+ServiceName = typing.NewType("ServiceName", str)
 
 _REGISTRY: dict[str, RewardFunction] = {}
 # Modules whose @reward functions are the built-ins; imported on first lookup.
@@ -115,6 +118,9 @@ class NamedReward:
     params: dict[str, Any]
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
+        # A problem field named like one of the reward's parameters (a data set's "tags") must not set it.
+        accepted = _parameters(self.function)
+        columns = {k: v for k, v in columns.items() if k not in accepted}
         return self.function(prompts, completions, **self.params, **columns)
 
     @property
@@ -126,7 +132,8 @@ def bind(config: RewardConfig, context: RewardContext) -> NamedReward:
     """``config``'s reward with its parameters checked; ValueError naming the reward and parameter."""
     function = reward_function(config.name)
     accepted = _parameters(function)
-    hints = typing.get_type_hints(function)
+    # With their Annotated constraints (a minimum length, a range), which the values must meet too.
+    hints = typing.get_type_hints(function, include_extras=True)
     params: dict[str, Any] = {}
     for key, value in config.params.items():
         if key not in accepted or hints.get(key) is RewardContext:
@@ -142,6 +149,18 @@ def bind(config: RewardConfig, context: RewardContext) -> NamedReward:
         elif accepted[key].default is inspect.Parameter.empty and key not in params:
             raise ValueError(f"reward {config.name!r} needs parameter {key!r}")
     return NamedReward(config.name.rsplit(":", 1)[-1], config.weight, function, params)
+
+
+def services_used(configs: Sequence[RewardConfig]) -> set[str]:
+    """The services of the run that these rewards call (their ``ServiceName`` parameters)."""
+    used = set()
+    for config in configs:
+        function = reward_function(config.name)
+        hints = typing.get_type_hints(function)
+        for key, parameter in _parameters(function).items():
+            if hints.get(key) is ServiceName:
+                used.add(config.params.get(key, parameter.default))
+    return used
 
 
 @dataclass

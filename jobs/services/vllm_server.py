@@ -13,6 +13,7 @@ when the job is killed outright.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,9 +21,11 @@ import secrets
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from jobs.services.process import (
     run_api_key,
 )
 from jobs.services.vllm_args import serve_arguments, vllm_command
-from jobs.specs import GenerateConfig
+from jobs.specs import GenerateConfig, VllmServing
 
 log = logging.getLogger("selftrain")
 
@@ -294,3 +297,29 @@ def start_servers(model_path: str, config: GenerateConfig, files: ServerFiles) -
     fleet = ServerFleet(servers, api_key, vllm.startup_timeout_s, on_gpus=bool(gpus))
     fleet.start()
     return fleet
+
+
+class VllmService:
+    """vLLM servers of one model as a service of the run (its service job runs this): started, watched
+    until ``stop()`` or SIGTERM, then stopped."""
+
+    CHECK_INTERVAL_S = 5.0
+
+    def __init__(self, serving: VllmServing, files: ServerFiles, host: str):
+        self.serving, self.files, self.host = serving, files, host
+        self._stop = threading.Event()
+
+    def run(self, on_ready: Callable[..., None]) -> None:
+        generate = dataclasses.replace(self.serving.generate, vllm=dataclasses.replace(self.serving.generate.vllm, host=self.host))
+        fleet = start_servers(self.serving.model, generate, self.files)
+        try:
+            on_ready(*(endpoint.base_url.removesuffix("/v1") for endpoint in fleet.endpoints))
+            while not self._stop.wait(self.CHECK_INTERVAL_S):
+                if fleet.stopped_by:  # SIGTERM: the job ends, and the servers with it
+                    return
+                fleet.check()
+        finally:
+            fleet.stop()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -3,7 +3,9 @@
 Writes ``<output>/model`` (the merged model the next iteration generates with), ``<output>/adapter``
 for LoRA, ``<output>/model_card.json``, and per rank the order of the examples it trains on
 (``<output>/data_order/rank_<r>.json``). Checkpoints go to ``<output>/checkpoints``; a restarted
-job continues from the last one. GPU-only settings are skipped with one log line on CPU.
+job continues from the last one. GPU-only settings are skipped with one log line on CPU. When
+filtered.json carries a ``weight`` per sample (filter.category_weights), each sample's loss is
+scaled by it (jobs.training.weighted; replay examples weigh 1.0).
 
 Distributed: a job of several tasks (``executor.train.tasks_per_node``, ``nodes``) runs one process
 per task; rank, world size and the rendezvous (first node, a port derived from the job id so that
@@ -31,16 +33,20 @@ STEP_LOG_KEYS = ("step", "loss", "learning_rate", "tokens_per_s", "samples_per_s
 
 
 def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: str | None) -> list[dict[str, Any]]:
-    """Prompt / completion conversations from filtered.json and the replay problems."""
-    pairs: list[tuple[dict[str, Any], str]] = []
-    if data_path:
-        pairs += [(s, s["response"]) for s in json.loads(Path(data_path).read_text(encoding="utf-8"))]
+    """Prompt / completion conversations from filtered.json and the replay problems; with a ``weight``
+    each when filtered.json has them (filter.category_weights; replay examples weigh 1.0)."""
+    samples = json.loads(Path(data_path).read_text(encoding="utf-8")) if data_path else []
+    weighted = any("weight" in s for s in samples)
+    triples = [(s, s["response"], s.get("weight", 1.0)) for s in samples]
     if replay_path:
-        pairs += [(p, p["answer"]) for p in load_problems(replay_path)]
-    return [
-        {"prompt": messages_for(problem, system_prompt), "completion": [{"role": "assistant", "content": response}]}
-        for problem, response in pairs
-    ]
+        triples += [(p, p["answer"], 1.0) for p in load_problems(replay_path)]
+    examples = []
+    for problem, response, weight in triples:
+        example = {"prompt": messages_for(problem, system_prompt), "completion": [{"role": "assistant", "content": response}]}
+        if weighted:
+            example["weight"] = weight
+        examples.append(example)
+    return examples
 
 
 def _hardware_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
@@ -75,6 +81,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from jobs.training.callbacks import CheckpointOnPreemption, DataOrder, StepMetrics
+    from jobs.training.weighted import WEIGHT, WeightedSFTTrainer
 
     config = spec.train
     output = Path(spec.output_dir)
@@ -131,7 +138,8 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     world_size = args.world_size
     effective_batch = config.batch_size * config.gradient_accumulation_steps * world_size
     on_preemption = CheckpointOnPreemption()
-    trainer = SFTTrainer(
+    weighted = WEIGHT in examples[0]
+    trainer = (WeightedSFTTrainer if weighted else SFTTrainer)(
         model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
         peft_config=peft_config, callbacks=[on_preemption, StepMetrics(effective_batch, on_gpu), DataOrder(output)],
     )
@@ -169,6 +177,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         world_size=world_size,
         effective_batch_size=effective_batch,
         strategy=config.strategy,
+        loss_weighted=weighted,
         step_log=step_log,
     )
     card = {"base_model": spec.base_model, "iteration": spec.iteration, "init_model": spec.init_model, "method": config.method}
