@@ -1,10 +1,21 @@
-"""Builds the demo's assets offline: a tiny Qwen2 model, its tokenizer, and an addition task.
+"""Builds the demo's assets offline: a tiny Qwen2 model, its tokenizer, and an addition task; and
+tiny reward models for the reward service.
 
 The task: add two numbers of 10-999, worked digit by digit with carries inside <think>, then
 ``ANSWER: n``. The base model is warm-started on a small set of worked solutions until its
 greedy accuracy on a dev split reaches a target (10 %), so that it is weak but not hopeless.
 
+The reward models (``build-reward-models``), random and tiny (0.1 M parameters, CPU is plenty):
+``listener``, a Qwen2 causal LM for a ``yes_probability`` service, and ``classifier``, a
+Qwen2ForSequenceClassification with one label, for a ``classifier`` service; both on the demo's
+byte-level tokenizer, so "yes" is three tokens. They exercise the service, not a skill: a few
+minutes of CPU training did not teach a model this small to pick described objects better than
+chance. ``games.jsonl`` holds seed 002's referential game with text objects, for a speaker:
+``candidate_texts`` ("red circle", ...), ``target_index``, and as ``answer`` a description that fits
+the target alone.
+
     python -m jobs.demo build demo_assets [--no-warm-start]
+    python -m jobs.demo build-reward-models reward_assets
 """
 
 from __future__ import annotations
@@ -79,20 +90,28 @@ def build_tokenizer(out: Path) -> Any:
     return tokenizer
 
 
+def qwen2_config(tokenizer: Any, hidden_size: int = 128, num_layers: int = 4, **extra: Any) -> Any:
+    """A small Qwen2 for ``tokenizer``: head_dim 32 (so vLLM's CPU attention can serve it too), MLP
+    4 x hidden, one key/value head per two query heads, tied embeddings."""
+    from transformers import Qwen2Config
+
+    heads = hidden_size // 32
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=32, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.convert_tokens_to_ids(IM_START),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra,
+    )
+
+
 def build_model(out: Path, seed: int = 0) -> None:
-    """A 1 M-parameter Qwen2 (head_dim 32, so vLLM's CPU attention can serve it too)."""
+    """A 1 M-parameter Qwen2."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer(out)
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tokenizer.convert_tokens_to_ids(IM_START),
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(qwen2_config(tokenizer))
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=80
     )
@@ -163,9 +182,57 @@ def build(out: Path, with_warm_start: bool, seed: int = 0, num_warm: int = 160, 
         print(f"{out / 'base_model'}: warm-started base model, {accuracy:.1%} greedy accuracy on the dev split")
 
 
+# Seed 002's referential game with text objects: a description names the target's color, its
+# shape or both, in words that tell it apart from the other candidates.
+COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white")
+SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
+DESCRIPTIONS = {"both": "a {color} {shape}", "color": "something {color}", "shape": "a {shape}"}
+
+
+def fits(candidate: tuple[str, str], target: tuple[str, str], form: str) -> bool:
+    """Whether the description of ``target`` in ``form`` fits ``candidate`` too."""
+    return (form == "shape" or candidate[0] == target[0]) and (form == "color" or candidate[1] == target[1])
+
+
+def referential_games(rng: random.Random, count: int, num_candidates: int = 3) -> list[dict[str, Any]]:
+    """Games for a speaker: ``candidate_texts``, ``target_index``, and as ``answer`` a description that fits
+    the target alone."""
+    objects = [(c, s) for c in COLORS for s in SHAPES]
+    games = []
+    for i in range(count):
+        candidates = rng.sample(objects, num_candidates)
+        target = rng.randrange(num_candidates)
+        forms = [f for f in DESCRIPTIONS if sum(fits(c, candidates[target], f) for c in candidates) == 1]
+        names = [" ".join(c) for c in candidates]
+        games.append({
+            "id": f"game_{i:05d}",
+            "question": f"Candidates: {', '.join(names)}. Describe candidate {target + 1} so that a listener can pick it.",
+            "answer": DESCRIPTIONS[rng.choice(forms)].format(color=candidates[target][0], shape=candidates[target][1]),
+            "candidate_texts": names,
+            "target_index": target,
+        })
+    return games
+
+
+def build_reward_models(out: Path, seed: int = 0) -> None:
+    """``out/listener`` and ``out/classifier``, random tiny Qwen2s on the demo's tokenizer, and
+    ``out/games.jsonl``."""
+    import torch
+    from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "games.jsonl", referential_games(random.Random(seed), 1000))
+    torch.manual_seed(seed)
+    listener = Qwen2ForCausalLM(qwen2_config(build_tokenizer(out / "listener"), hidden_size=64, num_layers=2))
+    classifier = Qwen2ForSequenceClassification(qwen2_config(build_tokenizer(out / "classifier"), hidden_size=64, num_layers=2, num_labels=1))
+    classifier.save_pretrained(str(out / "classifier"))
+    # Last: the listener's config.json says the build is complete.
+    listener.save_pretrained(str(out / "listener"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["build"])
+    parser.add_argument("command", choices=["build", "build-reward-models"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--no-warm-start", dest="warm_start", action="store_false")
     parser.add_argument("--num-warm", type=int, default=160)
@@ -173,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.command == "build-reward-models":
+        with FileLock(f"{args.out}.lock"):
+            if (args.out / "listener" / "config.json").exists():
+                print(f"{args.out}: reward models already built")
+                return 0
+            build_reward_models(args.out, args.seed)
+        print(f"{args.out}: reward models built (random: listener/ for yes_probability, classifier/ for classifier) and games.jsonl")
+        return 0
     done = args.out / ("base_model" if args.warm_start else "random_init") / "config.json"
     # Concurrent builds (two terminals, parallel tests) wait for each other instead of mixing files.
     with FileLock(f"{args.out}.lock"):

@@ -30,6 +30,7 @@ from typing import Any
 
 from jobs.specs import JobTarget
 from state import Ledger, Status
+from state.ledger import now
 
 log = logging.getLogger("selftrain")
 
@@ -107,6 +108,23 @@ def step_aside_if_superseded(target: JobTarget, record: dict[str, Any]) -> None:
     raise SystemExit(0)
 
 
+def _report(ledger: Ledger, target: JobTarget, status: Status, **fields: Any) -> None:
+    """How this job ended, unless its task was handed to a newer submission meanwhile (the driver
+    took this job for lost): then the record is the new job's, and this one's word comes too late."""
+    stamp = {Status.DONE: "ended_at", Status.FAILED: "ended_at"}
+
+    def end(record: dict[str, Any]) -> None:
+        if target.submission is not None and record.get("submission") != target.submission:
+            log.info("%s was resubmitted (submission %s): this job's end (%s) is not recorded",
+                     target.ledger_key, record.get("submission"), status)
+            return
+        record.update(status=str(status), **fields)
+        if status in stamp:
+            record[stamp[status]] = now()
+
+    ledger.update(target.ledger_key, mutate=end)
+
+
 @contextmanager
 def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any]]:
     """Mark the record running, then done with the metrics the body filled in, failed, or requeued.
@@ -139,18 +157,18 @@ def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any
         if not stop.requeue:
             # In flight until the driver hears the scheduler's word: CANCELLED fails the record,
             # a requeue by SLURM (preemption) runs the job again.
-            ledger.set_status([target.ledger_key], Status.SUBMITTED, note=str(stop))
+            _report(ledger, target, Status.SUBMITTED, note=str(stop))
             log.info("%s", stop)
             raise SystemExit(128 + stop.signum) from None  # the exit status of a process the signal killed
         # Still in flight for the driver: the requeued job reports as it runs again.
-        ledger.set_status([target.ledger_key], Status.SUBMITTED, note="requeued after the pre-timeout signal")
+        _report(ledger, target, Status.SUBMITTED, note="requeued after the pre-timeout signal")
         _requeue()
         log.info("requeued job %s after the pre-timeout signal", _job_identity()["job_id"])
         return
     except BaseException as error:
-        ledger.set_status([target.ledger_key], Status.FAILED, error=f"{type(error).__name__}: {error}")
+        _report(ledger, target, Status.FAILED, error=f"{type(error).__name__}: {error}")
         raise
-    ledger.set_status([target.ledger_key], Status.DONE, metrics=metrics, error=None)
+    _report(ledger, target, Status.DONE, metrics=metrics, error=None)
 
 
 class Throughput:

@@ -180,7 +180,12 @@ def _known_keys(path: list[str]) -> list[str]:
 def user_key(loc: tuple[Any, ...]) -> list[str]:
     """A validation error's location as the user wrote the key: ``executor.generate``, not
     ``executor.stages.generate``; quoted where a line break would split the message."""
-    parts = [str(part) if str(part).isprintable() else repr(part) for part in loc]
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int) and parts:
+            parts[-1] += f"[{part}]"  # rewards[0], as in the messages of our own checks
+        else:
+            parts.append(str(part) if str(part).isprintable() else repr(part))
     if parts[:2] == ["executor", "stages"]:
         del parts[1]
     return parts

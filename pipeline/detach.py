@@ -82,7 +82,7 @@ def submit_chain(driver: Driver, me: str | None = None) -> str:
     needed = {name for stage in chain for name in stage.services}
     driver.services.release(keep=tuple(needed))
     # The ledger first learns how every job of the chain ended, so that it is right however this ends.
-    all_records = {t.key: driver.ledger.read(t.key) for stage in chain for t in stage.tasks}
+    all_records = driver.ledger.read_many(t.key for stage in chain for t in stage.tasks)
     driver.mark_lost([t for stage in chain for t in stage.tasks], all_records)
     waits_for: list[str] = []  # job ids the next stage depends on
     chain_jobs: list[str] = []
@@ -207,7 +207,7 @@ def _previous_done(driver: Driver, stage: StagePlan) -> bool:
     previous = driver.current_stage()
     if previous is None or previous.key == stage.key:
         return True
-    records = {t.key: driver.ledger.read(t.key) for t in previous.tasks}
+    records = driver.ledger.read_many(t.key for t in previous.tasks)
     driver.mark_lost(previous.tasks, records)
     if all(records[t.key].get("status") == DONE for t in previous.tasks):
         if previous.is_array:

@@ -173,7 +173,7 @@ class Driver:
 
     def failed_tasks(self, stage: StagePlan) -> list[Task]:
         """Tasks that failed, were cancelled or timed out (after asking the scheduler)."""
-        records = {t.key: self.ledger.read(t.key) for t in stage.tasks}
+        records = self.ledger.read_many(t.key for t in stage.tasks)
         self.mark_lost(stage.tasks, records)
         return [t for t in stage.tasks if records[t.key].get("status") == str(Status.FAILED)]
 
@@ -186,7 +186,7 @@ class Driver:
         executor = self.config.executor
         interval, last_seen = executor.poll_interval_s, None
         while True:
-            records = {t.key: self.ledger.read(t.key) for t in stage.tasks}
+            records = self.ledger.read_many(t.key for t in stage.tasks)
             self.mark_lost(stage.tasks, records)
             statuses = [records[t.key].get("status") for t in stage.tasks]
             done = statuses.count(str(Status.DONE))

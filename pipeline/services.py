@@ -109,11 +109,15 @@ class ServiceKeeper:
         record = self._record(name)
         if record.get("status") in IN_FLIGHT:
             return []
+        if record.get("status") == str(Status.DONE):
+            # It served the stages before and was stopped: a new start, with attempts of its own.
+            self.ledger.update(service_key(name), {"attempts": 0, "error": None})
+            record["attempts"] = 0
         attempts = record.get("attempts", 0)
         if attempts >= self.driver.config.executor.max_attempts:
             raise StageFailed(f"service {name} failed after {attempts} start(s): {record.get('error')}")
         if attempts:
-            self.driver.console.log(f"service {name}: {record.get('error') or 'stopped'}; starting it again")
+            self.driver.console.log(f"service {name}: {record.get('error')}; starting it again")
         plan = service_plan(self.driver.planner, name, self.consumers(stage, name))
         return self.driver.submit(plan, plan.tasks, dependency)
 
@@ -150,9 +154,10 @@ class ServiceKeeper:
             record = self.ledger.read(key)
             if name in keep or record.get("status") not in IN_FLIGHT:
                 continue
+            # Done first: the job then knows that its end is expected, not a failure to answer.
+            self.ledger.set_status([key], Status.DONE, stopped="no stage needs it now")
             if record.get("job_id"):
                 self.driver.watcher.cancel(record["job_id"])
-            self.ledger.set_status([key], Status.DONE, stopped="no stage needs it now")
             self.driver.console.log(f"service {name}: stopped (job {record.get('job_id')}); no stage needs it now")
 
 

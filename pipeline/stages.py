@@ -118,6 +118,7 @@ def generate_stage(planner: Planner, iteration: int) -> StagePlan:
     config, layout = planner.config, planner.layout
     key = f"{layout.stage_dir(iteration, 'generate').relative_to(layout.run_dir)}"
     ranges = shard_ranges(planner.num_train, config.generate.num_shards)
+    model = planner.model_after(iteration - 1)  # once: thousands of shards, one model
     tasks = [
         Task(
             f"{key}/shard_{index:05d}",
@@ -127,7 +128,7 @@ def generate_stage(planner: Planner, iteration: int) -> StagePlan:
                 problems_path=str(layout.train_problems),
                 start=start,
                 stop=stop,
-                model_path=planner.model_after(iteration - 1),
+                model_path=model,
                 output_path=str(layout.shard_output(iteration, "generate", index)),
                 generate=config.generate,
                 seed=config.seed + iteration,

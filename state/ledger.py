@@ -1,26 +1,91 @@
 """Filesystem ledger of a run: iterations -> stages -> shards, one small JSON file per record.
 
 The filesystem is the source of truth (as in datatrove): jobs write their own records, the driver
-reads them back, and rerunning the driver resumes from them. One record per file keeps each update
-small when thousands of shards finish at once; a single file lock serializes read-modify-write
-cycles so that no concurrent update is lost, and every write is a temp-file + rename so a reader
-never sees half a record.
+reads them back, and rerunning the driver resumes from them. Record ``a/b/c`` is the file
+``ledger/a/b/c.json``; beside it, in the same folder, hidden files the ledger keeps for itself:
+
+- ``.locks/c``: the record's lock. An update is a read-modify-write under the lock of that record
+  alone, so thousands of shards finishing at once do not wait on each other. The lock is flock;
+  where the filesystem refuses flock (Lustre mounted without ``-o flock``, NFS without a lock
+  manager: ENOLCK, ENOSYS, EOPNOTSUPP) it is a lease file ``.locks/c.lease`` created exclusively
+  (filelock's SoftFileLease): its holder refreshes it while it holds it; a waiter takes it over at
+  once when its holder was a dead process of the same host, and when it has not been refreshed for
+  LEASE_S seconds otherwise (a crashed node). Where flock works on each node but not across nodes
+  (Lustre ``-o localflock``, NFS ``local_lock=flock``), set SELFTRAIN_LEDGER_LOCKS=soft for every
+  process of the run (the driver and, through sbatch's environment, its jobs) to use the leases.
+- ``.c@N``: the record's version marker. Every update raises the version ``N`` stored in the record
+  (key VERSION) and renames the record's marker to the new version *before* it replaces the
+  record, so a record's marker is never older than its file. Markers are empty: a listing of the
+  folder tells every record's version without opening a file.
+- ``.snapshot``: the folder's records as some reader (or a batch update) last saw them, each with
+  its version. ``children`` and ``read_many`` list the folder once, load the snapshot, and read only
+  the records whose marker is newer than their copy there (in threads where each read takes over a
+  millisecond: a network filesystem), storing the snapshot again once SNAPSHOT_AFTER copies were
+  out of date. The snapshot is only a cache: each copy in it is a whole record with its own
+  version, so a lost, older, torn or concurrently overwritten snapshot costs reads, never a stale
+  answer. A poll of a 10,000-shard stage thus reads one listing, one snapshot and the records that
+  changed since the snapshot.
+
+Durability: a record is written to a temporary file, fsynced, renamed over the record, and the
+folder is fsynced before the update returns (once per folder for a batch), so a record reported
+done survives a crash of the node that wrote it, and a reader never sees half a record, after a
+SIGKILL mid-write nor after a crash (the rename is atomic; the data is on disk before it). This
+relies on one folder's changes reaching the disk in the order they were made, as journaling
+filesystems, NFS and Lustre do: a marker is never lost while the record renamed after it is kept.
+
+A batch (``update_many``: a whole array's submission) updates each record atomically under its
+own lock, many at once in threads (their fsyncs then share the journal's commits); it is not one
+transaction. That is enough because every other writer of those records is the job of one record
+(claiming or finishing it), which touches no other record: any interleaving equals one where each
+job's update comes wholly before or after the batch's update of its record; and readers never took
+a lock, so they could always see a batch half applied. A crash in the middle of a batch leaves
+some of its records updated, as before.
+
+Runs written before the version markers existed read and update unchanged: a record without a
+version counts as version 0, and its first update gives it a marker. Do not change selftrain's
+version while jobs of a run are running: a job of the old code would neither take the record's
+lock nor raise its version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import enum
+import errno
+import fcntl
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from filelock import FileLock
+from filelock import SoftFileLease
+
+log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
+T = TypeVar("T")
+U = TypeVar("U")
+
+VERSION = "_version"  # the record's version, raised by every update; not part of what readers get
+SNAPSHOT = ".snapshot"
+LOCKS = ".locks"
+LOCKS_ENV = "SELFTRAIN_LEDGER_LOCKS"
+LEASE_S = 30.0
+# flock's answers that mean "this filesystem does not do flock", as opposed to a failure.
+NO_FLOCK = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP})
+# Record files read or written at once, where there are many.
+PARALLEL = 32
+# Records read from their files, past which a reader stores the folder's snapshot again.
+SNAPSHOT_AFTER = 64
+_announced: set[str] = set()
+_announcing = threading.Lock()
 
 
 class Status(str, enum.Enum):
@@ -40,28 +105,103 @@ def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        # Some filesystems cannot sync a directory (and make renames durable by themselves).
+        if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_temp(folder: Path, name: str, data: bytes, durable: bool) -> str:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
         # mkstemp makes 0600 files; outputs are meant to be read by the user's group like any other.
         os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def _replace(path: Path, data: bytes, durable: bool) -> None:
+    """Readers see the old file or the whole new one; ``durable``: on disk before it replaces the old."""
+    tmp = _write_temp(path.parent, path.name, data, durable)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, even after a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _replace(path, data, durable=True)
+    _fsync_folder(path.parent)
+
+
+def _encode(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode()
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_bytes(path, _encode(obj))
 
 
 def read_json(path: Path) -> Any:
     with open(path, "rb") as f:
         return json.load(f)
+
+
+def _public(record: Record) -> Record:
+    return {k: v for k, v in record.items() if k != VERSION}
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _read_files(paths: list[Path]) -> list[bytes | None]:
+    """The files' contents: one after the other while each takes under a millisecond (a local disk),
+    the rest in threads otherwise (a network filesystem, where each read waits on the server)."""
+    contents: list[bytes | None] = []
+    start = time.monotonic()
+    for path in paths:
+        if len(contents) >= 8 and time.monotonic() - start > len(contents) * 0.001:
+            return contents + _map(_read_bytes, paths[len(contents) :])
+        contents.append(_read_bytes(path))
+    return contents
+
+
+def _map(function: Callable[[T], U], items: list[T]) -> list[U]:
+    """``function`` over ``items``, in threads when there are several: on a network filesystem each
+    file operation waits on the server, and concurrent fsyncs share the journal's commits."""
+    if len(items) < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        return list(pool.map(function, items))
 
 
 class Ledger:
@@ -70,7 +210,8 @@ class Ledger:
     def __init__(self, run_dir: Path | str):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "ledger"
-        self._lock = FileLock(str(self.run_dir / "ledger.lock"))
+        # None until the first lock tells whether this filesystem does flock.
+        self._soft: bool | None = True if os.environ.get(LOCKS_ENV) == "soft" else None
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.json"
@@ -80,16 +221,61 @@ class Ledger:
 
     def read(self, key: str) -> Record:
         try:
-            return read_json(self._path(key))
+            return _public(read_json(self._path(key)))
         except FileNotFoundError:
             return {}
 
     def children(self, key: str) -> dict[str, Record]:
         """All records directly below ``key`` (e.g. the shards of a stage), by name, sorted."""
-        folder = self.root / key
-        if not folder.is_dir():
+        return dict(sorted(self._folder(self.root / key).items()))
+
+    def read_many(self, keys: Iterable[str]) -> dict[str, Record]:
+        """``{key: read(key)}`` for many keys, in a few file reads per folder (see the module docstring)."""
+        split = {key: key.rpartition("/") for key in keys}
+        folders = {parent: self._folder(self.root / parent) for parent in {parent for parent, _, _ in split.values()}}
+        return {key: folders[parent].get(name) or {} for key, (parent, _, name) in split.items()}
+
+    def _folder(self, folder: Path) -> dict[str, Record]:
+        """The records of ``folder`` by name: the snapshot's copies, and the records newer than them from their files."""
+        names: list[str] = []
+        newest: dict[str, int] = {}
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name[0] != ".":
+                        if name.endswith(".json"):
+                            names.append(name[:-5])
+                        continue
+                    record, at, version = name[1:].rpartition("@")
+                    if at and version.isdigit():
+                        newest[record] = int(version)
+        except FileNotFoundError:
             return {}
-        return {p.stem: read_json(p) for p in sorted(folder.glob("*.json"))}
+        snapshot: dict[str, Record] = {}
+        with contextlib.suppress(OSError, ValueError):
+            snapshot = json.loads(_read_bytes(folder / SNAPSHOT) or b"{}")
+        # A record without markers was last written before markers existed: its snapshot copy holds.
+        records = {n: snapshot[n] for n in names if n in snapshot}
+        stale = [n for n in names if n not in records or newest.get(n, 0) > records[n].get(VERSION, 0)]
+        changed = len(records) < len(snapshot)
+        for name, data in zip(stale, _read_files([folder / f"{n}.json" for n in stale]), strict=True):
+            if data is not None:
+                old = records.get(name, {}).get(VERSION)
+                records[name] = json.loads(data)
+                changed += old is None or records[name].get(VERSION, 0) != old
+        # Rewriting the whole snapshot costs more than reading a few records again at the next poll.
+        if changed >= SNAPSHOT_AFTER or (changed and len(names) < SNAPSHOT_AFTER):
+            self._store_snapshot(folder, records)
+        for record in records.values():
+            record.pop(VERSION, None)
+        return records
+
+    @staticmethod
+    def _store_snapshot(folder: Path, records: dict[str, Record]) -> None:
+        # A cache: not fsynced, and a reader who may not write to the run (another user) goes without.
+        with contextlib.suppress(OSError):
+            _replace(folder / SNAPSHOT, json.dumps(records, separators=(",", ":"), default=str).encode(), durable=False)
 
     def update(
         self,
@@ -97,25 +283,104 @@ class Ledger:
         changes: Record | None = None,
         mutate: Callable[[Record], None] | None = None,
     ) -> Record:
-        """Apply ``changes`` (and then ``mutate``) to one record under the lock; return it."""
+        """Apply ``changes`` (and then ``mutate``) to one record under its lock; return it."""
         return self.update_many({key: changes or {}}, mutate)[key]
 
     def update_many(
         self, changes: dict[str, Record], mutate: Callable[[Record], None] | None = None
     ) -> dict[str, Record]:
-        """Several records in one critical section (a whole array's submission is one update)."""
+        """Several records, each atomically and durably (a whole array's submission is one call).
+
+        Each record is updated under its own lock; many are updated in threads. The first error of
+        any record is raised once the others are done.
+        """
+
+        def one(key: str) -> Record | BaseException:
+            try:
+                return self._update_one(key, changes[key], mutate)
+            except BaseException as error:  # noqa: BLE001 (raised below, once every record's update has settled)
+                return error
+
+        outcomes = dict(zip(changes, _map(one, list(changes)), strict=True))
+        written: dict[Path, dict[str, Record]] = {}
+        for key, outcome in outcomes.items():
+            if not isinstance(outcome, BaseException):
+                path = self._path(key)
+                written.setdefault(path.parent, {})[path.stem] = outcome
+        for folder, records in written.items():
+            _fsync_folder(folder)
+            if len(records) > 1:
+                # A batch brings the snapshot up to date, so that the next poll reads no record file.
+                with contextlib.suppress(OSError, ValueError):
+                    snapshot = json.loads(_read_bytes(folder / SNAPSHOT) or b"{}")
+                    self._store_snapshot(folder, {**snapshot, **records})
         out: dict[str, Record] = {}
-        self.root.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            for key, change in changes.items():
-                record = self.read(key)
-                record.update(change)
-                if mutate is not None:
-                    mutate(record)
-                record["updated_at"] = now()
-                atomic_write_json(self._path(key), record)
-                out[key] = record
+        for key, outcome in outcomes.items():
+            if isinstance(outcome, BaseException):
+                raise outcome  # SystemExit too: a job stepping aside from its claim
+            out[key] = _public(outcome)
         return out
+
+    def _update_one(self, key: str, changes: Record, mutate: Callable[[Record], None] | None) -> Record:
+        """Read-modify-write of one record under its lock: its new version, written durably but for its folder."""
+        path = self._path(key)
+        with self._locked(path):
+            data = _read_bytes(path)
+            record: Record = json.loads(data) if data is not None else {}
+            version = record.pop(VERSION, 0) + 1
+            record.update(changes)
+            if mutate is not None:
+                mutate(record)
+            record["updated_at"] = now()
+            record[VERSION] = version
+            # The new marker first, so that a reader who sees the new record also sees its marker;
+            # renamed from the old one, so that the record's folder changes once for both.
+            marker = path.parent / f".{path.stem}@{version}"
+            try:
+                os.rename(path.parent / f".{path.stem}@{version - 1}", marker)
+            except FileNotFoundError:  # the record's first version, or one written before markers
+                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
+            _replace(path, _encode(record), durable=True)
+        return record
+
+    @contextlib.contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        lock = path.parent / LOCKS / path.stem
+        if not self._soft:
+            try:
+                # Without O_CREAT while the lock file exists: creating locks its folder for everyone.
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:  # the record's first update
+                lock.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as error:
+                os.close(fd)
+                if error.errno not in NO_FLOCK:
+                    raise
+                self._use_leases(error)
+            else:
+                self._soft = False
+                try:
+                    yield
+                finally:
+                    os.close(fd)  # which releases the flock
+                return
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with SoftFileLease(f"{lock}.lease", lease_duration=LEASE_S, poll_interval=0.01):
+            yield
+
+    def _use_leases(self, error: OSError) -> None:
+        self._soft = True
+        with _announcing:  # a batch's threads may all learn it at once
+            if str(self.root) in _announced:
+                return
+            _announced.add(str(self.root))
+            log.warning(
+                "%s: the filesystem refuses flock (%s); the ledger locks its records with lease files instead",
+                self.root, os.strerror(error.errno or 0),
+            )
 
     def set_status(self, keys: Iterable[str], status: Status, **fields: Any) -> None:
         stamp = {Status.RUNNING: "started_at", Status.DONE: "ended_at", Status.FAILED: "ended_at"}

@@ -27,6 +27,16 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def reward_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random listener and classifier (jobs.demo build-reward-models), and seed 002's games."""
+    from jobs.demo import build_reward_models
+
+    out = tmp_path_factory.mktemp("reward_models")
+    build_reward_models(out)
+    return out
+
+
 def small_config(assets: Path, runs_dir: Path, **sections: Any) -> dict[str, Any]:
     """A config that runs each stage in seconds; ``sections`` update it key by key."""
     train = runs_dir.parent / "train_small.jsonl"

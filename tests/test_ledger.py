@@ -1,19 +1,23 @@
+import json
 import multiprocessing
 from pathlib import Path
 
 from state import Ledger, Status
+from state.ledger import SNAPSHOT
+
+STAGE = "iter_001/generate"
 
 
 def _bump(run_dir: str, worker: int, updates: int) -> None:
     ledger = Ledger(run_dir)
     for i in range(updates):
         # Every worker writes the same record and a record of its own: both must keep every update.
-        ledger.update("iter_001/generate", mutate=lambda r: r.__setitem__("count", r.get("count", 0) + 1))
-        ledger.update(f"iter_001/generate/shard_{worker:05d}", {"last": i}, lambda r: r.__setitem__("n", r.get("n", 0) + 1))
+        ledger.update(STAGE, mutate=lambda r: r.__setitem__("count", r.get("count", 0) + 1))
+        ledger.update(f"{STAGE}/shard_{worker:05d}", {"last": i}, lambda r: r.__setitem__("n", r.get("n", 0) + 1))
 
 
 def test_64_processes_lose_no_update(tmp_path: Path) -> None:
-    workers, updates = 64, 100
+    workers, updates = 64, 8
     context = multiprocessing.get_context("fork")
     processes = [context.Process(target=_bump, args=(str(tmp_path), w, updates)) for w in range(workers)]
     for p in processes:
@@ -22,8 +26,8 @@ def test_64_processes_lose_no_update(tmp_path: Path) -> None:
         p.join(timeout=300)
         assert p.exitcode == 0
     ledger = Ledger(tmp_path)
-    assert ledger.read("iter_001/generate")["count"] == workers * updates
-    shards = ledger.children("iter_001/generate")
+    assert ledger.read(STAGE)["count"] == workers * updates
+    shards = ledger.children(STAGE)
     assert len(shards) == workers
     assert all(r["n"] == updates and r["last"] == updates - 1 for r in shards.values())
     assert not list(ledger.root.rglob("*.tmp")), "no temp file may be left behind"
@@ -32,9 +36,77 @@ def test_64_processes_lose_no_update(tmp_path: Path) -> None:
 def test_status_timestamps_and_missing_records(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     assert ledger.read("iter_001/filter") == {}
-    assert ledger.children("iter_001/generate") == {}
+    assert ledger.children(STAGE) == {}
+    assert ledger.read_many(["iter_001/filter", f"{STAGE}/shard_00000"]) == {"iter_001/filter": {}, f"{STAGE}/shard_00000": {}}
     ledger.set_status(["iter_001/filter"], Status.RUNNING)
     ledger.set_status(["iter_001/filter"], Status.DONE, metrics={"kept": 3})
     record = ledger.read("iter_001/filter")
     assert record["status"] == "done" and record["metrics"] == {"kept": 3}
     assert record["started_at"] <= record["ended_at"]
+
+
+def test_a_run_written_by_the_previous_ledger_is_read_and_updated(tmp_path: Path) -> None:
+    # Exactly what the ledger with one lock per run wrote: records, a lock file, nothing else.
+    old = {
+        "run": {"run_name": "small", "status": "running", "updated_at": "2026-11-30T10:00:00+00:00"},
+        STAGE: {"status": "running", "num_tasks": 3, "updated_at": "2026-11-30T10:00:01+00:00"},
+        **{f"{STAGE}/shard_{i:05d}": {"status": "running", "attempts": 1, "job_id": f"7_{i}", "updated_at": "2026-11-30T10:00:02+00:00"}
+           for i in range(3)},
+    }
+    for key, record in old.items():
+        path = tmp_path / "ledger" / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    (tmp_path / "ledger.lock").touch()
+
+    ledger = Ledger(tmp_path)
+    assert ledger.read("run") == old["run"]
+    assert ledger.read_many(old) == old
+    assert ledger.children(STAGE) == {f"shard_{i:05d}": old[f"{STAGE}/shard_{i:05d}"] for i in range(3)}
+    # The shard reports as a job does, after the driver's poll stored a snapshot without it.
+    ledger.set_status([f"{STAGE}/shard_00001"], Status.DONE, metrics={"problems": 8})
+    shards = Ledger(tmp_path).children(STAGE)
+    assert [s["status"] for s in shards.values()] == ["running", "done", "running"]
+    assert shards["shard_00001"]["job_id"] == "7_1" and shards["shard_00001"]["metrics"] == {"problems": 8}
+
+
+def test_polls_see_every_update_whatever_snapshot_they_find(tmp_path: Path) -> None:
+    driver, job = Ledger(tmp_path), Ledger(tmp_path)
+    keys = [f"{STAGE}/shard_{i:05d}" for i in range(200)]
+    driver.update_many({k: {"status": "submitted"} for k in keys}, lambda r: r.__setitem__("attempts", r.get("attempts", 0) + 1))
+    assert all(r == driver.read(k) for k, r in driver.read_many(keys).items())
+    snapshot = driver.root / STAGE / SNAPSHOT
+    when_submitted = snapshot.read_bytes()
+
+    def done() -> list[int]:
+        records = driver.read_many(keys)
+        assert all(r["attempts"] == 1 and "_version" not in r for r in records.values())
+        return [i for i, k in enumerate(keys) if records[k]["status"] == "done"]
+
+    # Shards finish one by one, each by itself: more of them than a poll reads before it stores
+    # the snapshot again, and fewer.
+    for count in (70, 75, 76):
+        for key in keys[len(done()) : count]:
+            job.set_status([key], Status.DONE)
+        assert done() == list(range(count))
+    # A slow reader stores what it saw long ago, or a snapshot is torn: polls still see the truth.
+    snapshot.write_bytes(when_submitted)
+    assert done() == list(range(76))
+    snapshot.write_bytes(when_submitted[: len(when_submitted) // 2])
+    assert done() == list(range(76))
+    assert driver.children(STAGE) == {k.rsplit("/", 1)[1]: driver.read(k) for k in keys}
+
+
+def test_a_writer_that_died_between_its_marker_and_its_record(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    key = f"{STAGE}/shard_00000"
+    ledger.update(key, {"status": "running"})
+    folder = ledger.root / STAGE
+    assert [p.name for p in folder.glob(".shard_00000@*")] == [".shard_00000@1"]
+    # Its next writer renamed the marker to version 2 and was killed before replacing the record.
+    (folder / ".shard_00000@1").rename(folder / ".shard_00000@2")
+    assert ledger.children(STAGE)["shard_00000"]["status"] == "running"
+    ledger.update(key, {"status": "done"})
+    assert ledger.children(STAGE)["shard_00000"]["status"] == "done"
+    assert ledger.read_many([key])[key]["status"] == "done"
+    assert [p.name for p in folder.glob(".shard_00000@*")] == [".shard_00000@2"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from jobs.runtime import log, reporting, stop_requested
-from jobs.services.process import free_port, run_api_key
+from jobs.services.process import run_api_key
 from jobs.services.vllm_server import JobSignalled
 from jobs.specs import ServiceSpec, VllmServing
 from state import Ledger, Status, atomic_write_json
@@ -31,6 +31,11 @@ from state.ledger import now
 
 # How often the job looks at its consumers' records and for a stop signal.
 WATCH_INTERVAL_S = 2.0
+CONSUMERS_DONE = "the stages it serves are done"
+
+
+class ServiceStopped(RuntimeError):
+    """The service was stopped while stages still needed it."""
 
 
 def node_address() -> str:
@@ -55,7 +60,8 @@ def make_server(spec: ServiceSpec) -> Server:
     from jobs.services.reward_server import RewardServer
 
     host = spec.config.host or ("127.0.0.1" if spec.loopback else node_address())
-    return RewardServer(spec.config, run_api_key(api_key_file), host, free_port(host))
+    # Port 0: uvicorn binds a free port itself, so no other process can take it between a check and the bind.
+    return RewardServer(spec.config, run_api_key(api_key_file), host, 0)
 
 
 def serve(spec: ServiceSpec, metrics: dict[str, Any]) -> None:
@@ -71,7 +77,7 @@ def serve(spec: ServiceSpec, metrics: dict[str, Any]) -> None:
         if signum:
             return f"stop signal {signum}"
         if spec.consumers and all(ledger.read(key).get("status") == str(Status.DONE) for key in spec.consumers):
-            return "the stages it serves are done"
+            return CONSUMERS_DONE
         return None
 
     def watch() -> None:
@@ -102,7 +108,14 @@ def serve(spec: ServiceSpec, metrics: dict[str, Any]) -> None:
         with suppress(FileNotFoundError, json.JSONDecodeError):
             if endpoint and json.loads(endpoint_file.read_text()).get("url") == endpoint["url"]:
                 endpoint_file.unlink()
-    metrics.update(endpoint=endpoint.get("url"), node=endpoint.get("node"), stopped=metrics.get("stopped", "SIGTERM"))
+    stopped = metrics.setdefault("stopped", "SIGTERM")
+    metrics.update(endpoint=endpoint.get("url"), node=endpoint.get("node"))
+    # Expected ends: its stages are done, the driver released it (its record says done before the
+    # cancel), or nothing depends on it (a service run by hand ends with its job). Any other stop
+    # (scancel from outside, the time limit) is a failure the driver answers by starting it again.
+    released = ledger.read(spec.target.ledger_key).get("status") == str(Status.DONE)
+    if spec.consumers and not released and stopped != CONSUMERS_DONE:
+        raise ServiceStopped(f"stopped ({stopped}) while the stages it serves still need it")
 
 
 def run(spec: ServiceSpec) -> dict[str, Any]:

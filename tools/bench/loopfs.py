@@ -1,0 +1,248 @@
+"""A FUSE passthrough filesystem that behaves like the shared filesystems of clusters, for tests and benches.
+
+    python -m tools.bench.loopfs BACKING MOUNTPOINT [--delay-ms 5] [--refuse-flock] [--log OPS_FILE]
+
+It shows folder BACKING at MOUNTPOINT (in the foreground, until unmounted) and can
+
+- ``--refuse-flock``: answer every flock with ENOLCK, as Lustre mounted without ``-o flock`` or an
+  NFS mount without a lock manager do;
+- ``--delay-ms N``: wait N ms in every operation but reads and writes of file data (lookups,
+  open, create, close, rename, unlink, listing, fsync, ...), as a network filesystem whose server is
+  N ms away;
+- ``--log FILE``: append one line per operation that changes or syncs something (``create PATH``,
+  ``fsync PATH``, ``rename OLD NEW``, ``fsyncdir PATH``), so that a test can check their order.
+
+The kernel caches lookups and attributes for 1 s (libfuse's defaults), as NFS does for a few.
+``mounted()`` runs it for a ``with`` block. Needs root (or fusermount3), /dev/fuse, libfuse3
+(Debian: libfuse3-3) and mfusepy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime", "st_mtime", "st_ctime")
+
+
+def serve(backing: str, mountpoint: str, delay_s: float, refuse_flock: bool, log_path: str | None) -> None:
+    import mfusepy
+
+    log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 (open for the life of the mount)
+    log_lock = threading.Lock()
+
+    def real(path: str) -> str:
+        return os.path.join(backing, path.lstrip("/"))
+
+    def wait() -> None:
+        if delay_s:
+            time.sleep(delay_s)
+
+    def note(*words: str) -> None:
+        if log is not None:
+            with log_lock:
+                log.write(" ".join(words) + "\n")
+
+    class LoopFS(mfusepy.Operations):
+        use_ns = True
+
+        def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+            wait()
+            st = os.fstat(fh) if fh is not None else os.lstat(real(path))
+            attrs = {k: getattr(st, k) for k in STAT_FIELDS}
+            attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
+            return attrs
+
+        def access(self, path: str, amode: int) -> int:
+            wait()
+            if not os.access(real(path), amode):
+                raise mfusepy.FuseOSError(errno.EACCES)
+            return 0
+
+        def opendir(self, path: str) -> int:
+            wait()
+            return 0
+
+        def readdir(self, path: str, fh: int) -> list[str]:
+            wait()
+            return [".", "..", *os.listdir(real(path))]
+
+        def releasedir(self, path: str, fh: int) -> int:
+            wait()
+            return 0
+
+        def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
+            wait()
+            fd = os.open(real(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            note("fsyncdir", path)
+            return 0
+
+        def mkdir(self, path: str, mode: int) -> int:
+            wait()
+            os.mkdir(real(path), mode)
+            return 0
+
+        def rmdir(self, path: str) -> int:
+            wait()
+            os.rmdir(real(path))
+            return 0
+
+        def unlink(self, path: str) -> int:
+            wait()
+            os.unlink(real(path))
+            note("unlink", path)
+            return 0
+
+        def rename(self, old: str, new: str) -> int:
+            wait()
+            os.rename(real(old), real(new))
+            note("rename", old, new)
+            return 0
+
+        def link(self, target: str, source: str) -> int:
+            wait()
+            os.link(real(source), real(target))
+            return 0
+
+        def symlink(self, target: str, source: str) -> int:
+            wait()
+            os.symlink(source, real(target))
+            return 0
+
+        def readlink(self, path: str) -> str:
+            wait()
+            return os.readlink(real(path))
+
+        def chmod(self, path: str, mode: int) -> int:
+            wait()
+            os.chmod(real(path), mode)
+            return 0
+
+        def chown(self, path: str, uid: int, gid: int) -> int:
+            wait()
+            os.chown(real(path), uid, gid)
+            return 0
+
+        def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+            wait()
+            os.utime(real(path), ns=times)
+            return 0
+
+        def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+            wait()
+            if fh is None:
+                os.truncate(real(path), length)
+            else:
+                os.ftruncate(fh, length)
+            return 0
+
+        def statfs(self, path: str) -> dict[str, Any]:
+            wait()
+            st = os.statvfs(real(path))
+            return {k: getattr(st, k) for k in ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files", "f_flag", "f_frsize", "f_namemax")}
+
+        def open(self, path: str, flags: int) -> int:
+            wait()
+            return os.open(real(path), flags)
+
+        def create(self, path: str, mode: int, fi: Any = None) -> int:
+            wait()
+            note("create", path)
+            return os.open(real(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+
+        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+            return os.pread(fh, size, offset)
+
+        def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+            return os.pwrite(fh, data, offset)
+
+        def flush(self, path: str, fh: int) -> int:
+            wait()
+            return 0
+
+        def release(self, path: str, fh: int) -> int:
+            wait()
+            os.close(fh)
+            return 0
+
+        def fsync(self, path: str, datasync: int, fh: int) -> int:
+            wait()
+            os.fsync(fh)
+            note("fsync", path)
+            return 0
+
+        if refuse_flock:
+
+            def flock(self, path: str, fh: int, op: int) -> int:
+                raise mfusepy.FuseOSError(errno.ENOLCK)
+
+    # Many threads, as many requests in flight as a network filesystem client would have.
+    mfusepy.FUSE(LoopFS(), mountpoint, foreground=True, allow_other=True, max_threads=64)
+
+
+def fuse_unavailable() -> str | None:
+    """Why a loopfs cannot be mounted here, or None."""
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError) as error:  # OSError: mfusepy found no libfuse
+        return f"mfusepy: {error}"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "no /dev/fuse"
+    return None
+
+
+@contextlib.contextmanager
+def mounted(backing: Path, mountpoint: Path, delay_ms: float = 0, refuse_flock: bool = False, log: Path | None = None) -> Iterator[Path]:
+    """``backing`` seen through a loopfs at ``mountpoint`` for the block; RuntimeError if it does not mount."""
+    backing.mkdir(parents=True, exist_ok=True)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "tools.bench.loopfs", str(backing), str(mountpoint), "--delay-ms", str(delay_ms)]
+    command += ["--refuse-flock"] * refuse_flock + (["--log", str(log)] if log else [])
+    root = Path(__file__).resolve().parents[2]
+    server = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(mountpoint):
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                lines = (server.communicate()[1] or "").strip().splitlines()
+                raise RuntimeError(f"loopfs did not mount at {mountpoint}: {lines[-1] if lines else 'no message'}")
+            time.sleep(0.05)
+        yield mountpoint
+    finally:
+        if server.poll() is None:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.loopfs", description=__doc__.splitlines()[0])
+    parser.add_argument("backing")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--refuse-flock", action="store_true")
+    parser.add_argument("--log")
+    args = parser.parse_args(argv)
+    serve(os.path.abspath(args.backing), args.mountpoint, args.delay_ms / 1000, args.refuse_flock, args.log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
