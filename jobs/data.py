@@ -3,6 +3,8 @@
 Accepted: a JSON array or JSONL of records, either ``{"id", "question", "answer"}`` (optional
 ``sound`` / ``image`` / ``video``) or the conversations format
 ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}`` (id optional there).
+A media field holds a file (a path relative to generate.media_dir) or a list of them, and the
+question holds one tag (``<sound>``, ``<image>``, ``<video>``) per file, where it goes.
 Every other field of a problem is kept as it is (seed 003's task_type, duration, timestamps,
 references ...): generation records carry them, and rewards get them as columns.
 Errors name the file and line: ``data/train.jsonl:17: missing field 'answer'``.
@@ -11,6 +13,7 @@ Errors name the file and line: ``data/train.jsonl:17: missing field 'answer'``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,36 @@ from jobs.specs import MEDIA_FIELDS
 from state import InputError, atomic_write_bytes
 
 Problem = dict[str, Any]
+
+# Where a media file goes in a question: <sound>, <image>, <video>.
+MEDIA_TAG = re.compile(r"<(" + "|".join(MEDIA_FIELDS) + r")>")
+
+
+def media_files(problem: Problem, field: str) -> list[str]:
+    """The files of a media field, in the order of its tags (a field holds one file or a list)."""
+    value = problem.get(field, [])
+    return [value] if isinstance(value, str) else value
+
+
+def _check_media_fields(record: dict[str, Any], where: str) -> None:
+    """Media fields are a file or a non-empty list of files, with one tag per file in the question."""
+    for field in MEDIA_FIELDS:
+        value = record.get(field)
+        if field in record and not (isinstance(value, str) or (
+                isinstance(value, list) and value and all(isinstance(v, str) for v in value))):
+            raise InputError(f"{where}: field {field!r} must be a file name or a list of file names")
+    tags = [match.group(1) for match in MEDIA_TAG.finditer(record["question"])]
+    for field in MEDIA_FIELDS:
+        files, count = media_files(record, field), tags.count(field)
+        if count == len(files):
+            continue
+        problem = f"{where}: problem {record['id']!r}"
+        if not files:
+            raise InputError(f"{problem}: its question has <{field}> but the problem has no {field!r} field")
+        if not count:
+            raise InputError(f"{problem}: field {field!r} ({files[0]!r}) but no <{field}> in its question;"
+                             f" put <{field}> where the {field} goes, e.g. '<{field}> {record['question']}'")
+        raise InputError(f"{problem}: its question has {count} <{field}> for {len(files)} files in {field!r}")
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -105,9 +138,10 @@ def _problem(record: Any, where: str, index: int, stem: str) -> Problem:
             raise InputError(f"{where}: missing field {key!r}")
     if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
         raise InputError(f"{where}: field 'id' must be a string or an integer")
-    for key in ("question", "answer", *MEDIA_FIELDS):
-        if key in record and not isinstance(record[key], str):
+    for key in ("question", "answer"):
+        if not isinstance(record[key], str):
             raise InputError(f"{where}: field {key!r} must be a string")
+    _check_media_fields(record, where)
     reserved = next((key for key in RECORD_KEYS if key in record), None)
     if reserved:
         raise InputError(f"{where}: field {reserved!r} is reserved for generation records: rename it")

@@ -108,7 +108,7 @@ def step_aside_if_superseded(target: JobTarget, record: dict[str, Any]) -> None:
     raise SystemExit(0)
 
 
-def _report(ledger: Ledger, target: JobTarget, status: Status, **fields: Any) -> None:
+def report_status(ledger: Ledger, target: JobTarget, status: Status, **fields: Any) -> None:
     """How this job ended, unless its task was handed to a newer submission meanwhile (the driver
     took this job for lost): then the record is the new job's, and this one's word comes too late."""
     stamp = {Status.DONE: "ended_at", Status.FAILED: "ended_at"}
@@ -157,18 +157,18 @@ def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any
         if not stop.requeue:
             # In flight until the driver hears the scheduler's word: CANCELLED fails the record,
             # a requeue by SLURM (preemption) runs the job again.
-            _report(ledger, target, Status.SUBMITTED, note=str(stop))
+            report_status(ledger, target, Status.SUBMITTED, note=str(stop))
             log.info("%s", stop)
             raise SystemExit(128 + stop.signum) from None  # the exit status of a process the signal killed
         # Still in flight for the driver: the requeued job reports as it runs again.
-        _report(ledger, target, Status.SUBMITTED, note="requeued after the pre-timeout signal")
+        report_status(ledger, target, Status.SUBMITTED, note="requeued after the pre-timeout signal")
         _requeue()
         log.info("requeued job %s after the pre-timeout signal", _job_identity()["job_id"])
         return
     except BaseException as error:
-        _report(ledger, target, Status.FAILED, error=f"{type(error).__name__}: {error}")
+        report_status(ledger, target, Status.FAILED, error=f"{type(error).__name__}: {error}")
         raise
-    _report(ledger, target, Status.DONE, metrics=metrics, error=None)
+    report_status(ledger, target, Status.DONE, metrics=metrics, error=None)
 
 
 class Throughput:

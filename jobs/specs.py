@@ -188,12 +188,69 @@ class TrainConfig:
     deepspeed_config: str | None = None
     # Also log to these trackers (TRL passes them on); TensorBoard files go to <train>/tensorboard.
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=list)
+    # Models with audio / vision encoders, full fine-tuning: keep the encoders as they are and train
+    # the rest, the projector into the language model included (seed 003's fix_vit). LoRA puts its
+    # adapters on the language model only and trains nothing else either way.
+    freeze_encoders: bool = False
 
     def deepspeed_json(self) -> Path | None:
         """The DeepSpeed config the strategy trains with; None for plain DDP."""
         if self.strategy == "ddp":
             return None
         return Path(self.deepspeed_config) if self.deepspeed_config else DEEPSPEED_CONFIGS / f"{self.strategy}.json"
+
+
+@dataclass
+class GrpoConfig:
+    """GRPO iterations (``method: grpo`` or ``grpo`` in ``schedule``): TRL's GRPOTrainer on the
+    problems with the reward registry, starting from the last policy. Defaults are seed 001's
+    (train_grpo.py: 4 generations, beta 0.1, temperature 0.7, lr 1e-6) where it gives one, TRL's
+    otherwise. The model, LoRA / QLoRA, strategy and GPU settings come from ``train``."""
+
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    # The rewards and their weights (jobs.scoring.rewards); correctness by the run's verifier by default.
+    rewards: Annotated[list[RewardConfig], Len(min_length=1)] = field(default_factory=lambda: [RewardConfig(name="correctness")])
+    num_generations: Annotated[int, Ge(2)] = 4
+    beta: Annotated[float, Ge(0)] = 0.1
+    temperature: PositiveFloat = 0.7
+    # One per GRPO iteration, in order; the last is used again for later ones.
+    learning_rates: Annotated[list[PositiveFloat], Len(min_length=1)] = field(default_factory=lambda: [1e-6])
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon: PositiveFloat = 0.2
+    max_completion_length: PositiveInt = 256
+    # TRL's num_iterations (mu): optimization passes per generation batch.
+    num_iterations: PositiveInt = 1
+    # Optimizer steps per generation batch (default: gradient_accumulation_steps, as TRL).
+    steps_per_generation: PositiveInt | None = None
+    # Prompts per process per step; the generation batch (prompts x processes x steps_per_generation)
+    # must be a multiple of num_generations.
+    batch_size: PositiveInt = 8
+    gradient_accumulation_steps: PositiveInt = 1
+    # Optimizer steps per GRPO iteration.
+    max_steps: PositiveInt = 100
+    logging_steps: PositiveInt = 5
+    save_steps: PositiveInt = 25
+    # Rollouts: none (TRL's transformers generation, the CPU way), or vLLM on GPUs: server (trl
+    # vllm-serve on the job's last node, or on GPUs of its own on a one-node job) or colocate.
+    vllm_mode: Literal["server", "colocate"] | None = None
+    # GPUs of each node that the vLLM server takes on a one-node job (vllm_mode: server).
+    vllm_gpus: Annotated[int, Ge(0)] = 1
+    # A step (generation, reward, weight sync, update) that takes longer than this fails the job
+    # instead of hanging until the time limit; the retry resumes from the last checkpoint.
+    stall_timeout_s: PositiveFloat = 1800.0
+    # Train only on problems whose pass rate (correct samples of generate.num_samples, measured
+    # just before the iteration) lies in [low, high]; groups that would have zero variance are left out.
+    pass_rate_band: tuple[Fraction, Fraction] | None = None
+    # Reward hacking: flag an iteration in which a reward's mean rose by more than the margin while
+    # held-out accuracy fell by more than it; stop_on_hacking stops the run before the next iteration.
+    hacking_margin: Annotated[float, Ge(0)] = 0.02
+    stop_on_hacking: bool = False
+
+    def learning_rate(self, grpo_iteration: int) -> float:
+        """The learning rate of the ``grpo_iteration``-th GRPO iteration of the run (0-based)."""
+        return self.learning_rates[min(grpo_iteration, len(self.learning_rates) - 1)]
 
 
 @dataclass
@@ -339,6 +396,45 @@ class TrainSpec:
     train: TrainConfig
     system_prompt: str | None
     seed: int
+    # generate.media_dir: where the problems' sound / image / video files are, as for generation.
+    media_dir: str | None = None
+
+
+@dataclass
+class GrpoSpec:
+    target: JobTarget
+    # The problems to train on: the run's, or those a pass-rate band selected.
+    problems_path: str
+    init_model: str  # the policy it starts from
+    base_model: str
+    iteration: int
+    output_dir: str
+    learning_rate: float
+    grpo: GrpoConfig
+    # Model, LoRA / QLoRA, strategy and hardware settings.
+    train: TrainConfig
+    system_prompt: str | None
+    # What the rewards get in their RewardContext: how answers are judged, and the run's services.
+    verifier: str
+    answer_pattern: str | list[str]
+    services: dict[str, ServiceRef]
+    seed: int
+    # With grpo.pass_rate_band: the problems' pass rates measured just before (the filter's
+    # filtered_pass_rates.jsonl); only those in the band are trained on.
+    pass_rates_path: str | None = None
+
+
+@dataclass
+class ExportSpec:
+    """Copy a run's final model to ``<export_dir>/<method>_<model name>_<timestamp>/``, as the seeds name them."""
+
+    target: JobTarget
+    model_path: str
+    export_dir: str
+    method: str
+    model_name: str
+    run_dir: str
+    iteration: int
 
 
 @dataclass

@@ -25,6 +25,7 @@ from jobs.specs import (
     EvalConfig,
     FilterConfig,
     GenerateConfig,
+    GrpoConfig,
     PositiveInt,
     ServicesConfig,
     TrainConfig,
@@ -39,6 +40,7 @@ PATTERN_RULES = {
     r"^[A-Za-z0-9][A-Za-z0-9._-]*$": "may hold only letters, digits, '.', '_' and '-'",
 }
 SbatchValue, SbatchOption, RunName = (Annotated[str, StringConstraints(pattern=p)] for p in PATTERN_RULES)
+Method = Literal["rest", "grpo"]
 
 
 @dataclass
@@ -127,15 +129,21 @@ class RunConfig:
     data: DataConfig
     run_name: RunName = "run"
     runs_dir: str = "runs"
-    # The method each iteration runs (pipeline/recipes/): rest (ReST / expert iteration).
-    method: Literal["rest"] = "rest"
+    # The method each iteration runs (pipeline/recipes/): rest (ReST / expert iteration) or grpo.
+    method: Method = "rest"
+    # One method per iteration, e.g. [rest, rest, grpo] (the seeds' advice: GRPO once ReST has too
+    # many problems mastered); overrides method.
+    schedule: list[Method] | None = None
     seed: int = 42
     num_iterations: PositiveInt = 3
-    # learning_rates[i] is iteration i+1's.
+    # learning_rates[i] is iteration i+1's, for ReST iterations (GRPO's are grpo.learning_rates).
     learning_rates: list[Annotated[float, Gt(0)]] = field(default_factory=lambda: [2e-5, 1e-5, 5e-6])
+    # Where a finished run's final model is exported as the seeds name it: <method>_<model>_<time>/.
+    export_dir: str = "models"
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     services: ServicesConfig = field(default_factory=ServicesConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
@@ -143,6 +151,10 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.run_name
+
+    def method_of(self, iteration: int) -> str:
+        """The method iteration ``iteration`` (from 1) runs."""
+        return self.schedule[iteration - 1] if self.schedule else self.method
 
 
 _ADAPTER = TypeAdapter(RunConfig)
@@ -208,9 +220,13 @@ def _describe(error: dict[str, Any]) -> str:
 
 def _check(config: RunConfig) -> None:
     """Rules that span keys or touch the filesystem; raise ``ValueError('key: why')``."""
-    if len(config.learning_rates) < config.num_iterations:
+    if config.schedule is not None and len(config.schedule) != config.num_iterations:
+        raise ValueError(f"schedule: has {len(config.schedule)} entries but num_iterations is {config.num_iterations}")
+    rest = [i for i in range(1, config.num_iterations + 1) if config.method_of(i) == "rest"]
+    if rest and len(config.learning_rates) < rest[-1]:
         raise ValueError(
-            f"learning_rates: has {len(config.learning_rates)} entries but num_iterations is {config.num_iterations}"
+            f"learning_rates: has {len(config.learning_rates)} entries but ReST iteration {rest[-1]} needs one"
+            + (f" (num_iterations is {config.num_iterations})" if not config.schedule else "")
         )
     for key, path in (("model.path", config.model.path), ("data.train", config.data.train), ("data.heldout", config.data.heldout)):
         if path is not None and not Path(path).exists():

@@ -32,7 +32,7 @@ from jobs.specs import JobTarget
 from pipeline.config import Resources
 from pipeline.driver import IN_FLIGHT, Driver, StageFailed, withdraw
 from pipeline.plan import StagePlan, Task
-from pipeline.status import console
+from pipeline.status import console, summarize
 from state import Status
 from state.ledger import now
 
@@ -79,6 +79,9 @@ def submit_chain(driver: Driver, me: str | None = None) -> str:
         driver.ledger.update("run", {"status": DONE, "ended_at": now()})
         return "run complete"
     chain = _chain(driver, current)
+    if current.iteration > 1 and chain[0].key == driver.planner.iteration(current.iteration)[0].key:
+        # A new iteration: first what the watches saw in the one before (RunStopped, recorded).
+        driver.watch(summarize(driver.run_dir), current.iteration - 1)
     needed = {name for stage in chain for name in stage.services}
     driver.services.release(keep=tuple(needed))
     # The ledger first learns how every job of the chain ended, so that it is right however this ends.

@@ -29,6 +29,7 @@ from pipeline.executors import (
     require_scheduler,
     submit_array,
 )
+from pipeline.hacking import RunStopped, describe
 from pipeline.layout import RunLayout
 from pipeline.plan import Planner, StagePlan, Task
 from pipeline.services import ServiceKeeper
@@ -239,6 +240,17 @@ class Driver:
             totals["tokens_per_s"] = round(tokens / seconds, 1) if seconds else None
         self.ledger.set_status([stage.key], Status.DONE, metrics=totals)
 
+    def watch(self, summary: dict[str, Any], iteration: int, can_stop: bool = True) -> None:
+        """After an iteration: say what the reward-hacking watch saw, and stop the run before the next
+        iteration if grpo.stop_on_hacking says so."""
+        flags = [flag for flag in summary["hacking"] if flag["iteration"] == iteration]
+        for flag in flags:
+            self.console.print(f"[yellow]reward hacking?[/yellow] {describe(flag)}", highlight=False)
+        if flags and can_stop and self.config.grpo.stop_on_hacking:
+            why = f"stopped by grpo.stop_on_hacking: {describe(flags[0])}"
+            self.ledger.update("run", {"status": "stopped", "error": why, "ended_at": now()})
+            raise RunStopped(why)
+
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -266,8 +278,10 @@ class Driver:
                     shown = {k: v for k, v in metrics.items() if k in HEADLINE_METRICS}
                     self.console.log(f"{stage.label}: done in {time.monotonic() - started:.0f} s {shown}", highlight=False)
                     if stage.iteration and (following is None or following.iteration != stage.iteration):
-                        self.console.print(iteration_table(summarize(self.run_dir)))
-            except StageFailed:
+                        summary = summarize(self.run_dir)
+                        self.console.print(iteration_table(summary))
+                        self.watch(summary, stage.iteration, can_stop=following is not None)
+            except (StageFailed, RunStopped):
                 self.services.release()
                 raise
         self.ledger.update("run", {"status": str(Status.DONE), "ended_at": now()})

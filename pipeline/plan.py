@@ -108,11 +108,14 @@ class Planner:
         return self.recipe_for(iteration).stages(iteration)
 
     def stages(self) -> list[StagePlan]:
-        """Every stage of the run, in running order: the base model's eval, then each iteration's."""
+        """Every stage of the run, in running order: the base model's eval, each iteration's, and the
+        export of the final model."""
+        from pipeline.stages import export_stage
+
         stages = self.baseline()
         for iteration in range(1, self.config.num_iterations + 1):
             stages += self.iteration(iteration)
-        return stages
+        return [*stages, export_stage(self)]
 
     def stage_names(self) -> list[str]:
         """The kinds of stage the run's iterations have, in running order (status columns)."""

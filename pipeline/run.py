@@ -30,6 +30,7 @@ from pipeline.config import (
 from pipeline.detach import advance_in_flight, submit_chain
 from pipeline.driver import Driver, StageFailed, job_name
 from pipeline.executors import require_scheduler, sbatch_script
+from pipeline.hacking import RunStopped
 from pipeline.layout import RunLayout
 from pipeline.plan import Planner
 from pipeline.services import service_plan
@@ -145,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         ledger.update("run", {"status": "failed", "error": str(error).splitlines()[0]})
         console.print(f"[red]run stopped:[/red] {error}", markup=True, highlight=False)
         return 1
+    except RunStopped as error:
+        console.print(f"[red]run stopped:[/red] {error}", markup=True, highlight=False)
+        return RunStopped.exit_code
     summary = summarize(config.run_dir)
-    console.print(f"run {config.run_name!r} done: {summary['run_dir']}")
+    console.print(f"run {config.run_name!r} done: {summary['run_dir']}; final model exported to {summary['export']['path']}")
     return 0
 
 

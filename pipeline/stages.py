@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,18 @@ from jobs.generation import evaluate as eval_job
 from jobs.generation import generate as generate_job
 from jobs.scoring import filtering as filter_job
 from jobs.scoring.rewards import RewardContext, bind, services_used
-from jobs.specs import EvalSpec, FilterSpec, GenerateShardSpec, ServiceRef, TrainSpec
+from jobs.specs import (
+    EvalSpec,
+    ExportSpec,
+    FilterSpec,
+    GenerateShardSpec,
+    GrpoSpec,
+    RewardConfig,
+    ServiceRef,
+    TrainSpec,
+)
+from jobs.training import export as export_job
+from jobs.training import grpo as grpo_job
 from jobs.training import sft as train_job
 from pipeline.config import Resources, RunConfig
 from pipeline.plan import StagePlan, Task, shard_ranges
@@ -30,18 +42,25 @@ DEFAULT_RESOURCES = {
     "filter": Resources(timeout_min=60),
     "train": Resources(),
     "eval": Resources(timeout_min=60),
+    "export": Resources(timeout_min=30, cpus_per_task=1),
 }
+EXPORT = "export"
+GRPO_REPORTS = ("final_reward", "reward_failures", "selection", "final_loss")
 FILTER_REPORTS = ("mean_correct_rate", "categories", "filtered_samples", "total_problems", "total_candidates",
                   "overall_accuracy", "correct_count_histogram", "correct_rate_buckets", "reward_failures")
 
 
 def check_filter(config: RunConfig) -> None:
     """filter.reward's rewards exist, take the parameters given, and call services the run has."""
-    if config.filter.reward is None:
-        return
+    if config.filter.reward is not None:
+        check_rewards(config, config.filter.reward.rewards, "filter.reward.rewards")
+
+
+def check_rewards(config: RunConfig, rewards: list[RewardConfig], key: str) -> None:
+    """Rewards exist, take the parameters given, and call services the run has."""
     context = RewardContext(config.filter.verifier, config.filter.answer_pattern)
-    for index, reward in enumerate(config.filter.reward.rewards):
-        where = f"filter.reward.rewards[{index}]"
+    for index, reward in enumerate(rewards):
+        where = f"{key}[{index}]"
         try:
             bind(reward, context)
             used = services_used([reward])
@@ -59,7 +78,7 @@ TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wa
 
 def check_training(config: RunConfig) -> None:
     """Combinations of training settings that cannot work, refused before anything is submitted."""
-    train, resources = config.train, config.executor.resources("train", DEFAULT_RESOURCES["train"])
+    train, resources = config.train, stage_resources(config, "train")
     if train.deepspeed_config is not None:
         if train.strategy == "ddp":
             raise ValueError("train.deepspeed_config: only read with a DeepSpeed strategy (train.strategy: zero2, zero3 or zero3_offload)")
@@ -91,8 +110,13 @@ def check_training(config: RunConfig) -> None:
 
 
 
+def stage_resources(config: RunConfig, name: str) -> Resources:
+    """What stage ``name``'s jobs ask for: ``executor.<name>``, else its default."""
+    return config.executor.resources(name, DEFAULT_RESOURCES[name])
+
+
 def resources(planner: Planner, name: str) -> Resources:
-    return planner.config.executor.resources(name, DEFAULT_RESOURCES[name])
+    return stage_resources(planner.config, name)
 
 
 def service_refs(planner: Planner, names: set[str]) -> dict[str, ServiceRef]:
@@ -207,3 +231,46 @@ def eval_stage(planner: Planner, iteration: int) -> StagePlan:
     )
     return StagePlan(key, "eval", iteration, [Task(key, eval_job.run, spec)], resources(planner, "eval"),
                      reports=("heldout_accuracy",), writes=str(output))
+
+
+def grpo_train_stage(planner: Planner, iteration: int, pass_rates: StagePlan | None) -> StagePlan:
+    """GRPO with TRL's GRPOTrainer from the last policy; with ``pass_rates`` (the filter of this
+    iteration's generations), only on the problems whose pass rate lies in grpo.pass_rate_band."""
+    config, layout = planner.config, planner.layout
+    output = layout.stage_dir(iteration, "train")
+    key = str(output.relative_to(layout.run_dir))
+    grpo = config.grpo
+    services = services_used(grpo.rewards)
+    earlier = sum(1 for i in range(1, iteration) if config.method_of(i) == "grpo")
+    spec = GrpoSpec(
+        target=planner.target(key),
+        problems_path=str(layout.train_problems),
+        init_model=planner.model_after(iteration - 1 if config.train.init_from == "previous" else 0),
+        base_model=planner.model_after(0),
+        iteration=iteration,
+        output_dir=str(output),
+        learning_rate=grpo.learning_rate(earlier),
+        grpo=grpo,
+        train=config.train,
+        system_prompt=config.generate.system_prompt,
+        verifier=config.filter.verifier,
+        answer_pattern=config.filter.answer_pattern,
+        services=service_refs(planner, services),
+        seed=config.seed + iteration,
+        pass_rates_path=str(layout.stage_dir(iteration, pass_rates.name) / "filtered_pass_rates.jsonl") if pass_rates else None,
+    )
+    detail = f"GRPO, lr {spec.learning_rate:g}, {grpo.num_generations} generations, {grpo.max_steps} steps, {config.train.strategy}"
+    return StagePlan(key, "train", iteration, [Task(key, grpo_job.run, spec)], resources(planner, "train"),
+                     services=tuple(sorted(services)), reports=GRPO_REPORTS, writes=str(output), detail=detail)
+
+
+def export_stage(planner: Planner) -> StagePlan:
+    """The run's final model, also under export_dir as the seeds name their models."""
+    config = planner.config
+    last = config.num_iterations
+    model_name = re.sub(r"[^A-Za-z0-9]+", "_", Path(config.model.path).resolve().name).strip("_") or "model"
+    spec = ExportSpec(target=planner.target(EXPORT), model_path=planner.model_after(last),
+                      export_dir=str(Path(config.export_dir).resolve()), method=config.method_of(last),
+                      model_name=model_name, run_dir=str(planner.run_dir), iteration=last)
+    return StagePlan(EXPORT, EXPORT, last, [Task(EXPORT, export_job.run, spec)], resources(planner, EXPORT),
+                     writes=f"{spec.export_dir}/{spec.method}_{model_name}_<time>")

@@ -11,9 +11,11 @@ from rich.table import Table
 
 from jobs.scoring.learning_zone import RATE_BUCKETS
 from pipeline.config import read_run_config
+from pipeline.hacking import describe, hacking_flags
 from pipeline.layout import BASELINE, RunLayout, iteration_name
 from pipeline.plan import Planner
 from pipeline.services import configured, service_fields, service_key
+from pipeline.stages import EXPORT
 from state import Ledger
 
 CATEGORY_ROWS = (
@@ -69,17 +71,22 @@ def summarize(run_dir: Path | str) -> dict[str, Any]:
                 ]
             stages[stage.name] = info
             metrics.update({key: info["metrics"].get(key) for key in stage.reports})
-        iterations.append({"iteration": iteration, "name": iteration_name(iteration), "method": planner.config.method,
+        iterations.append({"iteration": iteration, "name": iteration_name(iteration), "method": planner.config.method_of(iteration),
                            "stages": stages, "metrics": metrics})
+    base_accuracy = (base.get("metrics") or {}).get("heldout_accuracy")
     return {
         "run_dir": str(planner.run_dir),
         "run_name": run.get("run_name"),
         "status": run.get("status"),
         "error": run.get("error"),
         "stage_names": planner.stage_names(),
-        "base_heldout_accuracy": (base.get("metrics") or {}).get("heldout_accuracy"),
+        "base_heldout_accuracy": base_accuracy,
         "iterations": iterations,
+        # Rewards that rose while held-out accuracy fell (pipeline/hacking.py).
+        "hacking": hacking_flags(iterations, base_accuracy, planner.config.grpo.hacking_margin),
         "services": {name: service_fields(ledger.read(service_key(name))) for name in configured(planner.config)},
+        # The final model, exported as the seeds name it.
+        "export": {**_job_fields(export := ledger.read(EXPORT)), "path": (export.get("metrics") or {}).get("export")},
         # A detached run's job that submits the next chain (pipeline/detach.py).
         "advance": _job_fields(ledger.read("advance")),
     }
@@ -111,11 +118,30 @@ def iteration_table(summary: dict[str, Any]) -> Table:
           for e in summary["iterations"]],
         "",
     )
+    if any(e["metrics"].get("final_reward") is not None for e in summary["iterations"]):
+        table.add_row("Method", *empty, *[e["method"] for e in summary["iterations"]], "")
+        table.add_row("Training reward (last step)", *empty, *[_number(e["metrics"].get("final_reward")) for e in summary["iterations"]],
+                      "Increasing")
+        table.add_row("Problems trained on (band)", *empty,
+                      *[_selected(e["metrics"].get("selection")) for e in summary["iterations"]], "")
     table.add_row(
         "Held-out accuracy", _percent(summary["base_heldout_accuracy"]),
         *[_percent(e["metrics"].get("heldout_accuracy")) for e in summary["iterations"]], "Increasing",
     )
     return table
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _selected(selection: dict[str, Any] | None) -> str:
+    return "-" if not selection else f"{selection['selected']} of {selection['problems']}"
+
+
+def hacking_lines(summary: dict[str, Any]) -> list[str]:
+    """The reward-hacking watch's flags, a line each."""
+    return [f"reward hacking? {describe(flag)}" for flag in summary["hacking"]]
 
 
 def distribution_table(summary: dict[str, Any]) -> Table:

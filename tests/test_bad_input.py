@@ -93,7 +93,9 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def _problem(i: int, **extra) -> str:
-    return json.dumps({"id": f"p{i}", "question": f"{i}+1=?", "answer": str(i + 1), **extra})
+    # A problem with a clip says where it goes (jobs.data refuses a sound without its <sound> tag).
+    tag = "<sound> " if "sound" in extra else ""
+    return json.dumps({"id": f"p{i}", "question": f"{tag}{i}+1=?", "answer": str(i + 1), **extra})
 
 
 DATA_CASES = [

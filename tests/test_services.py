@@ -65,13 +65,13 @@ def served_requests(url: str) -> int:
         return json.loads(response.read())["served"]
 
 
-def kill_service_mid_scoring(run_dir: Path, driver: subprocess.Popen[bytes], kill: Any) -> dict[str, Any]:
-    """Once the filter has had some scores from the service, kill the service's job; its record then."""
+def kill_service_mid_scoring(run_dir: Path, driver: subprocess.Popen[bytes], kill: Any, consumer: str = "iter_001/filter") -> dict[str, Any]:
+    """Once ``consumer`` (a stage) has had some scores from the service, kill the service's job; its record then."""
     ledger = Ledger(run_dir)
 
     def scoring() -> bool:
         record = ledger.read("services/reward")
-        if record.get("status") != "serving" or ledger.read("iter_001/filter").get("status") != "running":
+        if record.get("status") != "serving" or ledger.read(consumer).get("status") != "running":
             return False
         try:
             return served_requests(record["endpoint"]) > 0

@@ -1,9 +1,10 @@
 """``python tools/report.py RUN_DIR``: a run's analytics across iterations, its warning signs, a chart.
 
 Prints the seed's "Interpreting Analytics Across Iterations" table for the whole run (category
-shares, mean correct rate, filtered samples, held-out accuracy), the correct-rate distribution
-per iteration, and the seed's warning signs with its advice; writes RUN_DIR/report.png with the
-category shares and the held-out accuracy per iteration.
+shares, mean correct rate, filtered samples, training reward, held-out accuracy), the correct-rate
+distribution per iteration, the seed's warning signs with its advice, and what the reward-hacking
+watch flagged; writes RUN_DIR/report.png with the category shares, the held-out accuracy per
+iteration and, for runs that trained on rewards (GRPO), each reward's mean per step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rich.console import Console
 from pipeline.status import (
     CATEGORY_ROWS,
     distribution_table,
+    hacking_lines,
     iteration_table,
     summarize,
     warning_signs,
@@ -34,9 +36,10 @@ CATEGORY_COLORS = ("#c0392b", "#e67e22", "#f1c40f", "#7fb347", "#27ae60")
 def plot(summary: dict[str, Any]) -> bytes:
     """PNG: category shares per iteration (stacked bars) and held-out accuracy (base = iteration 0)."""
     iterations = [e for e in summary["iterations"] if e["metrics"]["categories"]]
-    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    curves = reward_curves(summary)
+    figure = Figure(figsize=(16 if curves else 11, 4.2), layout="constrained")
     FigureCanvasAgg(figure)  # files only, no display: cluster nodes have none
-    shares, accuracy = figure.subplots(1, 2)
+    shares, accuracy, *more = figure.subplots(1, 3 if curves else 2)
     figure.suptitle(f"{summary['run_name']}: analytics across iterations")
     bottom = [0.0] * len(iterations)
     x = [e["iteration"] for e in iterations]
@@ -61,9 +64,45 @@ def plot(summary: dict[str, Any]) -> bytes:
     accuracy.set_xticks(range(len(summary["iterations"]) + 1))
     if not points:
         accuracy.text(0.5, 0.5, "no held-out evaluation", ha="center", va="center", transform=accuracy.transAxes)
+    if curves:
+        (rewards,) = more
+        for name, points in curves.items():
+            rewards.plot([x for x, _ in points], [y for _, y in points], marker=".", label=name)
+        for flag in summary["hacking"]:
+            rewards.axvspan(*iteration_span(summary, flag["iteration"]), color="#c0392b", alpha=0.12)
+        rewards.set(title="Training rewards per step (red: hacking flagged)", xlabel="Step (iterations in a row)", ylabel="Mean reward")
+        rewards.legend(fontsize="small")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
+
+
+def _step_logs(summary: dict[str, Any]) -> list[tuple[int, list[dict[str, Any]]]]:
+    return [(e["iteration"], (e["stages"].get("train", {}).get("metrics") or {}).get("step_log") or []) for e in summary["iterations"]]
+
+
+def reward_curves(summary: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Per reward, (step, mean) over the run's training steps, iteration after iteration."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    offset = 0
+    for _, step_log in _step_logs(summary):
+        for entry in step_log:
+            for key, value in entry.items():
+                if key.startswith("rewards/") and key.endswith("/mean") and value is not None:
+                    curves.setdefault(key[len("rewards/"):-len("/mean")], []).append((offset + entry["step"], value))
+        offset += max((entry["step"] for entry in step_log), default=0)
+    return curves
+
+
+def iteration_span(summary: dict[str, Any], iteration: int) -> tuple[int, int]:
+    """The steps iteration ``iteration`` covers on the reward chart's axis."""
+    offset = 0
+    for number, step_log in _step_logs(summary):
+        last = max((entry["step"] for entry in step_log), default=0)
+        if number == iteration:
+            return offset, offset + last
+        offset += last
+    return offset, offset
 
 
 def print_warning_signs(console: Console, signs: list[dict[str, Any]]) -> None:
@@ -96,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(iteration_table(summary))
     console.print(distribution_table(summary))
     print_warning_signs(console, warning_signs(summary))
+    for line in hacking_lines(summary):
+        console.print(line, style="yellow", markup=False)
     png = args.png or args.run_dir / "report.png"
     atomic_write_bytes(png, plot(summary))
     console.print(f"chart: {png}", markup=False)

@@ -37,11 +37,21 @@ else
 fi
 # `vllm bench serve` reads a custom dataset with pandas (tools/bench/vllm_bench.py).
 "$VENV/bin/python" -c "import pandas" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet pandas
+# Audio requests: vLLM decodes files with soundfile, and PyAV makes a corrupt file a 400 answer.
+"$VENV/bin/python" -c "import soundfile, av" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet soundfile av
 if [ "$TARGET" = cpu ]; then
-  # pip brings CUDA builds of these; against CPU torch they fail to load and break
-  # `import transformers` (operator torchvision::nms does not exist). Only multimodal models
-  # need them. triton (~1 GB) is not used by vLLM on CPU.
-  "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton 2>&1 | grep -v "^WARNING: Skipping" || true
+  # Vision-language models (Qwen2-VL's processors) need torchvision, and pip brings CUDA builds
+  # of it, torchaudio and torchcodec that fail to load against CPU torch and break
+  # `import transformers` (operator torchvision::nms does not exist); triton (~1 GB) is not used
+  # on CPU. A workaround: torchvision 0.16.2 is the newest release that imports beside CPU torch
+  # 2.13 (its compiled ops are missing; vLLM's Qwen2-VL path does not call them), installed with
+  # --no-deps so that its torch==2.1.2 pin leaves torch alone. Without torchaudio vLLM cannot
+  # resample audio: clips must be 16 kHz already.
+  if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
+    "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton 2>&1 | grep -v "^WARNING: Skipping" || true
+    "$VENV/bin/python" -m pip install --quiet --no-deps "torchvision==0.16.2"
+  fi
+  "$VENV/bin/python" -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 fi
 if $fresh; then
   "$VENV/bin/python" jobs/services/vllm_launcher.py --version >/dev/null 2>&1 || { echo "vLLM in $VENV does not start" >&2; exit 1; }

@@ -11,14 +11,22 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.status import console as make_console
-from pipeline.status import iteration_table, services_table, stage_table, summarize
+from pipeline.status import (
+    hacking_lines,
+    iteration_table,
+    services_table,
+    stage_table,
+    summarize,
+)
 from pipeline.watch import job_rows
 
 COLUMNS = ("iteration", "task", "status", "attempts", "job_id", "scheduler_state", "reason", "node", "elapsed", "exit_code")
@@ -42,9 +50,12 @@ def jobs_table(rows: list[dict]) -> Table:
 def report(run_dir: Path, cluster: str) -> tuple[dict, Group]:
     summary = summarize(run_dir)
     summary["jobs"] = job_rows(summary, cluster)
-    tables = [stage_table(summary), jobs_table(summary["jobs"]), iteration_table(summary)]
+    tables: list[Any] = [stage_table(summary), jobs_table(summary["jobs"]), iteration_table(summary)]
     if summary["services"]:
         tables.insert(1, services_table(summary))
+    tables += [Text(line, style="yellow") for line in hacking_lines(summary)]
+    if summary["export"]["path"]:
+        tables.append(Text(f"final model exported to {summary['export']['path']}"))
     return summary, Group(*tables)
 
 

@@ -1,4 +1,6 @@
-"""Filter job: merge the generation shards, judge every candidate, keep an SFT set.
+"""Filter job: merge the generation shards, judge every candidate, keep an SFT set, and record each
+problem's pass rate (``filtered_pass_rates.jsonl``: id, candidates, correct; a GRPO iteration's
+pass-rate band selects its problems by it).
 
 What is kept follows the seed's strategies (jobs.scoring.learning_zone); what is counted, its
 analytics (jobs.scoring.analytics). A candidate is correct when the verifier accepts its answer,
@@ -243,6 +245,10 @@ class ShardFiltered:
     def kept(self) -> Path:
         return self.folder / "kept"
 
+    @property
+    def pass_rates(self) -> Path:
+        return self.folder / "pass_rates"
+
 
 def _reward_set(config: FilterConfig, services: dict[str, ServiceRef]) -> RewardSet | None:
     """filter.reward's rewards, bound to the run's verifier, answer pattern and services."""
@@ -258,8 +264,8 @@ def _filter_shard(job: ShardJob) -> ShardFiltered:
     ids = CategoryIds(folder)
     # Each worker its own: rewards keep per-process state (counts of failures, a loaded model).
     rewards = _reward_set(job.config, job.services)
-    with open(folder / "kept", "wb", buffering=WRITE_BUFFER) as sink:
-        analytics, max_k, seen = _filter_into(sink, job, ids, rewards)
+    with open(folder / "kept", "wb", buffering=WRITE_BUFFER) as sink, open(folder / "pass_rates", "wb", buffering=WRITE_BUFFER) as rates:
+        analytics, max_k, seen = _filter_into(sink, rates, job, ids, rewards)
     for category in CATEGORIES:
         ids.flush(category)
     return ShardFiltered(folder, analytics, max_k, seen, ids, rewards.failure_report() if rewards else {})
@@ -316,7 +322,9 @@ def filter_generations(
         analytics, max_k, seen = Analytics(tuple(config.zone_bounds)), num_samples, ProblemIds()
         reward_failures: dict[str, dict[str, Any]] = {}
         jobs = [ShardJob(paths, shard, staging, config, seed, num_samples, services) for shard in range(len(paths))]
-        with open(staging / output.name, "wb", buffering=WRITE_BUFFER) as sink, _filtered_shards(jobs, workers) as shards:
+        rates_name = f"{stem}_pass_rates.jsonl"
+        with (open(staging / output.name, "wb", buffering=WRITE_BUFFER) as sink, open(staging / rates_name, "wb") as rates,
+              _filtered_shards(jobs, workers) as shards):
             sink.write(b"[")
             separator = b"\n"
             for shard in shards:
@@ -330,6 +338,8 @@ def filter_generations(
                     with open(shard.kept, "rb") as kept:
                         shutil.copyfileobj(kept, sink, WRITE_BUFFER)
                     separator = b",\n"
+                with open(shard.pass_rates, "rb") as shard_rates:
+                    shutil.copyfileobj(shard_rates, rates, WRITE_BUFFER)
                 shutil.rmtree(shard.folder)
             sink.write(b"\n]\n")
         duplicate = seen.first_duplicate(paths)
@@ -356,7 +366,7 @@ def filter_generations(
             ids.write_list(sink, "too_hard")
             sink.write(b"\n")
         # filtered.json last: when it is there, its analytics are too.
-        for name in [*(f"{stem}_{s}" for s in (*sidecars, "by_category.json", "no_correct.json")), output.name]:
+        for name in [*(f"{stem}_{s}" for s in (*sidecars, "by_category.json", "no_correct.json", "pass_rates.jsonl")), output.name]:
             os.replace(staging / name, output.parent / name)
     print(log_text, flush=True)
     if analytics.failed:
@@ -375,8 +385,11 @@ def filter_generations(
     }
 
 
-def _filter_into(sink: BinaryIO, job: ShardJob, ids: CategoryIds, rewards: RewardSet | None) -> tuple[Analytics, int, ProblemIds]:
-    """Write the shard's kept samples to ``sink``, separated by ``,\\n``; return its counts."""
+def _filter_into(
+    sink: BinaryIO, rates: BinaryIO, job: ShardJob, ids: CategoryIds, rewards: RewardSet | None,
+) -> tuple[Analytics, int, ProblemIds]:
+    """Write the shard's kept samples to ``sink``, separated by ``,\\n``, and each problem's pass
+    rate to ``rates``, one JSON line each; return its counts."""
     config, path = job.config, job.paths[job.shard]
     judge = Judge(config.answer_pattern, get_verifier(config.verifier))
     bounds = tuple(config.zone_bounds)
@@ -393,6 +406,7 @@ def _filter_into(sink: BinaryIO, job: ShardJob, ids: CategoryIds, rewards: Rewar
         if "error" in record:
             # Its candidates (if any) are incomplete: counting it would pass a server error off as "too hard".
             analytics.failed += 1
+            rates.write(orjson.dumps({"id": pid, "failed": True}) + b"\n")
             continue
         k = len(texts)
         max_k = max(max_k, k)
@@ -408,6 +422,7 @@ def _filter_into(sink: BinaryIO, job: ShardJob, ids: CategoryIds, rewards: Rewar
             correct = [(len(texts[i]), i, judge.answer(texts[i])) for _, i in passed]
         num_correct = len(correct)
         category = category_of(num_correct, k)
+        rates.write(orjson.dumps({"id": pid, "candidates": k, "correct": num_correct}) + b"\n")
         if config.dedupe:
             # Repeats count for the correct rate, but are kept once.
             first: dict[str, tuple[int, int, str]] = {}

@@ -1,4 +1,5 @@
-"""Trainer callbacks every training job uses: stop at a step on a signal, per-step throughput, data order.
+"""Trainer callbacks of the training jobs: stop at a step on a signal, per-step throughput, data order,
+and a watchdog for steps that never end; and which checkpoint a restarted job resumes from.
 
 Imported by the training jobs inside their work, not at module level: transformers takes seconds
 to import, and the driver imports the jobs' modules only to name what a job runs.
@@ -10,7 +11,9 @@ import copy
 import json
 import math
 import resource
+import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,32 @@ from transformers import TrainerCallback
 
 from jobs.runtime import log, stop_requested
 from state import atomic_write_bytes
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest ``checkpoint-<step>`` the Trainer finished writing, or None.
+
+    transformers' get_last_checkpoint takes the newest folder, and a job killed while saving
+    (SIGKILL, a node lost) leaves one holding only part of its files: resuming from it fails on
+    every retry. The Trainer writes trainer_state.json after the weights, optimizer, scheduler and
+    RNG states, so a checkpoint whose trainer_state.json parses is complete.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        (int(p.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")), p)
+        for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-").isdigit()
+    )
+    for step, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.warning("checkpoint %s is incomplete (killed while saving?): not resuming from it", path)
+            continue
+        return str(path)
+    return None
 
 
 def peak_memory_mib(on_gpu: bool) -> float:
@@ -51,11 +80,12 @@ class CheckpointOnPreemption(TrainerCallback):
 class StepMetrics(TrainerCallback):
     """Adds tokens/s, samples/s and peak memory since the previous logged step to each one.
 
-    They go into the trainer's log history, which checkpoints carry across a requeue.
+    They go into the trainer's log history, which checkpoints carry across a requeue. The progress
+    line shows the loss, these, and the logged values named in ``shown`` (e.g. GRPO's reward).
     """
 
-    def __init__(self, effective_batch: int, on_gpu: bool):
-        self.effective_batch, self.on_gpu = effective_batch, on_gpu
+    def __init__(self, effective_batch: int, on_gpu: bool, shown: Sequence[str] = ()):
+        self.effective_batch, self.on_gpu, self.shown = effective_batch, on_gpu, shown
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.last = (time.monotonic(), state.global_step, state.num_input_tokens_seen)
@@ -74,9 +104,58 @@ class StepMetrics(TrainerCallback):
             peak_memory_mib=peak_memory_mib(self.on_gpu),
         )
         self.last = (now, state.global_step, state.num_input_tokens_seen)
-        log.info("step %d: loss %.4f, learning rate %.3g, %.0f tokens/s, %.2f samples/s, peak memory %.0f MiB",
-                 state.global_step, entry["loss"], entry.get("learning_rate", 0.0), entry["tokens_per_s"],
+        extra = "".join(f", {key} {entry[key]:.4g}" for key in self.shown if isinstance(entry.get(key), (int, float)))
+        log.info("step %d: loss %.4f%s, learning rate %.3g, %.0f tokens/s, %.2f samples/s, peak memory %.0f MiB",
+                 state.global_step, entry["loss"], extra, entry.get("learning_rate", 0.0), entry["tokens_per_s"],
                  entry["samples_per_s"], entry["peak_memory_mib"])
+
+
+class Watchdog(TrainerCallback):
+    """Calls ``on_stall(seconds, step)`` from a thread of its own when a training step (for GRPO:
+    generation, rewards, weight sync and the update) or a checkpoint save has run longer than
+    ``timeout_s``. The main thread may be stuck where no signal or exception reaches it (a
+    collective, a socket, a reward that never returns), so ``on_stall`` must end the process itself.
+    """
+
+    def __init__(self, timeout_s: float, on_stall: Callable[[float, int], None]):
+        self.timeout_s, self.on_stall = timeout_s, on_stall
+        self.last_progress = time.monotonic()
+        self.step = 0
+        self.done = threading.Event()
+
+    def _progress(self, state: Any) -> None:
+        self.last_progress, self.step = time.monotonic(), state.global_step
+
+    def _watch(self) -> None:
+        # Checks often enough that a stall is caught within a tenth of the timeout (and a second).
+        while not self.done.wait(min(self.timeout_s / 10, 1.0)):
+            idle = time.monotonic() - self.last_progress
+            if idle > self.timeout_s:
+                self.on_stall(idle, self.step)
+                return
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+        threading.Thread(target=self._watch, name="stall-watchdog", daemon=True).start()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """No more watching: training ended, or raised (then no on_train_end comes)."""
+        self.done.set()
 
 class DataOrder(TrainerCallback):
     """Writes ``data_order/rank_<r>.json``: the training-set positions of each micro-batch this

@@ -1,5 +1,9 @@
 """Training job: TRL SFT on the filtered set, LoRA (PEFT) or full fine-tuning.
 
+A model with a processor (audio, images, video) trains on its problems' media, read from the
+media folder and placed as generation places them (jobs.training.media); a text-only model on
+text, through TRL's own tokenization as before.
+
 Writes ``<output>/model`` (the merged model the next iteration generates with), ``<output>/adapter``
 for LoRA, ``<output>/model_card.json``, and per rank the order of the examples it trains on
 (``<output>/data_order/rank_<r>.json``). Checkpoints go to ``<output>/checkpoints``; a restarted
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.data import load_problems
-from jobs.prompts import messages_for
+from jobs.prompts import has_media, messages_for, template_messages
 from jobs.runtime import log, pick_device, reporting, stop_if_preempted
 from jobs.specs import TrainConfig, TrainSpec
 from state import atomic_write_json
@@ -32,9 +36,13 @@ from state import atomic_write_json
 STEP_LOG_KEYS = ("step", "loss", "learning_rate", "tokens_per_s", "samples_per_s", "peak_memory_mib")
 
 
-def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: str | None) -> list[dict[str, Any]]:
+def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: str | None,
+                 media_dir: str | None = None, multimodal: bool = False) -> list[dict[str, Any]]:
     """Prompt / completion conversations from filtered.json and the replay problems; with a ``weight``
-    each when filtered.json has them (filter.category_weights; replay examples weigh 1.0)."""
+    each when filtered.json has them (filter.category_weights; replay examples weigh 1.0). For a
+    ``multimodal`` model, the chat template's parts and the media files of each (jobs.training.media)."""
+    from jobs.training.media import MEDIA
+
     samples = json.loads(Path(data_path).read_text(encoding="utf-8")) if data_path else []
     weighted = any("weight" in s for s in samples)
     triples = [(s, s["response"], s.get("weight", 1.0)) for s in samples]
@@ -42,7 +50,15 @@ def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: 
         triples += [(p, p["answer"], 1.0) for p in load_problems(replay_path)]
     examples = []
     for problem, response, weight in triples:
-        example = {"prompt": messages_for(problem, system_prompt), "completion": [{"role": "assistant", "content": response}]}
+        if has_media(problem) and not (multimodal and media_dir):
+            why = "no media folder (generate.media_dir)" if multimodal else "a text-only model (no processor)"
+            raise ValueError(f"problem {problem.get('original_id', problem['id'])!r} has media, and training has {why}")
+        if multimodal:
+            prompt, media = template_messages(problem, system_prompt, media_dir)
+            example = {"prompt": prompt, "completion": [{"role": "assistant", "content": [{"type": "text", "text": response}]}],
+                       MEDIA: media}
+        else:
+            example = {"prompt": messages_for(problem, system_prompt), "completion": [{"role": "assistant", "content": response}]}
         if weighted:
             example["weight"] = weight
         examples.append(example)
@@ -74,13 +90,19 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     from peft import LoraConfig, PeftModel
     from transformers import (
         AutoModelForCausalLM,
-        AutoTokenizer,
+        AutoModelForMultimodalLM,
+        AutoProcessor,
         BitsAndBytesConfig,
+        ProcessorMixin,
     )
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    from jobs.training.callbacks import CheckpointOnPreemption, DataOrder, StepMetrics
+    from jobs.training.callbacks import (
+        CheckpointOnPreemption,
+        DataOrder,
+        StepMetrics,
+        last_complete_checkpoint,
+    )
     from jobs.training.weighted import WEIGHT, WeightedSFTTrainer
 
     config = spec.train
@@ -88,7 +110,10 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     if "tensorboard" in config.report_to:
         # Beside the model: the trainer's default is under the checkpoints, which are deleted at the end.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "tensorboard"))
-    examples = sft_examples(spec.data_path, config.replay_data, spec.system_prompt)
+    # A text-only model's folder gives its tokenizer here; a multimodal one its processor (TRL's test too).
+    processing = AutoProcessor.from_pretrained(spec.init_model)
+    multimodal = isinstance(processing, ProcessorMixin)
+    examples = sft_examples(spec.data_path, config.replay_data, spec.system_prompt, spec.media_dir, multimodal)
     if not examples:
         raise ValueError(
             "nothing to train on: no problem had a correct candidate and there is no replay_data"
@@ -101,13 +126,23 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
-    tokenizer = AutoTokenizer.from_pretrained(spec.init_model)
-    model = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization)
+    model_class = AutoModelForMultimodalLM if multimodal else AutoModelForCausalLM
+    model = model_class.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization)
+    collator, target_modules = None, config.target_modules
+    if multimodal:
+        from jobs.training import media
+
+        collator, examples = media.collator_for(processing, examples, config.max_length)
+        log.info("multimodal SFT with %s", type(collator).__name__)
+        if config.method == "lora":
+            target_modules = media.language_model_targets(model, config.target_modules)
+        elif config.freeze_encoders:
+            log.info("froze %d encoder parameters (train.freeze_encoders)", media.freeze_encoders(model))
     peft_config = None
     if config.method == "lora":
         peft_config = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules, task_type="CAUSAL_LM",
+            target_modules=target_modules, task_type="CAUSAL_LM",
         )
     checkpoints = output / "checkpoints"
     args = SFTConfig(
@@ -129,8 +164,12 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         save_total_limit=config.save_total_limit,
         report_to=config.report_to or "none",
         include_num_input_tokens_seen="non_padding",
-        # LoRA and gradient checkpointing leave no parameter unused; looking for some costs a graph walk per step.
-        ddp_find_unused_parameters=False,
+        # LoRA and gradient checkpointing leave no parameter unused; looking for some costs a graph walk per
+        # step. A multimodal model's encoders get nothing from a batch without their media.
+        ddp_find_unused_parameters=multimodal,
+        # Media examples reach the collator as they are (their files are read there), not tokenized ahead.
+        remove_unused_columns=not multimodal,
+        dataset_kwargs={"skip_prepare_dataset": True} if multimodal else None,
         seed=spec.seed,
         disable_tqdm=True,
         **_hardware_options(config, on_gpu),
@@ -140,12 +179,13 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     on_preemption = CheckpointOnPreemption()
     weighted = WEIGHT in examples[0]
     trainer = (WeightedSFTTrainer if weighted else SFTTrainer)(
-        model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[on_preemption, StepMetrics(effective_batch, on_gpu), DataOrder(output)],
+        model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=processing,
+        data_collator=collator, peft_config=peft_config,
+        callbacks=[on_preemption, StepMetrics(effective_batch, on_gpu), DataOrder(output)],
     )
     log.info("effective batch size %d = %d per process x %d accumulation steps x %d processes",
              effective_batch, config.batch_size, config.gradient_accumulation_steps, world_size)
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    resume = last_complete_checkpoint(checkpoints)
     if resume:
         log.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -159,9 +199,9 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
 
     if config.method == "lora" and config.save_merged:
         # Merge into an unquantized copy of the starting model: a 4-bit base cannot be merged.
-        base = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype)
+        base = model_class.from_pretrained(spec.init_model, dtype=dtype)
         PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+    processing.save_pretrained(str(model_dir))
     # Includes the steps before a resume: the trainer state comes back with the checkpoint.
     step_log = [{key: entry.get(key) for key in STEP_LOG_KEYS} for entry in trainer.state.log_history if "loss" in entry]
     losses = [entry["loss"] for entry in step_log]

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 from typing import TYPE_CHECKING, Protocol
 
+from pipeline.recipes.grpo import Grpo
 from pipeline.recipes.rest import Rest
 
 if TYPE_CHECKING:
@@ -24,12 +25,12 @@ class Recipe(Protocol):
         """Refuse settings this method cannot run with: ValueError('key: why')."""
 
 
-RECIPES: dict[str, type] = {"rest": Rest}
+RECIPES: dict[str, type] = {"rest": Rest, "grpo": Grpo}
 
 
 def recipe_for(config: RunConfig, iteration: int, planner: Planner) -> Recipe:
     """The recipe that runs iteration ``iteration`` of the run."""
-    return RECIPES[config.method](planner)
+    return RECIPES[config.method_of(iteration)](planner)
 
 
 def stage_names() -> set[str]:
@@ -49,4 +50,5 @@ def check_config(config: RunConfig) -> None:
             raise ValueError(f"executor.{name}: no stage or service of that name"
                              + (f" (did you mean 'executor.{hint[0]}'?)" if hint else f" (known: {', '.join(sorted(known))})"))
     check_services(config)
-    RECIPES[config.method].check(config)
+    for method in dict.fromkeys(config.method_of(i) for i in range(1, config.num_iterations + 1)):
+        RECIPES[method].check(config)

@@ -1,0 +1,272 @@
+"""Training job: TRL's GRPOTrainer on the problems, rewarded by the reward registry (``grpo.rewards``).
+
+Each problem is a conversational prompt (its question, with the run's system prompt); every other
+field of it (answer, id, ...) is a column that the rewards get, one value per completion. The
+rewards are a RewardSet: a reward that fails gives None for its samples (TRL leaves it out of the
+sample's sum, and a sample no reward could score out of its group's baseline), counted per reward
+with its first error. Writes, as the SFT job does, ``<output>/model`` (merged for LoRA),
+``<output>/adapter`` for LoRA and ``<output>/model_card.json`` with the step log; checkpoints go to
+``<output>/checkpoints`` and a restarted job continues from the last one (jobs.training.grpo_trainer
+says what it guards in TRL's resume). ``<output>/rollouts/rank_<r>.jsonl`` lists the problems each
+generation dealt.
+
+Rollouts: TRL's transformers generation (``grpo.vllm_mode`` unset, the CPU way), or vLLM on GPUs:
+``colocate`` (in the training processes) or ``server`` (``trl vllm-serve``, jobs.training.rollout_server).
+
+A step (generation, rewards, weight sync, update) that runs longer than ``grpo.stall_timeout_s``
+fails the job: a watchdog thread records ``error: stalled: ...`` in the ledger and ends the process,
+however the main thread is stuck; the driver's retry resumes from the last checkpoint.
+
+Distributed as the SFT job (jobs.training.sft): one process per task, rank 0 reports and writes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from jobs.data import read_jsonl
+from jobs.prompts import messages_for
+from jobs.runtime import log, pick_device, report_status, reporting, stop_if_preempted
+from jobs.scoring.pass_rates import select_problems
+from jobs.scoring.rewards import RewardContext, RewardSet
+from jobs.specs import MEDIA_FIELDS, GrpoConfig, GrpoSpec, JobTarget
+from jobs.training.sft import _hardware_options, distributed_rank
+from state import Ledger, Status, atomic_write_json
+
+# What the ledger keeps of each logged step (TRL's names), besides each reward's mean, std and failures.
+STEP_LOG_KEYS = (
+    "step", "policy_step", "loss", "learning_rate", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
+    "completions/mean_length", "completions/clipped_ratio", "tokens_per_s", "samples_per_s", "peak_memory_mib",
+)
+# The exit status of a job the watchdog ended.
+STALLED_EXIT = 3
+
+
+def grpo_dataset(problems_path: str, system_prompt: str | None) -> list[dict[str, Any]]:
+    """One row per problem: ``prompt``, its chat messages, and the problem's fields as columns."""
+    rows = []
+    for problem in read_jsonl(problems_path):
+        if "prompt" in problem:
+            raise ValueError(f"{problems_path}: problem {problem['id']!r} has a field 'prompt', which GRPO uses for the"
+                             " chat messages: rename it")
+        media = next((f for f in MEDIA_FIELDS if f in problem), None)
+        if media:
+            raise ValueError(f"{problems_path}: problem {problem['id']!r} has a {media}: GRPO rollouts are text-only here")
+        rows.append({**problem, "prompt": messages_for(problem, system_prompt)})
+    if not rows:
+        raise ValueError(f"{problems_path}: no problems to train on")
+    return rows
+
+
+def rollout_options(grpo: GrpoConfig, on_gpu: bool, server: tuple[str, int] | None) -> dict[str, Any]:
+    """GRPOConfig's generation options: transformers, or vLLM colocated or as a server at ``server``
+    (given to rank 0 alone: only TRL's main process talks to the server)."""
+    if grpo.vllm_mode is None:
+        return {"use_vllm": False}
+    if not on_gpu:
+        raise ValueError(f"grpo.vllm_mode: {grpo.vllm_mode} needs GPUs and this node has none"
+                         " (leave it unset for TRL's transformers generation)")
+    # ZeRO-3 shards the weights: vLLM needs them gathered to generate (and to receive them).
+    options: dict[str, Any] = {"use_vllm": True, "vllm_mode": grpo.vllm_mode, "ds3_gather_for_generation": True}
+    if server:
+        from jobs.training.rollout_server import weight_sync_port
+
+        host, port = server
+        options.update(vllm_server_host=host, vllm_server_port=port, vllm_group_port=weight_sync_port(),
+                       vllm_server_timeout=grpo.stall_timeout_s)
+    return options
+
+
+def stall_handler(target: JobTarget, primary: bool, timeout_s: float) -> Callable[[float, int], None]:
+    """What the watchdog does on a stall: the ledger says why (rank 0), then the process ends at once."""
+
+    def on_stall(idle: float, step: int) -> None:
+        message = (f"stalled: no training progress for {idle:.0f} s (grpo.stall_timeout_s: {timeout_s:g}) after step"
+                   f" {step}; the retry resumes from the last checkpoint")
+        log.error("%s", message)
+        try:
+            if primary:
+                report_status(Ledger(target.run_dir), target, Status.FAILED, error=message)
+        finally:
+            sys.stderr.flush()
+            # Not SystemExit: the main thread is the one stuck, and it would never see an exception.
+            os._exit(STALLED_EXIT)
+
+    return on_stall
+
+
+def train_grpo(spec: GrpoSpec, metrics: dict[str, Any], primary: bool = True, multi_node: bool = False) -> None:
+    """Trains; ``primary``: rank 0, which reports and writes; ``multi_node``: a server-mode job whose
+    last node serves the rollouts (jobs.training.rollout_server)."""
+    with ExitStack() as stack:
+        server = None
+        if spec.grpo.vllm_mode == "server" and primary:
+            from jobs.training.rollout_server import local_server, remote_server
+
+            local_tasks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            server = remote_server(spec) if multi_node else stack.enter_context(local_server(spec, local_tasks))
+        _train(spec, metrics, primary, server)
+
+
+def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple[str, int] | None) -> None:
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import GRPOConfig
+
+    from jobs.training.callbacks import (
+        CheckpointOnPreemption,
+        StepMetrics,
+        Watchdog,
+        last_complete_checkpoint,
+    )
+    from jobs.training.grpo_trainer import PolicyTrainer, TrlReward
+
+    config, grpo = spec.train, spec.grpo
+    output = Path(spec.output_dir)
+    if "tensorboard" in config.report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "tensorboard"))
+    rows = grpo_dataset(spec.problems_path, spec.system_prompt)
+    if spec.pass_rates_path and grpo.pass_rate_band:
+        rows, selection = select_problems(rows, Path(spec.pass_rates_path), grpo.pass_rate_band)
+        metrics["selection"] = selection
+        log.info("pass-rate band %s: %d of %d problems selected (%d below, %d above, %d without a pass rate)",
+                 grpo.pass_rate_band, selection["selected"], selection["problems"], selection["below_band"],
+                 selection["above_band"], selection["no_pass_rate"])
+        if not rows:
+            raise ValueError(f"grpo.pass_rate_band: no problem's pass rate lies in {list(grpo.pass_rate_band)} ({selection});"
+                             " widen the band")
+    reward_set = RewardSet(grpo.rewards, RewardContext(spec.verifier, spec.answer_pattern, spec.services))
+    device, dtype = pick_device()
+    on_gpu = device == "cuda"
+    quantization = None
+    if on_gpu and config.load_in_4bit and config.method == "lora":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    tokenizer = AutoTokenizer.from_pretrained(spec.init_model)
+    model = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization)
+    peft_config = None
+    if config.method == "lora":
+        peft_config = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules, task_type="CAUSAL_LM",
+        )
+    checkpoints = output / "checkpoints"
+    args = GRPOConfig(
+        output_dir=str(checkpoints),
+        learning_rate=spec.learning_rate,
+        max_steps=grpo.max_steps,
+        per_device_train_batch_size=grpo.batch_size,
+        gradient_accumulation_steps=grpo.gradient_accumulation_steps,
+        steps_per_generation=grpo.steps_per_generation,
+        num_generations=grpo.num_generations,
+        num_iterations=grpo.num_iterations,
+        beta=grpo.beta,
+        temperature=grpo.temperature,
+        loss_type=grpo.loss_type,
+        scale_rewards=grpo.scale_rewards,
+        epsilon=grpo.epsilon,
+        max_completion_length=grpo.max_completion_length,
+        reward_weights=reward_set.weights,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a ratio
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler_type,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=grpo.logging_steps,
+        save_steps=grpo.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to=config.report_to or "none",
+        ddp_find_unused_parameters=False,
+        seed=spec.seed,
+        disable_tqdm=True,
+        **rollout_options(grpo, on_gpu, server),
+        **_hardware_options(config, on_gpu),
+    )
+    world_size = args.world_size
+    completions_per_step = grpo.batch_size * grpo.gradient_accumulation_steps * world_size
+    on_preemption = CheckpointOnPreemption()
+    watchdog = Watchdog(grpo.stall_timeout_s, stall_handler(spec.target, primary, grpo.stall_timeout_s))
+    trainer = PolicyTrainer(
+        model=model, reward_funcs=[TrlReward(reward_set, named) for named in reward_set.rewards], args=args,
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[on_preemption, StepMetrics(completions_per_step, on_gpu, shown=("reward",)), watchdog],
+        reward_set=reward_set, rollouts_dir=output / "rollouts",
+    )
+    log.info("GRPO: %d problems, %d completions per step (%d prompts x %d generations per generation batch of %d steps),"
+             " %d processes, rollouts by %s", len(rows), completions_per_step, args.generation_batch_size // grpo.num_generations,
+             grpo.num_generations, args.steps_per_generation, world_size, grpo.vllm_mode and f"vLLM ({grpo.vllm_mode})" or "transformers")
+    resume = last_complete_checkpoint(checkpoints)
+    if resume:
+        log.info("resuming training from %s", resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        watchdog.stop()
+    stop_if_preempted(on_preemption.stopped_by)  # a checkpoint is saved: the requeued job resumes from it
+    trainer.sync_failures()
+    model_dir, adapter_dir = output / "model", output / "adapter"
+    # Every process takes part: under ZeRO-3 each holds a slice of the weights.
+    trainer.save_model(str(adapter_dir if config.method == "lora" else model_dir))
+    if not trainer.is_world_process_zero():
+        return
+
+    if config.method == "lora" and config.save_merged:
+        # Merge into an unquantized copy of the starting model: a 4-bit base cannot be merged.
+        base = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype)
+        PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    keys = STEP_LOG_KEYS + tuple(f"rewards/{name}/{what}" for name in reward_set.names for what in ("mean", "std", "failed"))
+    # Includes the steps before a resume: the trainer state comes back with the checkpoint.
+    step_log = [{key: entry.get(key) for key in keys} for entry in trainer.state.log_history if "loss" in entry]
+    rewards = [entry["reward"] for entry in step_log if entry["reward"] is not None]
+    metrics.update(
+        train_problems=len(rows),
+        steps=trainer.state.global_step,
+        final_reward=rewards[-1] if rewards else None,
+        reward_failures=trainer.failure_report(),
+        train_loss=result.training_loss,
+        learning_rate=spec.learning_rate,
+        seconds=round(result.metrics.get("train_runtime", 0.0), 2),
+        resumed_from=resume,
+        world_size=world_size,
+        completions_per_step=completions_per_step,
+        num_generations=grpo.num_generations,
+        rollouts=f"vllm_{grpo.vllm_mode}" if grpo.vllm_mode else "transformers",
+        strategy=config.strategy,
+        step_log=step_log,
+    )
+    card = {"base_model": spec.base_model, "iteration": spec.iteration, "init_model": spec.init_model, "method": "grpo",
+            "fine_tuning": config.method, "rewards": [{"name": r.name, "weight": r.weight} for r in reward_set.rewards]}
+    atomic_write_json(output / "model_card.json", {**card, **metrics})
+    if model_dir.is_dir() and not config.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def run(spec: GrpoSpec) -> dict[str, Any]:
+    place = None
+    if spec.grpo.vllm_mode == "server":
+        from jobs.training.rollout_server import job_layout, serve_for_job
+
+        place = job_layout()
+        if place.serves:
+            with reporting(spec.target, primary=False):
+                serve_for_job(spec, first_task_of_node=int(os.environ.get("SLURM_LOCALID", "0")) == 0)
+            return {}
+    rank = distributed_rank()
+    if place and place.multi_node:
+        # The last node serves: the training world is the tasks of the other nodes, the first ranks.
+        if rank >= place.training_tasks:
+            raise ValueError(f"grpo.vllm_mode: server needs the job's tasks dealt to nodes in blocks; rank {rank} trains"
+                             f" but is not among the first {place.training_tasks}")
+        os.environ["WORLD_SIZE"] = str(place.training_tasks)
+    with reporting(spec.target, primary=rank == 0) as metrics:
+        train_grpo(spec, metrics, rank == 0, multi_node=bool(place and place.multi_node))
+    return metrics

@@ -1,0 +1,153 @@
+"""SFT of a model that takes audio, images or video (one with a processor beside its tokenizer).
+
+The examples are prompt / completion chats whose prompt has ``audio`` / ``image`` / ``video`` parts
+where the problem's tags were (jobs.prompts.template_messages), and the files in that order. A
+collator reads the files as vLLM's server reads them (jobs.media) and hands them with the chat
+template's text to the model's processor, so training sees the prompt that generation saw:
+
+- images only: TRL's DataCollatorForVisionLanguageModeling, given the decoded images (``images``);
+- audio or video, alone or with images (TRL 1.16 has no collator for either): ``MediaCollator``,
+  which does for them what TRL's does for images: prompt and completion rendered by TRL's
+  apply_chat_template, processed apart and joined, loss on the completion only, cut at
+  ``max_length`` from the end.
+
+LoRA adapters go on the language model only: the modules of train.target_modules inside it, not
+the encoders' modules of the same names. train.freeze_encoders freezes the audio / vision encoders
+of a full fine-tune but not the projector that feeds their output to the language model (seed
+003's fix_vit: "freeze ViT, only train merger").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.video_utils import VideoMetadata
+from trl.data_utils import apply_chat_template
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+from trl.trainer.utils import flush_left
+
+from jobs.media import SAMPLE_RATE, Video, read_image, read_sound, read_video
+
+# Frames per second that vLLM samples from a video for Qwen2-VL's video processor.
+VIDEO_FPS = 2
+MEDIA = "media"  # column: (field, path) of each media part of the prompt, in order
+IMAGES = "images"  # column of TRL's collator: image paths, decoded just before it
+# Modules outside the language model that map an encoder's output into it: they keep training
+# when the encoders are frozen (Qwen2-Audio's multi_modal_projector, Qwen2-VL's visual.merger).
+PROJECTORS = ("projector", "merger")
+
+
+def language_model_targets(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """Full names of the language model's modules called one of ``names`` (q_proj, ...): the
+    encoders have modules of the same names, which LoRA must leave alone."""
+    language_model = model.get_decoder()
+    prefix = next(name for name, module in model.named_modules() if module is language_model)
+    targets = [f"{prefix}.{name}" for name, _ in language_model.named_modules() if name.rsplit(".", 1)[-1] in names]
+    if not targets:
+        raise ValueError(f"train.target_modules: none of {names} is a module of the language model of {type(model).__name__}")
+    return targets
+
+
+def encoder_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The audio / vision encoders' parameters: outside the language model and the output layer,
+    and not a projector into the language model."""
+    language_model = {id(p) for p in model.get_decoder().parameters()}
+    output = {id(p) for p in model.get_output_embeddings().parameters()}
+    return {name: p for name, p in model.named_parameters()
+            if id(p) not in language_model | output and not any(word in name for word in PROJECTORS)}
+
+
+def freeze_encoders(model: torch.nn.Module) -> int:
+    """Freeze the encoders (train.freeze_encoders); the number of parameters frozen."""
+    frozen = encoder_parameters(model)
+    for parameter in frozen.values():
+        parameter.requires_grad_(False)
+    return sum(p.numel() for p in frozen.values())
+
+
+def video_sampling(processor: Any) -> Callable[[Video], list[int]] | None:
+    """The frames vLLM decodes for this processor's videos (None: its default loader's). For
+    Qwen2-VL's video processor (Qwen2-VL, Qwen2.5-VL) vLLM's "qwen2_vl" loader ports the processor's
+    own sample_frames at 2 frames per second, and hands the frames over as they are."""
+    video_processor = getattr(processor, "video_processor", None)
+    if type(video_processor).__name__ != "Qwen2VLVideoProcessor":
+        return None
+    # It reads the video's total_num_frames and fps.
+    return lambda video: video_processor.sample_frames(video, fps=VIDEO_FPS).tolist()
+
+
+def collator_for(processor: Any, examples: list[dict[str, Any]], max_length: int | None) -> tuple[Any, list[dict[str, Any]]]:
+    """TRL's collator where all media are images (the examples get TRL's ``images`` column), else ours."""
+    fields = {field for example in examples for field, _ in example[MEDIA]}
+    if fields == {"image"}:
+        images = [{**{k: v for k, v in e.items() if k != MEDIA}, IMAGES: [path for _, path in e[MEDIA]]} for e in examples]
+        return DecodedImages(processor, max_length), images
+    return MediaCollator(processor, max_length), examples
+
+
+class DecodedImages:
+    """TRL's vision-language collator, with the examples' image paths read as vLLM reads them."""
+
+    def __init__(self, processor: Any, max_length: int | None):
+        self.collate = DataCollatorForVisionLanguageModeling(processor, max_length=max_length, completion_only_loss=True)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.collate([{**e, IMAGES: [read_image(Path(p)) for p in e[IMAGES]]} for e in examples])
+
+
+class MediaCollator:
+    """Prompt / completion chats with audio, images and video -> model inputs, as TRL's collator
+    makes them for images: prompts (with their media) left-padded, completions right-padded, joined
+    and flushed left; labels on the completion only."""
+
+    def __init__(self, processor: Any, max_length: int | None):
+        self.processor, self.max_length = processor, max_length
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = [apply_chat_template({"prompt": e["prompt"], "completion": e["completion"]}, self.processor) for e in examples]
+        media: dict[str, list[Any]] = {"audio": [], "images": [], "videos": [], "video_metadata": []}
+        frames = video_sampling(self.processor)
+        for example in examples:
+            for field, path in example[MEDIA]:
+                if field == "sound":
+                    media["audio"].append(read_sound(Path(path)))
+                elif field == "image":
+                    media["images"].append(read_image(Path(path)))
+                else:
+                    video = read_video(Path(path), sample=frames)
+                    media["videos"].append(video.frames)
+                    media["video_metadata"].append(VideoMetadata(
+                        total_num_frames=video.total_num_frames, fps=video.fps, width=video.width, height=video.height,
+                        duration=video.total_num_frames / video.fps if video.fps > 0 else 0.0, video_backend="opencv",
+                        frames_indices=video.frames_indices))
+        kwargs: dict[str, Any] = {key: value for key, value in media.items() if value}
+        if "audio" in kwargs:
+            kwargs["sampling_rate"] = SAMPLE_RATE
+        if "videos" in kwargs:
+            kwargs["do_sample_frames"] = False  # sampled as they were read, as vLLM does
+        prompts = self.processor(text=[t["prompt"] for t in texts], padding=True, padding_side="left",
+                                 return_tensors="pt", add_special_tokens=False, **kwargs)
+        completions = self.processor.tokenizer([t["completion"] for t in texts], padding=True, padding_side="right",
+                                               return_tensors="pt", add_special_tokens=False)
+        input_ids = torch.cat((prompts["input_ids"], completions["input_ids"]), dim=1)
+        attention_mask = torch.cat((prompts["attention_mask"], completions["attention_mask"]), dim=1)
+        completion_mask = torch.cat((torch.zeros_like(prompts["attention_mask"]), completions["attention_mask"]), dim=1)
+        # Per-token inputs some processors add for the prompt (Qwen2.5-VL's mm_token_type_ids): zero on the completion.
+        per_token = [key for key in ("token_type_ids", "mm_token_type_ids") if key in prompts]
+        extra = [torch.cat((prompts[key], torch.zeros_like(completions["input_ids"])), dim=1) for key in per_token]
+        attention_mask, input_ids, completion_mask, *extra = flush_left(attention_mask, input_ids, completion_mask, *extra)
+        batch = dict(prompts)
+        batch.pop("num_audio_tokens", None)  # the processor's count, not a model input
+        batch.update(zip(per_token, extra, strict=True))
+        batch.update(input_ids=input_ids, attention_mask=attention_mask)
+        if self.max_length is not None:
+            for key in ["input_ids", "attention_mask", *per_token]:
+                batch[key] = batch[key][:, : self.max_length]
+            completion_mask = completion_mask[:, : self.max_length]
+        labels = batch["input_ids"].clone()
+        labels[(batch["attention_mask"] == 0) | (completion_mask == 0)] = -100
+        batch["labels"] = labels
+        return batch

@@ -1,0 +1,114 @@
+"""GRPO as a method of the loop: a mixed schedule (ReST, ReST, then GRPO on a pass-rate band) on the
+embedded default with real jobs, the export of the final model, resume as a no-op; pass-rate selection."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.scoring.pass_rates import select_problems
+from tests.conftest import ROOT, read_json, run_cli, small_config, write_config
+from tests.test_pipeline import job_records
+
+GRPO = {"num_generations": 2, "batch_size": 2, "max_steps": 2, "max_completion_length": 12, "logging_steps": 1,
+        "save_steps": 1000, "learning_rates": [1e-4], "rewards": [{"name": "correctness", "weight": 2.0}, {"name": "tag_count"}]}
+
+
+def test_pass_rate_band_keeps_the_problems_inside_it_and_says_why_others_left(tmp_path: Path) -> None:
+    rates = tmp_path / "rates.jsonl"
+    rates.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "none", "candidates": 8, "correct": 0}, {"id": "some", "candidates": 8, "correct": 2},
+        {"id": "half", "candidates": 8, "correct": 4}, {"id": "all", "candidates": 8, "correct": 8},
+        {"id": "broken", "failed": True},
+    ]))
+    problems = [{"id": i, "question": "q", "answer": "a"} for i in ("none", "some", "half", "all", "broken", "unseen")]
+    selected, counts = select_problems(problems, rates, (0.25, 0.5))
+    assert [p["id"] for p in selected] == ["some", "half"], "bounds included"
+    assert counts == {"band": [0.25, 0.5], "selected": 2, "problems": 6, "below_band": 1, "above_band": 1, "no_pass_rate": 2}
+
+
+@pytest.mark.slow
+def test_rest_rest_then_grpo_runs_to_the_end_exports_and_resumes_as_a_no_op(tiny_assets: Path, tmp_path: Path) -> None:
+    runs, exports = tmp_path / "runs", tmp_path / "models"
+    config = write_config(tmp_path / "mixed.yaml", small_config(
+        tiny_assets, runs, num_iterations=3, schedule=["rest", "rest", "grpo"], export_dir=str(exports),
+        grpo={**GRPO, "pass_rate_band": [0.0, 0.5]},
+    ))
+    run_dir = runs / "small"
+    dry = run_cli("-m", "pipeline.run", str(config), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "GRPO, lr 0.0001" in dry.stdout and "export" in dry.stdout
+
+    first = run_cli("-m", "pipeline.run", str(config))
+    assert first.returncode == 0, first.stdout + first.stderr
+    summary = json.loads(run_cli("tools/status.py", str(run_dir), "--json").stdout)
+    assert [it["method"] for it in summary["iterations"]] == ["rest", "rest", "grpo"]
+    grpo = summary["iterations"][2]
+    # The band measured iteration 3's pass rates with iteration 2's model first, then trained on those inside it.
+    assert {name: stage["status"] for name, stage in grpo["stages"].items()} == dict.fromkeys(("generate", "filter", "train", "eval"), "done")
+    assert (run_dir / "iter_003" / "filter" / "filtered_pass_rates.jsonl").is_file()
+    selection = grpo["metrics"]["selection"]
+    assert selection["problems"] == 24 and selection["selected"] + selection["below_band"] + selection["above_band"] + selection["no_pass_rate"] == 24
+    train = grpo["stages"]["train"]["metrics"]
+    steps = train["step_log"]
+    assert [entry["step"] for entry in steps] == [1, 2]
+    assert {"reward", "rewards/correctness/mean", "rewards/tag_count/mean", "frac_reward_zero_std", "policy_step"} <= set(steps[0])
+    assert grpo["metrics"]["final_reward"] == steps[-1]["reward"]
+    card = read_json(run_dir / "iter_003" / "train" / "model_card.json")
+    assert card["method"] == "grpo" and card["init_model"] == str(run_dir / "iter_002" / "train" / "model")
+
+    # The final model, also where the seeds put theirs: <method>_<model>_<timestamp>/.
+    (exported,) = exports.iterdir()
+    assert exported.name.startswith("grpo_random_init_") and summary["export"]["path"] == str(exported)
+    assert (exported / "config.json").is_file() and (exported / "tokenizer_config.json").is_file()
+    assert read_json(exported / "export.json")["iteration"] == 3
+    report = run_cli("tools/report.py", str(run_dir))
+    assert report.returncode == 0 and "Training reward (last step)" in report.stdout
+
+    before = job_records(run_dir)
+    again = run_cli("-m", "pipeline.run", str(config))
+    assert again.returncode == 0 and "resuming" in again.stdout, again.stdout + again.stderr
+    assert job_records(run_dir) == before, "a finished run resumes as a no-op"
+    assert list(exports.iterdir()) == [exported]
+
+
+@pytest.mark.slow
+def test_driver_and_training_job_killed_mid_grpo_then_rerun_resumes_from_the_last_checkpoint(tiny_assets: Path, tmp_path: Path) -> None:
+    """The node running a GRPO iteration dies (the driver and the training job SIGKILLed) after a
+    checkpoint; the rerun resubmits the job, which resumes from that checkpoint: no step before it is
+    trained again, one continuous step log, and the run finishes."""
+    runs = tmp_path / "runs"
+    max_steps = 12
+    config = write_config(tmp_path / "grpo_kill.yaml", small_config(
+        tiny_assets, runs, method="grpo", num_iterations=1, data={"heldout": None}, export_dir=str(tmp_path / "models"),
+        grpo={**GRPO, "max_steps": max_steps, "save_steps": 3},
+    ))
+    run_dir = runs / "small"
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    checkpoints = run_dir / "iter_001" / "train" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not any(p.name in ("checkpoint-6", "checkpoint-9") for p in (checkpoints.iterdir() if checkpoints.is_dir() else [])):
+        assert driver.poll() is None, driver.stdout.read().decode() if driver.stdout else ""
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.1)
+    record = read_json(run_dir / "ledger" / "iter_001" / "train.json")
+    os.kill(driver.pid, signal.SIGKILL)
+    os.kill(record["pid"], signal.SIGKILL)
+    driver.wait()
+
+    rerun = run_cli("-m", "pipeline.run", str(config))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    train = read_json(run_dir / "ledger" / "iter_001" / "train.json")
+    metrics = train["metrics"]
+    resumed_at = int(metrics["resumed_from"].rsplit("-", 1)[1])
+    assert train["attempts"] == 2 and train["executions"] == 2 and resumed_at in (3, 6, 9)
+    assert [entry["step"] for entry in metrics["step_log"]] == list(range(1, max_steps + 1)), "one continuous step log"
+    # The steps after the checkpoint were trained by the second job, with rollouts of its own policies.
+    assert all(entry["policy_step"] >= resumed_at for entry in metrics["step_log"] if entry["step"] > resumed_at)

@@ -1,0 +1,155 @@
+"""Audio, image and video requests to real vLLM CPU servers of the tiny multimodal models (jobs.demo).
+
+One server per model, started by the jobs' own code (generate.media_dir its only media folder) and
+kept for its class of tests; float32, as training computes on CPU. Each request is a problem's
+messages as generation builds them; the server's prompt tokens must equal those training gives
+the same model (jobs.training.media) and its first-token log-probabilities those of transformers
+on that training input: the media reach the model in training as in generation. Skipped where
+vLLM is not installed, except under CI (tests/test_vllm.py's vllm_installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from jobs.data import read_jsonl
+from jobs.generation import generate
+from jobs.prompts import messages_for
+from jobs.services.vllm_server import Endpoint, ServerFiles, start_servers
+from jobs.specs import GenerateConfig, GenerateShardSpec, JobTarget
+from tests.test_media import (
+    AUDIO_PROBLEMS,
+    IMAGE_PROBLEMS,
+    VIDEO_PROBLEMS,
+    collated,
+    write_media,
+)
+from tests.test_vllm import vllm_generate, vllm_installed  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_media(tmp_path_factory.mktemp("media") / "media")
+
+
+def serving(media: Path) -> GenerateConfig:
+    config = vllm_generate(media_dir=str(media), num_samples=2, max_tokens=8)
+    config.vllm.dtype = "float32"
+    config.vllm.max_model_len = 2048
+    return config
+
+
+def serve(build: Any, folder: Path, media: Path) -> Iterator[tuple[Path, Endpoint]]:
+    build(folder / "model")
+    fleet = start_servers(str(folder / "model"), serving(media), ServerFiles(folder / "server", folder / "api_key"))
+    try:
+        yield folder / "model", fleet.endpoints[0]
+    finally:
+        fleet.stop()
+
+
+def ask(endpoint: Endpoint, messages: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """One greedy chat request, with the prompt's token ids and the first token's log-probabilities."""
+    body = {"model": endpoint.model, "messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True,
+            "top_logprobs": 5, "return_token_ids": True, "return_tokens_as_token_ids": True}
+    request = urllib.request.Request(f"{endpoint.base_url}/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json", "Authorization": f"Bearer {endpoint.api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def assert_same_prompt_as_training(model_dir: Path, endpoint: Endpoint, problems: list[dict[str, Any]], media: Path,
+                                   tmp_path: Path) -> None:
+    for problem in problems:
+        status, reply = ask(endpoint, messages_for(problem, None, str(media)))
+        assert status == 200, reply
+        assert reply["choices"][0]["message"]["content"], "an answer"
+        model, _, batch = collated(model_dir, [problem], media, tmp_path)
+        prompt_length = int((batch["labels"][0] == -100).sum())
+        assert reply["prompt_token_ids"] == batch["input_ids"][0][:prompt_length].tolist(), \
+            f"{problem['id']}: the server and training see different prompts"
+        # The same model on the same input: transformers on the training batch, vLLM on the request.
+        inputs = {k: v[:, :prompt_length] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+                  for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            log_probs = model(**inputs).logits[0, -1].log_softmax(-1)
+        for candidate in reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]:
+            token = int(candidate["token"].removeprefix("token_id:"))
+            assert abs(candidate["logprob"] - float(log_probs[token])) < 0.01, (problem["id"], candidate)
+
+
+@pytest.mark.usefixtures("vllm_installed")
+class TestAudio:
+    @pytest.fixture(scope="class")
+    def server(self, tmp_path_factory: pytest.TempPathFactory, media: Path) -> Iterator[tuple[Path, Endpoint]]:
+        from jobs.demo import build_audio_model
+
+        yield from serve(build_audio_model, tmp_path_factory.mktemp("audio"), media)
+
+    def test_audio_requests_get_answers_from_the_prompt_training_sees(self, server: tuple[Path, Endpoint], media: Path,
+                                                                      tmp_path: Path) -> None:
+        two_clips = {"id": "a3", "sound": ["beeps1.wav", "beeps3.wav"], "question": "<sound> or <sound>: which has more?", "answer": "2"}
+        assert_same_prompt_as_training(*server, [*AUDIO_PROBLEMS, two_clips], media, tmp_path)
+
+    def test_a_file_outside_the_media_folder_is_refused_by_the_server_itself(self, server: tuple[Path, Endpoint], media: Path) -> None:
+        outside = media.parent / "outside.wav"
+        outside.write_bytes((media / "beeps1.wav").read_bytes())
+        # Past our own check (jobs.prompts refuses such a path before anything is sent).
+        messages = [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": outside.as_uri()}},
+                                                 {"type": "text", "text": "How many?"}]}]
+        status, reply = ask(server[1], messages)
+        assert status == 400, reply
+        assert "must be a subpath of `--allowed-local-media-path" in reply["error"]["message"]
+        # vLLM hides the paths in its answer; the server's command line says which folder it allows.
+        log = (server[0].parent / "server" / "server_0.log").read_text()
+        assert f"--allowed-local-media-path {media.resolve()} " in log
+
+    def test_a_generation_shard_of_audio_problems(self, server: tuple[Path, Endpoint], media: Path, tmp_path: Path) -> None:
+        """The generation job's own client, against the running server (generate.endpoints)."""
+        model_dir, endpoint = server
+        problems = tmp_path / "problems.jsonl"
+        problems.write_text("".join(json.dumps(p) + "\n" for p in AUDIO_PROBLEMS))
+        os.environ["MEDIA_TEST_KEY"] = endpoint.api_key
+        config = serving(media)
+        config.endpoints, config.endpoint_api_key_env = [endpoint.base_url.removesuffix("/v1")], "MEDIA_TEST_KEY"
+        output = tmp_path / "run" / "shard_00000.jsonl"
+        generate.run(GenerateShardSpec(JobTarget(str(tmp_path / "run"), "iter_001/generate/shard_00000"), str(problems), 0, 2,
+                                       str(model_dir), str(output), config, 7, str(tmp_path / "run" / "key")))
+        records = read_jsonl(output)
+        assert [r["id"] for r in records] == ["p1", "p2"] and [r["sound"] for r in records] == ["beeps1.wav", "beeps3.wav"]
+        assert all("error" not in r and r["num_candidates"] == 2 and all(c["num_tokens"] > 0 for c in r["candidates"])
+                   for r in records)
+
+
+@pytest.mark.usefixtures("vllm_installed")
+class TestVision:
+    @pytest.fixture(scope="class")
+    def server(self, tmp_path_factory: pytest.TempPathFactory, media: Path) -> Iterator[tuple[Path, Endpoint]]:
+        from jobs.demo import build_vision_model
+
+        yield from serve(build_vision_model, tmp_path_factory.mktemp("vision"), media)
+
+    def test_image_and_video_requests_get_answers_from_the_prompt_training_sees(self, server: tuple[Path, Endpoint],
+                                                                                media: Path, tmp_path: Path) -> None:
+        # One image, two images in one question (seed 002's candidates), a video, an image and a video.
+        assert_same_prompt_as_training(*server, [*IMAGE_PROBLEMS, *VIDEO_PROBLEMS], media, tmp_path)
+
+    def test_a_broken_image_is_refused_by_the_server(self, server: tuple[Path, Endpoint], media: Path) -> None:
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": (media / "broken.png").as_uri()}},
+                                                 {"type": "text", "text": "What color?"}]}]
+        status, reply = ask(server[1], messages)
+        assert status == 400, reply
