@@ -206,6 +206,7 @@ def train_stage(planner: Planner, iteration: int, data: StagePlan) -> StagePlan:
         train=config.train,
         system_prompt=config.generate.system_prompt,
         seed=config.seed + iteration,
+        media_dir=config.generate.media_dir,
     )
     deepspeed = config.train.deepspeed_json()
     detail = f"lr {spec.learning_rate:g}, {config.train.strategy}" + (f" ({deepspeed})" if deepspeed else "")

@@ -193,11 +193,13 @@ def test_requeue_resubmits_exactly_the_failed_shard(slurm_cluster: str, tiny_ass
 
 def test_time_limit_signal_requeues_the_shard_which_resumes(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    # The signal comes at the latest 30 s into a run (SLURM may send it earlier, never later). The
+    # The signal comes at the latest 60 s into a run (SLURM may send it earlier, never later). The
     # shard needs longer than that even where it is fast: about 90 s here on a quiet machine
     # (240 problems x 2 samples x 128 tokens at ~650 tokens/s), so at least one requeue happens.
+    # Not less than 60 s: each execution spends ~10 s (~20 s on a busy host) starting Python and
+    # loading the model, and a window much shorter than that makes a crawl of many requeues.
     problems = problems_file(tiny_assets, tmp_path / "many.jsonl", 240)
-    executor = {**SLURM_EXECUTOR, "generate": {"cpus_per_task": 1, "timeout_min": 1, "signal_delay_s": 30}}
+    executor = {**SLURM_EXECUTOR, "generate": {"cpus_per_task": 1, "timeout_min": 2, "signal_delay_s": 60}}
     config = write_config(
         tmp_path / "timeout.yaml",
         small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3],

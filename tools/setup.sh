@@ -17,5 +17,5 @@ python3 -m venv .venv
 if ! .venv/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet requests
   .venv/bin/python -m pip install --quiet --no-deps "torchvision==0.16.2"
-  .venv/bin/python -c "import torch, torchvision; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+  .venv/bin/python -W ignore -c "import torch, torchvision; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 fi
