@@ -306,13 +306,15 @@ def run_check(name: str, work: Path, cpu: bool) -> dict[str, Any]:
     import torch
 
     on_gpu = torch.cuda.is_available()
-    if not on_gpu and (not cpu or cuda_only):
-        return {"status": "SKIP", "reason": "no GPU" + ("" if cpu else " (--cpu runs the CPU fallbacks)")}
+    if not on_gpu and not cpu:
+        return {"status": "SKIP", "reason": "no GPU (--cpu runs the CPU fallbacks)"}
     for module in modules:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:
             return {"status": "SKIP", "reason": f"missing package {error.name} (needed: {module})"}
+    if not on_gpu and cuda_only:
+        return {"status": "SKIP", "reason": f"no GPU (and no CPU fallback); {', '.join(modules)} import"}
     if not on_gpu:
         torch.set_num_threads(int(os.environ.get("GPU_CHECK_THREADS", "2")))
     if name == "zero2":
@@ -402,7 +404,9 @@ def run_check(name: str, work: Path, cpu: bool) -> dict[str, Any]:
                 problems_found.append(f"not ZeRO-2 (deepspeed enabled: {trainer.is_deepspeed_enabled}, stage {stage})")
     if name == "grpo":
         rewards = [s.get("reward") for s in step_log]
-        notes.append(f"reward {rewards[-1] if rewards else None}")
+        notes.append(f"reward {fmt(rewards[-1]) if rewards else None}")
+    if not on_gpu:
+        notes.append("CPU smoke run, not the GPU check")
     if name == "qlora" and not on_gpu:
         result.update(status="SKIP", reason="no GPU; the job's CPU fallback step ran (fp32, unquantized, adamw_torch)"
                       + (f" but: {'; '.join(problems_found)}" if problems_found else ""))
@@ -459,7 +463,8 @@ def line(name: str, result: dict[str, Any]) -> str:
     text = f"{result['status']:<4} {label:<20}"
     if result["status"] == "PASS" or "loss" in result:
         text += (f" loss {fmt(result.get('loss'))}, {fmt(result.get('steps'))} steps, train {fmt(result.get('train_s'), ' s')}"
-                 f", job {fmt(result.get('job_s'), ' s')}, peak GPU memory {fmt(result.get('peak_gpu_mib'), ' MiB')}")
+                 f", job {fmt(result.get('job_s'), ' s')}, process {fmt(result.get('wall_s'), ' s')}"
+                 f", peak GPU memory {fmt(result.get('peak_gpu_mib'), ' MiB')}")
     if result.get("reason"):
         text += f" -- {result['reason']}"
     if result.get("notes"):
@@ -506,6 +511,7 @@ def run(args: argparse.Namespace) -> int:
                                        env=env, check=False)
                         result = json.loads(result_path.read_text()) if result_path.exists() else {
                             "status": "FAIL", "reason": "the check process ended without a result (crashed?)"}
+                        result["wall_s"] = round(time.monotonic() - started, 1)
                     except subprocess.TimeoutExpired:
                         result = {"status": "FAIL", "reason": f"timed out after {time.monotonic() - started:.0f} s"}
             text = line(name, result)

@@ -10,14 +10,17 @@
 # a minute or two on one H200, well under 8 minutes.
 #
 # Usage:
-#   bash tools/gpu_check.sh prepare [--no-pyarrow] [--python-version 3.12] [--bnb-cuda 130,132]
+#   bash tools/gpu_check.sh prepare [CHECK|GROUP ...] [--with-pyarrow] [--python-version 3.12] [--bnb-cuda 130]
 #       Here, with registry access: puts into gpu_wheels/ (gitignored) the wheels the GPU machine
-#       lacks, for its CPython 3.12: trl, datasets (+ dill, multiprocess, fsspec, pyarrow), pydantic
-#       (+ core, annotated-types, typing-inspection, typing-extensions), orjson, submitit, peft,
-#       bitsandbytes (only its CUDA 13 + CPU libraries: 43 MiB -> ~3 MiB), hjson and deepspeed (a
-#       wheel built here from PyPI's sdist with DS_BUILD_OPS=0: no CUDA needed, ops JIT-built there
-#       if ever needed; ZeRO-2 with the trainer's torch AdamW needs none). Prints the sizes and the
-#       total with the working tree against the device tool's 64 MiB (all of it fits in one call).
+#       lacks, for its CPython 3.12: trl, datasets (+ dill, multiprocess, fsspec), pydantic (+ core,
+#       annotated-types, typing-inspection, typing-extensions), orjson, submitit, peft, bitsandbytes
+#       (only its CUDA 13.0 + CPU libraries: 41 MiB -> 3.4 MiB), and deepspeed (a wheel built here from
+#       PyPI's sdist, PyPI has no wheel, with DS_BUILD_OPS=0: no CUDA needed; ops would be JIT-built
+#       there, and ZeRO-2 with the trainer's torch AdamW needs none) with hjson (+ einops, msgpack,
+#       ninja, py-cpuinfo, installed only where missing). Prints each size and the total with the
+#       working tree against the device tool's 64 MiB: about 12 + 1 MiB, one call for all checks.
+#       pyarrow (52 MiB) stays out unless --with-pyarrow: the machine has one (datasets 5.2 wants
+#       >= 24; the INFO line prints its version); with it, carry one group per call (below).
 #   bash tools/gpu_check.sh [run] [--cpu] [CHECK|GROUP ...]
 #       There (no registry): pip-installs offline (--no-index --no-deps) under /tmp/gpu_check_site
 #       ($GPU_CHECK_SITE) the carried wheels whose package the machine lacks or has in an unusable
@@ -25,8 +28,9 @@
 #       >= 0.21) peft are used as they are. <site>/common goes first on every check's PYTHONPATH;
 #       bitsandbytes (<site>/bitsandbytes) only on the QLoRA check's, DeepSpeed and its needs
 #       (<site>/deepspeed) only on the ZeRO-2 check's: accelerate imports DeepSpeed in every trainer
-#       when it can, so a broken one would otherwise fail every check. Then runs the checks. CHECK: sft qlora zero2 grpo; GROUP: all
-#       (default), sft_grpo_zero2, qlora. A check whose package is missing prints SKIP naming it.
+#       when it can, so a broken one would otherwise fail every check. Then runs the checks.
+#       CHECK: sft qlora zero2 grpo; GROUP: all (default), sft_grpo_zero2, qlora. A check whose
+#       package is missing prints SKIP naming it.
 #       Without a GPU every check prints SKIP "no GPU"; with --cpu the SFT and GRPO steps run in
 #       fp32 on CPU through the jobs' CPU fallbacks (the QLoRA one too, reported as SKIP: it is not
 #       4-bit there), a smoke test of this script's code path. Logs: $OUT/gpu_check_<check>.log when
@@ -35,8 +39,9 @@
 # With the device tool (one H200): first `bash tools/gpu_check.sh prepare` here, then
 #   run(command="bash tools/gpu_check.sh run", carry=["gpu_wheels"], timeout_s=480)
 # tools/gpu_check.* travel as untracked (or tracked) files; gpu_wheels/ is ignored, hence carried.
-# Should the wheels ever not fit (pyarrow is the big one, ~40 MiB: `prepare --no-pyarrow` leaves it
-# to the machine's own), two calls can share the work: `run sft_grpo_zero2`, then `run qlora`.
+# Should pyarrow have to go too (the machine's older than 24 and datasets failing), two calls share
+# the work: `prepare sft_grpo_zero2 --with-pyarrow` (61.1 MiB with the tree) + `run sft_grpo_zero2`,
+# then `prepare qlora --with-pyarrow` (62.4 MiB) + `run qlora`.
 # What cannot go: vLLM's GPU build (vllm + its CUDA kernels and pinned torch, hundreds of MiB), so
 # grpo.vllm_mode (colocate / server) and generate.backend: vllm are not checked here.
 set -uo pipefail
