@@ -11,7 +11,7 @@ from rich.table import Table
 
 from jobs.scoring.learning_zone import RATE_BUCKETS
 from pipeline.config import read_run_config
-from pipeline.hacking import describe, hacking_flags
+from pipeline.hacking import describe, hacking_flags, reward_rise
 from pipeline.layout import BASELINE, RunLayout, iteration_name
 from pipeline.plan import Planner
 from pipeline.services import configured, service_fields, service_key
@@ -122,6 +122,12 @@ def iteration_table(summary: dict[str, Any]) -> Table:
         table.add_row("Method", *empty, *[e["method"] for e in summary["iterations"]], "")
         table.add_row("Training reward (last step)", *empty, *[_number(e["metrics"].get("final_reward")) for e in summary["iterations"]],
                       "Increasing")
+        # Each reward's mean over the first and the last quarter of the iteration's steps (what the
+        # hacking watch compares): a reward that climbs while held-out accuracy falls is being gamed.
+        rises = [reward_rise((e["stages"].get("train", {}).get("metrics") or {}).get("step_log") or []) for e in summary["iterations"]]
+        for name in dict.fromkeys(name for rise in rises for name in rise):
+            table.add_row(f"  reward {name} (start -> end)", *empty,
+                          *[f"{rise[name][0]:.3f} -> {rise[name][1]:.3f}" if name in rise else "-" for rise in rises], "")
         table.add_row("Problems trained on (band)", *empty,
                       *[_selected(e["metrics"].get("selection")) for e in summary["iterations"]], "")
     table.add_row(

@@ -34,6 +34,21 @@ def test_pass_rate_band_keeps_the_problems_inside_it_and_says_why_others_left(tm
     assert counts == {"band": [0.25, 0.5], "selected": 2, "problems": 6, "below_band": 1, "above_band": 1, "no_pass_rate": 2}
 
 
+@pytest.mark.parametrize("name", ["demo_grpo", "demo_grpo_hacking"])
+def test_the_grpo_demo_configs_are_valid(name: str, tiny_assets: Path, tmp_path: Path) -> None:
+    """configs/<name>.yaml plans as written, from a folder with the demo's assets (the random model
+    stands in for the warm-started one: a dry run loads no weights)."""
+    demo = tmp_path / "demo_assets"
+    demo.mkdir()
+    for part in ("train.jsonl", "heldout.jsonl"):
+        (demo / part).symlink_to(tiny_assets / part)
+    (demo / "base_model").symlink_to(tiny_assets / "random_init")
+    dry = run_cli("-m", "pipeline.run", str(ROOT / "configs" / f"{name}.yaml"), "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "iteration 2: train" in dry.stdout and "GRPO" in dry.stdout and "nothing submitted" in dry.stdout
+    assert not (tmp_path / "runs").exists(), "--dry-run writes nothing"
+
+
 @pytest.mark.slow
 def test_rest_rest_then_grpo_runs_to_the_end_exports_and_resumes_as_a_no_op(tiny_assets: Path, tmp_path: Path) -> None:
     runs, exports = tmp_path / "runs", tmp_path / "models"

@@ -92,3 +92,24 @@ def test_report_on_a_real_run(tiny_assets: Path, tmp_path: Path) -> None:
     assert "Held-out accuracy" in result.stdout and "Iteration 2" in result.stdout
     assert "Very small filtered dataset" in result.stdout, "24 problems cannot give 1000 samples"
     assert (runs / "small" / "report.png").stat().st_size > 10_000
+
+
+def test_report_on_a_grpo_run_without_filter_shows_each_reward_and_the_hacking_flag(tmp_path: Path) -> None:
+    """GRPO without a pass-rate band has no filter stage, hence no categories: the report still
+    prints, charts each reward's curve, and shows the watch's flag (configs/demo_grpo_hacking.yaml's case)."""
+    run_dir = tmp_path / "run"
+    ledger = Ledger(run_dir)
+    ledger.update("run", {"run_name": "hacked", "num_iterations": 2, "status": "stopped", "num_train": 20})
+    write_config(run_dir / "config.yaml", {"run_name": "hacked", "method": "grpo", "num_iterations": 2, "model": {"path": "m"},
+                                           "data": {"train": "t.jsonl", "heldout": "h.jsonl"},
+                                           "grpo": {"rewards": [{"name": "format", "tags": ["think"], "layout": "present"}]}})
+    ledger.set_status(["baseline/eval"], Status.DONE, metrics={"heldout_accuracy": 0.118})
+    step_log = [{"step": 2 * (i + 1), "reward": f, "rewards/format/mean": f} for i, f in enumerate([0.92, 0.86, 0.88, 0.88, 0.95, 0.97, 1.0, 0.94])]
+    ledger.set_status(["iter_001/train"], Status.DONE, metrics={"step_log": step_log, "final_reward": 0.94})
+    ledger.set_status(["iter_001/eval"], Status.DONE, metrics={"heldout_accuracy": 0.0})
+    result = run_cli("tools/report.py", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert "reward format (start -> end)" in result.stdout and "0.890 -> 0.970" in result.stdout
+    assert "reward hacking? iteration 1: reward format rose 0.890 -> 0.970 while held-out accuracy fell 11.8% -> 0.0%" in result.stdout
+    with Image.open(run_dir / "report.png") as image:
+        assert image.format == "PNG" and image.width > 1000

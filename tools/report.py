@@ -35,7 +35,8 @@ CATEGORY_COLORS = ("#c0392b", "#e67e22", "#f1c40f", "#7fb347", "#27ae60")
 
 def plot(summary: dict[str, Any]) -> bytes:
     """PNG: category shares per iteration (stacked bars) and held-out accuracy (base = iteration 0)."""
-    iterations = [e for e in summary["iterations"] if e["metrics"]["categories"]]
+    # A GRPO iteration without the pass-rate band has no filter, hence no categories.
+    iterations = [e for e in summary["iterations"] if e["metrics"].get("categories")]
     curves = reward_curves(summary)
     figure = Figure(figsize=(16 if curves else 11, 4.2), layout="constrained")
     FigureCanvasAgg(figure)  # files only, no display: cluster nodes have none
