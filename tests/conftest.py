@@ -47,6 +47,8 @@ def small_config(assets: Path, runs_dir: Path, **sections: Any) -> dict[str, Any
     config: dict[str, Any] = {
         "run_name": "small",
         "runs_dir": str(runs_dir),
+        # Beside the runs, never in the checkout (the default, models/, is relative to where it runs).
+        "export_dir": str(runs_dir.parent / "models"),
         "num_iterations": 2,
         "learning_rates": [1e-3, 5e-4],
         "model": {"path": str(assets / "random_init")},

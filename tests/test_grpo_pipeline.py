@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from jobs.scoring.pass_rates import select_problems
+from jobs.specs import ExportSpec, JobTarget
+from jobs.training import export
 from tests.conftest import ROOT, read_json, run_cli, small_config, write_config
 from tests.test_pipeline import job_records
 
@@ -127,3 +129,18 @@ def test_driver_and_training_job_killed_mid_grpo_then_rerun_resumes_from_the_las
     assert [entry["step"] for entry in metrics["step_log"]] == list(range(1, max_steps + 1)), "one continuous step log"
     # The steps after the checkpoint were trained by the second job, with rollouts of its own policies.
     assert all(entry["policy_step"] >= resumed_at for entry in metrics["step_log"] if entry["step"] > resumed_at)
+
+
+def test_two_exports_in_the_same_second_keep_both_models(tiny_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export.time, "strftime", lambda _format: "20261202_010203")
+    folders = []
+    for run in ("a", "b"):
+        spec = ExportSpec(target=JobTarget(str(tmp_path / run), "export"), model_path=str(tiny_assets / "random_init"),
+                          export_dir=str(tmp_path / "models"), method="rest", model_name="random_init",
+                          run_dir=str(tmp_path / run), iteration=2)
+        metrics: dict = {}
+        export.export(spec, metrics)
+        folders.append(Path(metrics["export"]))
+    assert [f.name for f in folders] == ["rest_random_init_20261202_010203", "rest_random_init_20261202_010203_2"]
+    assert [read_json(f / "export.json")["run_dir"] for f in folders] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert all((f / "config.json").is_file() for f in folders)

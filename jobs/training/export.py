@@ -32,6 +32,8 @@ def export(spec: ExportSpec, metrics: dict[str, Any]) -> None:
     root = Path(spec.export_dir)
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"{spec.method}_{spec.model_name}_{time.strftime('%Y%m%d_%H%M%S')}"
+    # Two runs of the same model ending in the same second: the second gets a suffix, not a clash.
+    folder = next(f for n in range(1, 1000) if not (f := folder.with_name(folder.name + (f"_{n}" if n > 1 else ""))).exists())
     staging = root / f".{folder.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(spec.model_path, staging, copy_function=_link_or_copy)
