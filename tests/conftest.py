@@ -107,7 +107,11 @@ def slurm_cluster() -> Iterator[str]:
     Where it cannot start (not root, not Debian) the SLURM tests are skipped, except under CI,
     where that is a failure: CI must run them for real.
     """
-    start = subprocess.run(["bash", str(ROOT / "tools" / "local_slurm.sh"), "start"], capture_output=True, text=True, check=False)
+    script = str(ROOT / "tools" / "local_slurm.sh")
+    # A cluster already up belongs to someone else (another test session, another checkout): use it
+    # and leave it running, since stopping it cancels their jobs.
+    ours = subprocess.run(["bash", script, "status"], capture_output=True, check=False).returncode != 0
+    start = subprocess.run(["bash", script, "start"], capture_output=True, text=True, check=False)
     if start.returncode != 0:
         reason = (start.stderr.strip().splitlines() or ["no output"])[-1]
         if os.environ.get("CI") == "true":
@@ -117,7 +121,8 @@ def slurm_cluster() -> Iterator[str]:
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = conf
     yield conf
-    subprocess.run(["bash", str(ROOT / "tools" / "local_slurm.sh"), "stop"], capture_output=True, check=False)
+    if ours:
+        subprocess.run(["bash", script, "stop"], capture_output=True, check=False)
     if previous is None:
         os.environ.pop("SLURM_CONF", None)
     else:
