@@ -1,0 +1,90 @@
+"""A run started by an earlier version of selftrain resumes with this one.
+
+    python tools/resume_across_versions.py [OLD_COMMIT]
+
+OLD_COMMIT (default 1be5f6d, the last landing before stages became data and the ledger got
+per-record locks) is unpacked with ``git archive`` into a temporary folder and starts a two-iteration
+run of the tiny test model on the embedded default, with this checkout's Python environment. When
+iteration 1's training is done its driver and jobs are killed (SIGKILL, as a node dies); then this
+checkout reruns the same command. Prints what each version did, and exits 1 if the rerun failed,
+changed a stage the old version had finished, or did not finish the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def records(ledger: Path) -> dict[str, dict]:
+    return {str(p.relative_to(ledger).with_suffix("")): json.loads(p.read_text()) for p in sorted(ledger.rglob("*.json"))}
+
+
+def main() -> int:
+    old_commit = sys.argv[1] if len(sys.argv) > 1 else "1be5f6d"
+    work = Path(tempfile.mkdtemp(prefix="resume_across_versions_"))
+    old = work / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", old_commit], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    subprocess.run([sys.executable, "-c", f"from pathlib import Path; from jobs.demo import build; build(Path({str(work / 'assets')!r}), with_warm_start=False)"],
+                   cwd=ROOT, check=True, capture_output=True)
+    assets = work / "assets"
+    # Keys both versions know: the old one refuses keys it has not heard of.
+    config = {
+        "run_name": "small", "runs_dir": str(work / "runs"), "num_iterations": 2, "learning_rates": [1e-3, 5e-4],
+        "model": {"path": str(assets / "random_init")},
+        "data": {"train": str(assets / "train.jsonl"), "heldout": str(assets / "heldout.jsonl")},
+        "generate": {"num_samples": 2, "max_tokens": 12, "batch_size": 8, "num_shards": 2},
+        "filter": {"verifier": "numeric", "strategy": "all"},
+        "train": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "max_steps": 2,
+                  "batch_size": 4, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
+                  "replay_data": str(assets / "warmstart.jsonl")},
+        "eval": {"max_tokens": 12, "batch_size": 50},
+        "executor": {"cluster": "local", "poll_interval_s": 0.5, "generate": {"cpus_per_task": 1}},
+    }
+    config_path = work / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    ledger = work / "runs" / "small" / "ledger"
+
+    print(f"{old_commit}: starting the run ({work})")
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config_path)], cwd=old, start_new_session=True,
+                              env={**os.environ, "PYTHONPATH": str(old)}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    train = ledger / "iter_001" / "train.json"
+    while not (train.exists() and json.loads(train.read_text()).get("status") == "done"):
+        if driver.poll() is not None:
+            print(f"{old_commit}: the driver ended before iteration 1's training was done (exit {driver.returncode})")
+            return 1
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local jobs it started
+    driver.wait()
+    before = records(ledger)
+    done_before = sorted(key for key, record in before.items() if record.get("status") == "done")
+    print(f"{old_commit}: killed after iteration 1's training; done: {', '.join(done_before)}")
+
+    rerun = subprocess.run([sys.executable, "-m", "pipeline.run", str(config_path)], cwd=ROOT, capture_output=True, text=True, check=False)
+    after = records(ledger)
+    changed = [key for key in done_before if {k: v for k, v in after[key].items() if not k.startswith("_")}
+               != {k: v for k, v in before[key].items() if not k.startswith("_")}]
+    ran = sorted(key for key, record in after.items() if key not in done_before and record.get("status") == "done")
+    print(f"this checkout: exit {rerun.returncode}; ran {', '.join(ran)}; run status {after['run'].get('status')}")
+    if rerun.returncode != 0 or after["run"].get("status") != "done" or changed:
+        print(rerun.stdout[-3000:] + rerun.stderr[-3000:])
+        print(f"FAILED: {'records of finished stages changed: ' + ', '.join(changed) if changed else 'the rerun did not finish'}")
+        return 1
+    print("OK: the run resumed where the earlier version left it; nothing it had finished was redone")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
