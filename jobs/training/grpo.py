@@ -23,7 +23,6 @@ Distributed as the SFT job (jobs.training.sft): one process per task, rank 0 rep
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -36,8 +35,13 @@ from jobs.runtime import log, pick_device, report_status, reporting, stop_if_pre
 from jobs.scoring.pass_rates import select_problems
 from jobs.scoring.rewards import RewardContext, RewardSet
 from jobs.specs import MEDIA_FIELDS, GrpoConfig, GrpoSpec, JobTarget
-from jobs.training.sft import _hardware_options, distributed_rank
-from state import Ledger, Status, atomic_write_json
+from jobs.training.sft import (
+    distributed_rank,
+    save_trained,
+    trainer_options,
+    write_card,
+)
+from state import Ledger, Status
 
 # What the ledger keeps of each logged step (TRL's names), besides each reward's mean, std and failures.
 STEP_LOG_KEYS = (
@@ -116,7 +120,7 @@ def train_grpo(spec: GrpoSpec, metrics: dict[str, Any], primary: bool = True, mu
 
 def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple[str, int] | None) -> None:
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import GRPOConfig
 
@@ -175,20 +179,12 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         epsilon=grpo.epsilon,
         max_completion_length=grpo.max_completion_length,
         reward_weights=reward_set.weights,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a ratio
-        weight_decay=config.weight_decay,
-        lr_scheduler_type=config.lr_scheduler_type,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=grpo.logging_steps,
         save_steps=grpo.save_steps,
-        save_total_limit=config.save_total_limit,
-        report_to=config.report_to or "none",
         ddp_find_unused_parameters=False,
         seed=spec.seed,
-        disable_tqdm=True,
         **rollout_options(grpo, on_gpu, server),
-        **_hardware_options(config, on_gpu),
+        **trainer_options(config, on_gpu),
     )
     world_size = args.world_size
     completions_per_step = grpo.batch_size * grpo.gradient_accumulation_steps * world_size
@@ -212,17 +208,8 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         watchdog.stop()
     stop_if_preempted(on_preemption.stopped_by)  # a checkpoint is saved: the requeued job resumes from it
     trainer.sync_failures()
-    model_dir, adapter_dir = output / "model", output / "adapter"
-    # Every process takes part: under ZeRO-3 each holds a slice of the weights.
-    trainer.save_model(str(adapter_dir if config.method == "lora" else model_dir))
-    if not trainer.is_world_process_zero():
+    if not save_trained(trainer, config, spec.init_model, AutoModelForCausalLM, dtype, tokenizer, output):
         return
-
-    if config.method == "lora" and config.save_merged:
-        # Merge into an unquantized copy of the starting model: a 4-bit base cannot be merged.
-        base = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype)
-        PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
     keys = STEP_LOG_KEYS + tuple(f"rewards/{name}/{what}" for name in reward_set.names for what in ("mean", "std", "failed"))
     # Includes the steps before a resume: the trainer state comes back with the checkpoint.
     step_log = [{key: entry.get(key) for key in keys} for entry in trainer.state.log_history if "loss" in entry]
@@ -245,9 +232,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     )
     card = {"base_model": spec.base_model, "iteration": spec.iteration, "init_model": spec.init_model, "method": "grpo",
             "fine_tuning": config.method, "rewards": [{"name": r.name, "weight": r.weight} for r in reward_set.rewards]}
-    atomic_write_json(output / "model_card.json", {**card, **metrics})
-    if model_dir.is_dir() and not config.keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    write_card(output, {**card, **metrics}, config)
 
 
 def run(spec: GrpoSpec) -> dict[str, Any]:

@@ -65,11 +65,21 @@ def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: 
     return examples
 
 
-def _hardware_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
-    """Trainer options for this machine: GPU-only choices fall back on CPU, with one line each."""
+def trainer_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
+    """The Trainer options that SFT and GRPO take alike from ``train``, for this machine: GPU-only
+    choices fall back on CPU, with one line each."""
     deepspeed = config.deepspeed_json()
-    options: dict[str, Any] = {"optim": config.optim, "bf16": config.bf16, "use_cpu": not on_gpu,
-                               "deepspeed": str(deepspeed) if deepspeed else None}
+    options: dict[str, Any] = {
+        "optim": config.optim, "bf16": config.bf16, "use_cpu": not on_gpu, "deepspeed": str(deepspeed) if deepspeed else None,
+        "warmup_steps": config.warmup_ratio,  # transformers 5: a float below 1 is a ratio
+        "weight_decay": config.weight_decay,
+        "lr_scheduler_type": config.lr_scheduler_type,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "save_total_limit": config.save_total_limit,
+        "report_to": config.report_to or "none",
+        "disable_tqdm": True,
+    }
     if on_gpu:
         return options
     if deepspeed:
@@ -87,7 +97,7 @@ def _hardware_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
 
 def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForMultimodalLM,
@@ -152,17 +162,10 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a ratio
-        weight_decay=config.weight_decay,
-        lr_scheduler_type=config.lr_scheduler_type,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=config.max_length,
         completion_only_loss=True,
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        report_to=config.report_to or "none",
         include_num_input_tokens_seen="non_padding",
         # LoRA and gradient checkpointing leave no parameter unused; looking for some costs a graph walk per
         # step. A multimodal model's encoders get nothing from a batch without their media.
@@ -171,8 +174,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         remove_unused_columns=not multimodal,
         dataset_kwargs={"skip_prepare_dataset": True} if multimodal else None,
         seed=spec.seed,
-        disable_tqdm=True,
-        **_hardware_options(config, on_gpu),
+        **trainer_options(config, on_gpu),
     )
     world_size = args.world_size
     effective_batch = config.batch_size * config.gradient_accumulation_steps * world_size
@@ -190,18 +192,8 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         log.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
     stop_if_preempted(on_preemption.stopped_by)  # a checkpoint is saved: the requeued job resumes from it
-    model_dir, adapter_dir = output / "model", output / "adapter"
-    # Every process takes part: under ZeRO-3 each holds a slice of the weights, which the trainer
-    # gathers before rank 0 writes them.
-    trainer.save_model(str(adapter_dir if config.method == "lora" else model_dir))
-    if not trainer.is_world_process_zero():
+    if not save_trained(trainer, config, spec.init_model, model_class, dtype, processing, output):
         return
-
-    if config.method == "lora" and config.save_merged:
-        # Merge into an unquantized copy of the starting model: a 4-bit base cannot be merged.
-        base = model_class.from_pretrained(spec.init_model, dtype=dtype)
-        PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(str(model_dir))
-    processing.save_pretrained(str(model_dir))
     # Includes the steps before a resume: the trainer state comes back with the checkpoint.
     step_log = [{key: entry.get(key) for key in STEP_LOG_KEYS} for entry in trainer.state.log_history if "loss" in entry]
     losses = [entry["loss"] for entry in step_log]
@@ -221,9 +213,33 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         step_log=step_log,
     )
     card = {"base_model": spec.base_model, "iteration": spec.iteration, "init_model": spec.init_model, "method": config.method}
-    atomic_write_json(output / "model_card.json", {**card, **metrics})
-    if model_dir.is_dir() and not config.keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    write_card(output, {**card, **metrics}, config)
+
+
+def save_trained(trainer: Any, config: TrainConfig, init_model: str, model_class: Any, dtype: Any, processing: Any,
+                 output: Path) -> bool:
+    """Writes ``<output>/adapter`` (LoRA) and ``<output>/model`` (merged for LoRA with save_merged)
+    with its tokenizer or processor. Every process takes part: under ZeRO-3 each holds a slice of
+    the weights, which the trainer gathers before rank 0 writes them. True on rank 0, which reports."""
+    from peft import PeftModel
+
+    model_dir, adapter_dir = output / "model", output / "adapter"
+    trainer.save_model(str(adapter_dir if config.method == "lora" else model_dir))
+    if not trainer.is_world_process_zero():
+        return False
+    if config.method == "lora" and config.save_merged:
+        # Merge into an unquantized copy of the starting model: a 4-bit base cannot be merged.
+        base = model_class.from_pretrained(init_model, dtype=dtype)
+        PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(str(model_dir))
+    processing.save_pretrained(str(model_dir))
+    return True
+
+
+def write_card(output: Path, card: dict[str, Any], config: TrainConfig) -> None:
+    """``model_card.json``; then the checkpoints go, once the model is saved, unless keep_checkpoints."""
+    atomic_write_json(output / "model_card.json", card)
+    if (output / "model").is_dir() and not config.keep_checkpoints:
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)
 
 
 def distributed_rank() -> int:
