@@ -36,6 +36,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from jobs.scoring.answers import DEFAULT_PATTERN
+from jobs.scoring.verifiers import named_function
 from jobs.specs import RewardConfig, ServiceRef
 
 RewardFunction = Callable[..., list[float | None]]
@@ -88,19 +89,8 @@ def known_rewards() -> list[str]:
 
 def reward_function(name: str) -> RewardFunction:
     """A built-in by name, or a user's function given as ``package.module:function``."""
-    known = known_rewards()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    module_name, sep, attr = name.partition(":")
-    if not sep:
-        raise ValueError(f"unknown reward {name!r}: use one of {', '.join(known)} or 'package.module:function'")
-    try:
-        function = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import reward {name!r}: {error}") from None
-    if not callable(function):
-        raise TypeError(f"reward {name!r} is not callable")
-    return function
+    known_rewards()
+    return named_function(name, "reward", _REGISTRY)
 
 
 def _parameters(function: RewardFunction) -> dict[str, inspect.Parameter]:

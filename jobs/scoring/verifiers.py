@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any
@@ -221,17 +221,23 @@ VERIFIERS: dict[str, Verifier] = {
 }
 
 
-def get_verifier(name: str) -> Verifier:
-    """A verifier by name, or a user's function given as ``package.module:function``."""
-    if name in VERIFIERS:
-        return VERIFIERS[name]
+def named_function(name: str, kind: str, builtins: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:
+    """A built-in ``kind`` (verifier, reward) by name, or a user's function given as
+    ``package.module:function``; ValueError naming the known ones otherwise."""
+    if name in builtins:
+        return builtins[name]
     module_name, sep, attr = name.partition(":")
     if not sep:
-        raise ValueError(f"unknown verifier {name!r}: use one of {sorted(VERIFIERS)} or 'module:function'")
+        raise ValueError(f"unknown {kind} {name!r}: use one of {', '.join(sorted(builtins))} or 'package.module:function'")
     try:
         function = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import verifier {name!r}: {error}") from None
+        raise ValueError(f"cannot import {kind} {name!r}: {error}") from None
     if callable(function):
         return function
-    raise ValueError(f"verifier {name!r} is not callable")
+    raise ValueError(f"{kind} {name!r} is not callable")
+
+
+def get_verifier(name: str) -> Verifier:
+    """A verifier by name, or a user's function given as ``package.module:function``."""
+    return named_function(name, "verifier", VERIFIERS)
