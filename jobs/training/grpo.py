@@ -37,6 +37,8 @@ from jobs.scoring.rewards import RewardContext, RewardSet
 from jobs.specs import MEDIA_FIELDS, GrpoConfig, GrpoSpec, JobTarget
 from jobs.training.sft import (
     distributed_rank,
+    lora_config,
+    quantization,
     save_trained,
     trainer_options,
     write_card,
@@ -120,8 +122,7 @@ def train_grpo(spec: GrpoSpec, metrics: dict[str, Any], primary: bool = True, mu
 
 def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple[str, int] | None) -> None:
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
     from jobs.training.callbacks import (
@@ -149,19 +150,9 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     reward_set = RewardSet(grpo.rewards, RewardContext(spec.verifier, spec.answer_pattern, spec.services))
     device, dtype = pick_device()
     on_gpu = device == "cuda"
-    quantization = None
-    if on_gpu and config.load_in_4bit and config.method == "lora":
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
     tokenizer = AutoTokenizer.from_pretrained(spec.init_model)
-    model = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization)
-    peft_config = None
-    if config.method == "lora":
-        peft_config = LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules, task_type="CAUSAL_LM",
-        )
+    model = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization(config, on_gpu, dtype))
+    peft_config = lora_config(config, config.target_modules)
     checkpoints = output / "checkpoints"
     args = GRPOConfig(
         output_dir=str(checkpoints),

@@ -97,12 +97,10 @@ def trainer_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
 
 def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForMultimodalLM,
         AutoProcessor,
-        BitsAndBytesConfig,
         ProcessorMixin,
     )
     from trl import SFTConfig, SFTTrainer
@@ -131,13 +129,8 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         )
     device, dtype = pick_device()
     on_gpu = device == "cuda"
-    quantization = None
-    if on_gpu and config.load_in_4bit and config.method == "lora":
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
     model_class = AutoModelForMultimodalLM if multimodal else AutoModelForCausalLM
-    model = model_class.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization)
+    model = model_class.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization(config, on_gpu, dtype))
     collator, target_modules = None, config.target_modules
     if multimodal:
         from jobs.training import media
@@ -148,12 +141,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
             target_modules = media.language_model_targets(model, config.target_modules)
         elif config.freeze_encoders:
             log.info("froze %d encoder parameters (train.freeze_encoders)", media.freeze_encoders(model))
-    peft_config = None
-    if config.method == "lora":
-        peft_config = LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=target_modules, task_type="CAUSAL_LM",
-        )
+    peft_config = lora_config(config, target_modules)
     checkpoints = output / "checkpoints"
     args = SFTConfig(
         output_dir=str(checkpoints),
@@ -214,6 +202,26 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     )
     card = {"base_model": spec.base_model, "iteration": spec.iteration, "init_model": spec.init_model, "method": config.method}
     write_card(output, {**card, **metrics}, config)
+
+
+def quantization(config: TrainConfig, on_gpu: bool, dtype: Any) -> Any:
+    """QLoRA's 4-bit NF4 loading (double quantization), on a GPU only; None otherwise."""
+    if not (on_gpu and config.load_in_4bit and config.method == "lora"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def lora_config(config: TrainConfig, target_modules: list[str]) -> Any:
+    """PEFT's LoRA settings from ``train`` (None for full fine-tuning)."""
+    if config.method != "lora":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=target_modules, task_type="CAUSAL_LM")
 
 
 def save_trained(trainer: Any, config: TrainConfig, init_model: str, model_class: Any, dtype: Any, processing: Any,
