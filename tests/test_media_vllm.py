@@ -95,7 +95,8 @@ def assert_same_prompt_as_training(model_dir: Path, endpoint: Endpoint, problems
 @pytest.mark.usefixtures("vllm_installed")
 class TestAudio:
     @pytest.fixture(scope="class")
-    def server(self, tmp_path_factory: pytest.TempPathFactory, media: Path) -> Iterator[tuple[Path, Endpoint]]:
+    @classmethod
+    def server(cls, tmp_path_factory: pytest.TempPathFactory, media: Path) -> Iterator[tuple[Path, Endpoint]]:
         from jobs.demo import build_audio_model
 
         yield from serve(build_audio_model, tmp_path_factory.mktemp("audio"), media)
@@ -138,7 +139,8 @@ class TestAudio:
 @pytest.mark.usefixtures("vllm_installed")
 class TestVision:
     @pytest.fixture(scope="class")
-    def server(self, tmp_path_factory: pytest.TempPathFactory, media: Path) -> Iterator[tuple[Path, Endpoint]]:
+    @classmethod
+    def server(cls, tmp_path_factory: pytest.TempPathFactory, media: Path) -> Iterator[tuple[Path, Endpoint]]:
         from jobs.demo import build_vision_model
 
         yield from serve(build_vision_model, tmp_path_factory.mktemp("vision"), media)
