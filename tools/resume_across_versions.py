@@ -72,7 +72,9 @@ def main() -> int:
     done_before = sorted(key for key, record in before.items() if record.get("status") == "done")
     print(f"{old_commit}: killed after iteration 1's training; done: {', '.join(done_before)}")
 
-    rerun = subprocess.run([sys.executable, "-m", "pipeline.run", str(config_path)], cwd=ROOT, capture_output=True, text=True, check=False)
+    # From the work folder, so that the export of the final model (models/ where the run is started) lands there.
+    rerun = subprocess.run([sys.executable, "-m", "pipeline.run", str(config_path)], cwd=work, capture_output=True, text=True,
+                           check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     after = records(ledger)
     changed = [key for key in done_before if {k: v for k, v in after[key].items() if not k.startswith("_")}
                != {k: v for k, v in before[key].items() if not k.startswith("_")}]
