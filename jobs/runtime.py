@@ -35,7 +35,7 @@ from state.ledger import now
 log = logging.getLogger("selftrain")
 
 
-def _job_identity() -> dict[str, Any]:
+def job_identity() -> dict[str, Any]:
     """Job id / restart count from SLURM's or submitit's local environment, when there is one."""
     job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
     if job_id:
@@ -85,7 +85,7 @@ def _request_stop(signum: int, frame: object) -> None:
 
 def _requeue() -> None:
     """Put this job back in the queue with the same id (SLURM_RESTART_COUNT goes up)."""
-    job_id = _job_identity()["job_id"]
+    job_id = job_identity()["job_id"]
     if os.environ.get("SLURM_JOB_ID"):
         subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)
     else:
@@ -104,7 +104,7 @@ def step_aside_if_superseded(target: JobTarget, record: dict[str, Any]) -> None:
         why = f"the ledger has the task {record.get('status')}"
     else:
         return
-    log.info("job %s of submission %s steps aside: %s", _job_identity()["job_id"], target.submission, why)
+    log.info("job %s of submission %s steps aside: %s", job_identity()["job_id"], target.submission, why)
     raise SystemExit(0)
 
 
@@ -145,7 +145,7 @@ def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any
 
     def claim(record: dict[str, Any]) -> None:
         step_aside_if_superseded(target, record)
-        record.update(status=str(Status.RUNNING), note=None, **_job_identity())
+        record.update(status=str(Status.RUNNING), note=None, **job_identity())
         # Counts executions, so that a resumed run can prove no finished work was redone.
         record["executions"] = record.get("executions", 0) + 1
 
@@ -163,7 +163,7 @@ def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any
         # Still in flight for the driver: the requeued job reports as it runs again.
         report_status(ledger, target, Status.SUBMITTED, note="requeued after the pre-timeout signal")
         _requeue()
-        log.info("requeued job %s after the pre-timeout signal", _job_identity()["job_id"])
+        log.info("requeued job %s after the pre-timeout signal", job_identity()["job_id"])
         return
     except BaseException as error:
         report_status(ledger, target, Status.FAILED, error=f"{type(error).__name__}: {error}")

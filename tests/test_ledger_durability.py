@@ -28,7 +28,7 @@ import pytest
 
 import state.ledger
 from state import Ledger, Status
-from tools.bench.loopfs import fuse_unavailable, mounted
+from tools.bench.loopfs import drop_page_cache, fuse_unavailable, mounted
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = "iter_001/generate"
@@ -166,16 +166,6 @@ def _check_records(run_dir: Path) -> int:
         record = json.loads(data)
         assert hashlib.sha256(record["payload"].encode()).hexdigest() == record["sha256"], path
     return len(files)
-
-
-def drop_page_cache() -> bool:
-    """Write back and drop the page cache, so that what is read next comes from the disk (root only)."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.runtime import _job_identity, log
+from jobs.runtime import job_identity, log
 from jobs.services.process import ServerError, free_port
 from jobs.services.vllm_server import ServerFleet, VllmServer, visible_gpus
 from jobs.specs import GrpoSpec
@@ -125,7 +125,7 @@ def _endpoint_file(spec: GrpoSpec) -> Path:
 
 
 def _this_job() -> dict[str, Any]:
-    identity = _job_identity()
+    identity = job_identity()
     return {"job_id": identity["job_id"], "restart_count": identity["restart_count"]}
 
 

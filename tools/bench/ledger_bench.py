@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 import state.ledger as new_ledger
 from pipeline import status
-from tools.bench.loopfs import fuse_unavailable, mounted
+from tools.bench.loopfs import drop_page_cache, fuse_unavailable, mounted
 
 BASELINE_REV = "8dda9fb"  # the last commit whose ledger took one lock per run
 STAGE = "iter_001/generate"
@@ -209,15 +209,6 @@ def synthetic_run(name: str, run_dir: Path, shards: int) -> list[str]:
                             "metrics": {"problems": 100, "generated_tokens": 51200, "failed_items": 0, "tokens_per_s": 85.3}}
                         for k in keys})
     return keys
-
-
-def drop_page_cache() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
 
 
 @contextlib.contextmanager

@@ -244,5 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def drop_page_cache() -> bool:
+    """Write back and drop the page cache, so that what is read next comes from the disk (root only)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
 if __name__ == "__main__":
     sys.exit(main())
