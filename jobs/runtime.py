@@ -23,7 +23,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -125,6 +127,23 @@ def report_status(ledger: Ledger, target: JobTarget, status: Status, **fields: A
     ledger.update(target.ledger_key, mutate=end)
 
 
+def quiet_libraries() -> None:
+    """Keep job logs to what a user reads: no progress bar per weight load or checkpoint save (a
+    log file keeps every redraw), and no warnings about library internals the user cannot act on."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub at import, here and in child processes
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    if "transformers" in sys.modules:  # transformers reads the setting once, when imported
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    # TRL 1.16 and PEFT 0.21 still read the old property name inside their own code.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # The CPU torchvision used for media is installed without its image extension: PIL decodes images.
+    warnings.filterwarnings("ignore", message="Failed to load image Python extension", category=UserWarning)
+
+
 @contextmanager
 def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any]]:
     """Mark the record running, then done with the metrics the body filled in, failed, or requeued.
@@ -132,6 +151,7 @@ def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any
     In a distributed job only the first rank (``primary``) reports and requeues, for all ranks.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    quiet_libraries()
     # Replace submitit's handlers: its USR2 handler would checkpoint and exit wherever the signal
     # lands, and it ignores TERM.
     signal.signal(signal.SIGUSR2, _request_stop)

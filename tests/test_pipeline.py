@@ -51,7 +51,8 @@ def test_two_iterations_end_to_end_then_resume_is_a_no_op(tiny_assets: Path, tmp
     config = write_config(tmp_path / "small.yaml", small_config(tiny_assets, runs, train={"report_to": ["tensorboard"]}))
     run_dir = runs / "small"
 
-    dry = run_cli("-m", "pipeline.run", str(config), "--dry-run")
+    # Flags may come anywhere on the command line, before overrides too.
+    dry = run_cli("-m", "pipeline.run", str(config), "--dry-run", "generate.num_samples=2")
     assert dry.returncode == 0, dry.stderr
     assert "array of 3" in dry.stdout and "iteration 2: train" in dry.stdout and "nothing submitted" in dry.stdout
     assert not runs.exists(), "--dry-run writes nothing"
@@ -94,6 +95,12 @@ def test_two_iterations_end_to_end_then_resume_is_a_no_op(tiny_assets: Path, tmp
         assert entry["tokens_per_s"] > 0 and entry["samples_per_s"] > 0 and entry["peak_memory_mib"] > 100
     assert read_json(run_dir / "ledger" / "iter_002" / "train.json")["metrics"]["step_log"] == card["step_log"]
     assert list((train / "tensorboard").glob("events.out.tfevents.*")), "train.report_to: tensorboard writes beside the model"
+    # Training logs a user reads: no deprecation warnings, no progress bar per weight load or save.
+    train_logs = list((run_dir / "submitit").glob("iter_*/train/*/*_log.err"))
+    assert len(train_logs) == 2
+    for log in train_logs:
+        text = log.read_text()
+        assert "Warning" not in text and "Writing model shards" not in text and "Loading weights" not in text, text
     assert_each_problem_once(run_dir, 2, 24)
 
     # Rerunning the finished run resubmits nothing.

@@ -74,8 +74,9 @@ def trainer_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
         "warmup_steps": config.warmup_ratio,  # transformers 5: a float below 1 is a ratio
         "weight_decay": config.weight_decay,
         "lr_scheduler_type": config.lr_scheduler_type,
-        "gradient_checkpointing": config.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        # transformers 5 renamed these; TRL's own default still sets the old name, which the new one overrides.
+        "activation_checkpointing": config.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
         "save_total_limit": config.save_total_limit,
         "report_to": config.report_to or "none",
         "disable_tqdm": True,
