@@ -369,6 +369,8 @@ class GenerateShardSpec:
     seed: int
     # The run's API key file, for the vLLM servers the shard starts.
     api_key_path: str
+    # The run's compile caches of its vLLM servers (jobs.services.vllm_server.CompileCache); "": none kept.
+    compile_cache_dir: str = ""
 
 
 @dataclass
@@ -450,6 +452,8 @@ class EvalSpec:
     seed: int
     # The run's API key file, for the vLLM servers the evaluation starts.
     api_key_path: str
+    # The run's compile caches of its vLLM servers; "": none kept.
+    compile_cache_dir: str = ""
 
 
 @dataclass
@@ -469,4 +473,6 @@ class ServiceSpec:
     # Ledger keys of the stages it serves: once all are done it stops by itself (a detached run has no
     # driver to cancel it).
     consumers: list[str]
+    # The run's compile caches of its vLLM servers; "": none kept.
+    compile_cache_dir: str = ""
 

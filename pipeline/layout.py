@@ -5,6 +5,7 @@
       ledger/                        the state ledger (state.Ledger): one JSON record per stage, shard, service
       data/train.jsonl heldout.jsonl the problems, validated and frozen for the run
       vllm_api_key                   the run's API key (0600): its vLLM servers and services take it
+      compile_cache/<key>/           vLLM compile caches, one per model and command line, published once
       baseline/eval/                 held-out accuracy of the base model ("iteration 0")
       iter_001/generate/shard_00000.jsonl ...
       iter_001/filter/filtered.json (+ _stats, _analytics, _by_category, _no_correct, _analytics.log)
@@ -47,6 +48,10 @@ class RunLayout:
     def api_key(self) -> Path:
         # Named for the vLLM servers that used it first; every server of the run takes it.
         return self.run_dir / "vllm_api_key"
+
+    @property
+    def compile_caches(self) -> Path:
+        return self.run_dir / "compile_cache"
 
     def stage_dir(self, iteration: int, stage: str) -> Path:
         """``iter_002/train``; iteration 0 is the base model's (``baseline/eval``)."""

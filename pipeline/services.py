@@ -71,6 +71,7 @@ def service_plan(planner: Planner, name: str, consumers: list[str]) -> StagePlan
         target=planner.target(key), name=name, config=settings, endpoint_file=str(endpoint),
         api_key_file=str(planner.layout.api_key), folder=str(endpoint.parent),
         loopback=config.executor.cluster != "slurm", consumers=consumers,
+        compile_cache_dir=str(planner.layout.compile_caches),
     )
     return StagePlan(key, name, 0, [Task(key, runner.run, spec)], config.executor.resources(name, DEFAULT_RESOURCES),
                      jobs_text="1, serving while the stages that need it run", writes=str(endpoint))

@@ -157,6 +157,7 @@ def generate_stage(planner: Planner, iteration: int) -> StagePlan:
                 generate=config.generate,
                 seed=config.seed + iteration,
                 api_key_path=str(layout.api_key),
+                compile_cache_dir=str(layout.compile_caches),
             ),
         )
         for index, (start, stop) in enumerate(ranges)
@@ -229,6 +230,7 @@ def eval_stage(planner: Planner, iteration: int) -> StagePlan:
         generate=config.generate,
         seed=config.seed,
         api_key_path=str(layout.api_key),
+        compile_cache_dir=str(layout.compile_caches),
     )
     return StagePlan(key, "eval", iteration, [Task(key, eval_job.run, spec)], resources(planner, "eval"),
                      reports=("heldout_accuracy",), writes=str(output))

@@ -82,6 +82,7 @@ def shard_spec(assets: Path, run_dir: Path, index: int, start: int, stop: int, c
         generate=config,
         seed=7,
         api_key_path=str(run_dir / "vllm_api_key"),
+        compile_cache_dir=str(run_dir / "compile_cache"),
     )
 
 
@@ -206,6 +207,19 @@ def test_two_shards_at_once_each_start_a_server_and_leave_none(
         log = Path(server["log"])
         assert log.is_relative_to(run_dir) and "Application startup complete" in log.read_text()
         assert group_members(server["pid"]) == [], "no process of the server is left"
+
+    # Both started cold, at once; one of them published its compile cache whole, the other dropped its copy.
+    records = [ledger.read(spec.target.ledger_key) for spec in specs]
+    assert [r["metrics"]["compile_cache"] for r in records] == ["cold", "cold"]
+    (published,) = (run_dir / "compile_cache").iterdir()
+    assert not published.name.startswith(".") and (published / "vllm").is_dir()
+    # A later server of the model starts from a copy of it, in a folder of its own.
+    later = shard_spec(tiny_assets, run_dir, 2, 40, 44, vllm_generate(num_samples=k, batch_size=16))
+    generate.run(later)
+    assert ledger.read(later.target.ledger_key)["metrics"]["compile_cache"] == "warm"
+    copied = Path(later.output_path).parent / "servers" / "shard_00002" / "server_0" / "vllm"
+    cached = {p.relative_to(published / "vllm") for p in (published / "vllm").rglob("*")}
+    assert cached and cached <= {p.relative_to(copied) for p in copied.rglob("*")}
 
     key_file = run_dir / "vllm_api_key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600

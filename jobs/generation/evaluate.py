@@ -31,7 +31,7 @@ def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
     greedy = Sampling(n=1, temperature=0.0, top_p=1.0, max_tokens=spec.eval.max_tokens, seed=spec.seed)
     requests = [Request(messages_for(p, config.system_prompt, config.media_dir), greedy) for p in problems]
     output = Path(spec.output_dir)
-    backend = make_backend(config, spec.model_path, problems, ServerFiles(output / "servers", Path(spec.api_key_path)))
+    backend = make_backend(config, spec.model_path, problems, ServerFiles.of_job(output / "servers", spec.api_key_path, spec.compile_cache_dir))
     progress = Throughput(len(problems))  # from here: server start-up is not evaluation
     outcomes: list[Outcome] = []
 

@@ -115,7 +115,7 @@ def generate_shard(spec: GenerateShardSpec, metrics: dict[str, Any]) -> None:
                 )
                 for p in todo
             ]
-            files = ServerFiles(output.parent / "servers" / output.stem, Path(spec.api_key_path))
+            files = ServerFiles.of_job(output.parent / "servers" / output.stem, spec.api_key_path, spec.compile_cache_dir)
             backend = make_backend(config, spec.model_path, todo, files)
             progress = Throughput(len(todo))  # from here: server start-up is not generation
             try:

@@ -56,7 +56,7 @@ def make_server(spec: ServiceSpec) -> Server:
     if isinstance(spec.config, VllmServing):
         from jobs.services.vllm_server import ServerFiles, VllmService
 
-        return VllmService(spec.config, ServerFiles(Path(spec.folder), api_key_file), "127.0.0.1" if spec.loopback else node_address())
+        return VllmService(spec.config, ServerFiles.of_job(Path(spec.folder), spec.api_key_file, spec.compile_cache_dir), "127.0.0.1" if spec.loopback else node_address())
     from jobs.services.reward_server import RewardServer
 
     host = spec.config.host or ("127.0.0.1" if spec.loopback else node_address())

