@@ -76,13 +76,14 @@ def parse_sacct(text: str) -> dict[str, JobInfo]:
     return infos
 
 
-def sacct(job_ids: Iterable[str]) -> dict[str, JobInfo]:
-    """SLURM's accounting for these jobs (array tasks included), in one call."""
+def sacct_text(job_ids: Iterable[str], fields: Sequence[str], *options: str) -> str:
+    """``sacct``'s rows (one per allocation, ``|``-separated ``fields``) for these jobs, array tasks
+    included, in one call."""
     # Asking for whole arrays keeps the command short for thousands of tasks.
     arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
     if not arrays:
-        return {}
-    command = ["sacct", "-X", "--parsable2", "--noheader", "-j", ",".join(arrays), f"--format={','.join(SACCT_FIELDS)}"]
+        return ""
+    command = ["sacct", "-X", "--parsable2", "--noheader", *options, "-j", ",".join(arrays), f"--format={','.join(fields)}"]
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -90,7 +91,12 @@ def sacct(job_ids: Iterable[str]) -> dict[str, JobInfo]:
     if result.returncode != 0:
         lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
         raise SchedulerUnavailable(lines[-1])
-    return parse_sacct(result.stdout)
+    return result.stdout
+
+
+def sacct(job_ids: Iterable[str]) -> dict[str, JobInfo]:
+    """SLURM's accounting for these jobs (array tasks included), in one call."""
+    return parse_sacct(sacct_text(job_ids, SACCT_FIELDS))
 
 
 def _local_info(pid: int) -> JobInfo:

@@ -47,6 +47,7 @@ from jobs.specs import (
 )
 from state import InputError, Ledger
 from tests.conftest import ROOT, run_cli, small_config, wait_for_lines, write_config
+from tests.test_pipeline import all_records
 
 
 @pytest.fixture(scope="module")
@@ -550,3 +551,24 @@ def test_vllm_generation_as_slurm_array_tasks(slurm_cluster: str, vllm_installed
         output = runs / "small" / "iter_001" / "generate" / f"shard_{index:05d}.jsonl"
         assert all(r["num_candidates"] == 3 and "error" not in r for r in records_of(output))
         assert group_members(shard["metrics"]["servers"][0]["pid"]) == [], "no server outlives its array task"
+
+    # What the run cost, from SLURM's accounting: every job of the ledger, adding up to sacct's own.
+    cost = run_cli("tools/cost.py", str(runs / "small"), "--json")
+    assert cost.returncode == 0, cost.stderr
+    cost = json.loads(cost.stdout)
+    ledger_ids = sorted(j for r in all_records(runs / "small").values() for j in r.get("job_ids", []))
+    assert sorted(j for stage in cost["stages"] for j in stage["job_ids"]) == ledger_ids
+    sacct = subprocess.run(["sacct", "-X", "--duplicates", "-P", "-n", "-j", ",".join(ledger_ids), "--format=JobID,CPUTimeRAW"],
+                           capture_output=True, text=True, check=True).stdout
+    sacct_cpu_seconds = sum(int(line.split("|")[1]) for line in sacct.splitlines() if line.split("|")[0] in ledger_ids)
+    assert sacct_cpu_seconds > 0
+    assert cost["total"]["cpu_seconds"] == sacct_cpu_seconds == sum(s["cpu_seconds"] for s in cost["stages"])
+    assert sum(i["cpu_seconds"] for i in cost["iterations"]) == sacct_cpu_seconds
+    assert cost["total"]["gpu_seconds"] == 0, "no GPU on this cluster"
+    (generation,) = [s for s in cost["stages"] if s["stage"] == "generate"]
+    assert len(generation["job_ids"]) == 2 and generation["runs"] == 2
+    assert 0 < generation["server_start_share"] < 1, "shards started servers, then generated"
+    table = run_cli("tools/cost.py", str(runs / "small"))
+    assert table.returncode == 0 and "server start share" in table.stdout
+    report = run_cli("tools/report.py", str(runs / "small"))
+    assert report.returncode == 0 and "cost of" in report.stdout

@@ -4,7 +4,9 @@ Prints the seed's "Interpreting Analytics Across Iterations" table for the whole
 shares, mean correct rate, filtered samples, training reward, held-out accuracy), the correct-rate
 distribution per iteration, the seed's warning signs with its advice, and what the reward-hacking
 watch flagged; writes RUN_DIR/report.png with the category shares, the held-out accuracy per
-iteration and, for runs that trained on rewards (GRPO), each reward's mean per step.
+iteration and, for runs that trained on rewards (GRPO), each reward's mean per step. A SLURM run's
+report also has its cost per iteration and stage (GPU- and CPU-hours, queue wait, server start
+share; ``tools/cost.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.console import Console
 
+from pipeline.cost import CostUnavailable, cost_table, run_cost
 from pipeline.status import (
     CATEGORY_ROWS,
     distribution_table,
@@ -27,6 +30,7 @@ from pipeline.status import (
     summarize,
     warning_signs,
 )
+from pipeline.watch import SchedulerUnavailable
 from state import atomic_write_bytes
 
 # From hard to easy: red to green.
@@ -138,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     print_warning_signs(console, warning_signs(summary))
     for line in hacking_lines(summary):
         console.print(line, style="yellow", markup=False)
+    try:
+        console.print(cost_table(run_cost(args.run_dir)))
+    except CostUnavailable:
+        pass  # not a SLURM run: no accounting to count from
+    except SchedulerUnavailable as error:
+        console.print(f"cost: SLURM's accounting could not be asked: {error}", style="yellow", markup=False)
     png = args.png or args.run_dir / "report.png"
     atomic_write_bytes(png, plot(summary))
     console.print(f"chart: {png}", markup=False)
