@@ -59,6 +59,11 @@ def make_executor(
         options["gpus_per_task"] = resources.gpus_per_task
     if resources.mem_gb is not None:
         options["mem"] = f"{int(resources.mem_gb * 1024)}M"
+    if resources.cpus_per_task:
+        # torch and the BLAS libraries start a thread per core of the node, not of the job: where
+        # SLURM does not confine jobs to their CPUs (no cgroups), jobs sharing a node would
+        # oversubscribe it several times over.
+        options["setup"] = [f"export OMP_NUM_THREADS={resources.cpus_per_task}"]
     extra = dict(resources.extra_sbatch)
     if dependency:
         options["dependency"] = dependency
