@@ -127,3 +127,27 @@ def slurm_cluster() -> Iterator[str]:
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = previous
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster() -> Iterator[str]:
+    """A real SLURM cluster of two nodes on this machine (``tools/local_slurm.sh start --nodes 2``):
+    n1 and n2, each a network namespace with its own address on a private bridge, its own host
+    name and /etc/hosts. Returns its SLURM_CONF, and leaves the environment's alone (the rest of the
+    suite runs on the single-node cluster): tests point their commands at it themselves.
+
+    Where network namespaces or a bridge cannot be made (exit 4: no CAP_NET_ADMIN / CAP_SYS_ADMIN)
+    its tests are skipped with the reason; any other failure to start fails them under CI, as
+    ``slurm_cluster`` does.
+    """
+    script = str(ROOT / "tools" / "local_slurm.sh")
+    ours = subprocess.run(["bash", script, "status", "--nodes", "2"], capture_output=True, check=False).returncode != 0
+    start = subprocess.run(["bash", script, "start", "--nodes", "2"], capture_output=True, text=True, check=False)
+    if start.returncode != 0:
+        reason = (start.stderr.strip().splitlines() or ["no output"])[-1]
+        if start.returncode != 4 and os.environ.get("CI") == "true":
+            pytest.fail(f"the local two-node SLURM cluster did not start under CI: {reason}")
+        pytest.skip(f"no local two-node SLURM cluster here: {reason}")
+    yield start.stdout.strip().split("=", 1)[1]
+    if ours:
+        subprocess.run(["bash", script, "stop", "--nodes", "2"], capture_output=True, check=False)

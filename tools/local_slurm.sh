@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# local_slurm.sh -- a real, single-node SLURM cluster (with accounting) for tests.
+# local_slurm.sh -- a real SLURM cluster (with accounting) for tests: one node, or
+# several nodes in network namespaces of this machine (--nodes N).
 #
-# Usage: bash tools/local_slurm.sh start|stop|status [DIR]
+# Usage: bash tools/local_slurm.sh start|stop|status [--nodes N] [DIR]
 #
 #   DIR defaults to ${SELFTRAIN_SLURM_DIR:-/tmp/selftrain-slurm}. Everything the
 #   cluster writes (configs, state, spool, logs, pid files, the MariaDB datadir)
@@ -23,20 +24,46 @@
 #   status  Says for each daemon whether it runs, then prints `sinfo`.
 #           Exit 0 if everything is up, 3 if not.
 #
+# Several nodes (--nodes N, 2 to 9): each node is a network namespace with its
+# own address on a private bridge, its own host name and its own /etc/hosts
+# (bind-mounted in a mount namespace of its slurmd, which its jobs inherit):
+#
+#     this machine's namespace  bridge NAME-br   NET.1       slurmctld, slurmdbd
+#     netns NAME-n1             eth0             NET.2       slurmd n1, host name n1
+#     netns NAME-n2             eth0             NET.3       slurmd n2, host name n2 ...
+#
+#   A node's own name resolves to its bridge address, so gloo, vLLM and
+#   `hostname -i` pick it; nodes reach each other and the controller over the
+#   bridge, and nothing else (no route out, and this machine's 127.0.0.1 is not
+#   theirs: a server of this namespace that jobs use must listen on NET.1 or
+#   0.0.0.0). The partition
+#   schedules on the least loaded node (LLN), so small jobs spread over the
+#   nodes. DIR defaults to ${SELFTRAIN_SLURM_DIR:-/tmp/selftrain-slurm}-Nn and
+#   every port is the single-node one + 10, so both clusters can run at once;
+#   munged is shared. `stop` also removes the namespaces and the bridge (after
+#   killing whatever still runs in them). DIR remembers N: `stop DIR` and
+#   `status DIR` need no --nodes.
+#
 # Exit codes: 0 ok, 1 failure, 2 this machine cannot run it (not root, no
 # Debian/apt, packages not installable) -- callers skip their tests on 2,
-# 3 (status only) not running, 64 usage error.
+# 3 (status only) not running, 4 (--nodes N > 1) no network namespaces or
+# bridges here (no CAP_NET_ADMIN / CAP_SYS_ADMIN), 64 usage error.
 #
 # Environment (all optional):
 #   SELFTRAIN_SLURM_DIR             default DIR
 #   SELFTRAIN_SLURM_MAX_ARRAY_SIZE  MaxArraySize (default 10001; tests may lower
 #                                   it, e.g. to 5, to exercise array splitting)
-#   SELFTRAIN_SLURM_CLUSTER         ClusterName (default selftrain)
+#   SELFTRAIN_SLURM_CLUSTER         ClusterName (default selftrain; with --nodes N
+#                                   its value + "Nn", e.g. selftrain2n)
 #   SELFTRAIN_SLURMCTLD_PORT        default 16817
 #   SELFTRAIN_SLURMD_PORT           default 16818
 #   SELFTRAIN_SLURMDBD_PORT         default 16819
 #   SELFTRAIN_SLURM_MYSQL_PORT      default 13306
 #   SELFTRAIN_SLURM_START_TIMEOUT   seconds to wait for an idle node (default 60)
+#   SELFTRAIN_SLURM_NET             --nodes N > 1: the bridge's /24, first three
+#                                   octets (default 10.77.0)
+#   SELFTRAIN_SLURM_NETNS           --nodes N > 1: stem of the namespace, bridge
+#                                   and veth names (default selftrain, <= 11 chars)
 #
 # Written for Debian 12 (slurm-wlm 22.05, munge 0.5.15, MariaDB 10.11) running
 # as root without systemd and without cgroups (containers, micro-VMs).
@@ -45,18 +72,49 @@ set -euo pipefail
 
 # ---------------------------------------------------------------- arguments --
 usage() {
-    echo "usage: bash ${0##*/} start|stop|status [DIR]" >&2
+    echo "usage: bash ${0##*/} start|stop|status [--nodes N] [DIR]" >&2
     exit 64
 }
-if [ "$#" -lt 1 ] || [ "$#" -gt 2 ]; then usage; fi
+if [ "$#" -lt 1 ]; then usage; fi
 ACTION="$1"
+shift
 case "$ACTION" in start | stop | status) ;; *) usage ;; esac
+NODES=""
+DIR=""
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+    --nodes)
+        [ "$#" -ge 2 ] || usage
+        NODES="$2"
+        shift 2
+        ;;
+    --nodes=*)
+        NODES="${1#--nodes=}"
+        shift
+        ;;
+    -*) usage ;;
+    *)
+        [ -z "$DIR" ] || usage
+        DIR="$1"
+        shift
+        ;;
+    esac
+done
+case "${NODES:-1}" in [1-9]) ;; *) usage ;; esac
 
-DIR="${2:-${SELFTRAIN_SLURM_DIR:-/tmp/selftrain-slurm}}"
+if [ -z "$DIR" ]; then
+    DIR="${SELFTRAIN_SLURM_DIR:-/tmp/selftrain-slurm}"
+    if [ "${NODES:-1}" != 1 ]; then DIR="${DIR%/}-${NODES}n"; fi
+fi
 # Absolute path: it ends up in slurm.conf and in the export line, both of
 # which are used from other working directories.
 case "$DIR" in /*) ;; *) DIR="$PWD/$DIR" ;; esac
 DIR="${DIR%/}"
+# A DIR started with --nodes N remembers N for a later stop/status without it.
+if [ -z "$NODES" ]; then
+    NODES="$(cat "$DIR/etc/nodes" 2>/dev/null || echo 1)"
+    case "$NODES" in [1-9]) ;; *) NODES=1 ;; esac
+fi
 
 CTLD_PORT="${SELFTRAIN_SLURMCTLD_PORT:-16817}"
 SLURMD_PORT="${SELFTRAIN_SLURMD_PORT:-16818}"
@@ -65,6 +123,31 @@ MYSQL_PORT="${SELFTRAIN_SLURM_MYSQL_PORT:-13306}"
 MAX_ARRAY_SIZE="${SELFTRAIN_SLURM_MAX_ARRAY_SIZE:-10001}"
 CLUSTER="${SELFTRAIN_SLURM_CLUSTER:-selftrain}"
 START_TIMEOUT="${SELFTRAIN_SLURM_START_TIMEOUT:-60}"
+
+# ------------------------------------------------ several nodes (--nodes N) --
+MULTI=0
+NODE_NAMES=()
+if [ "$NODES" != 1 ]; then
+    MULTI=1
+    # Ports of their own, so that this cluster and the single-node one can run at once.
+    CTLD_PORT=$((CTLD_PORT + 10))
+    SLURMD_PORT=$((SLURMD_PORT + 10))
+    DBD_PORT=$((DBD_PORT + 10))
+    MYSQL_PORT=$((MYSQL_PORT + 10))
+    CLUSTER="${CLUSTER}${NODES}n"
+    NET="${SELFTRAIN_SLURM_NET:-10.77.0}"
+    STEM="${SELFTRAIN_SLURM_NETNS:-selftrain}"
+    case "$NET" in *[!0-9.]* | *.*.*.* | .* | *.) usage ;; *.*.*) ;; *) usage ;; esac
+    # Interface names have at most 15 characters: "$STEM-br", "$STEM-v9".
+    if [ "${#STEM}" -gt 11 ] || [ -z "$STEM" ]; then usage; fi
+    CTLD_ADDR="$NET.1"
+    BRIDGE="$STEM-br"
+    for ((i = 1; i <= NODES; i++)); do NODE_NAMES+=("n$i"); done
+fi
+node_addr() { echo "$NET.$((${1#n} + 1))"; } # n1 -> NET.2
+node_ns() { echo "$STEM-$1"; }                # network namespace of a node
+node_veth() { echo "$STEM-v${1#n}"; }         # its veth's end on the bridge
+NS_IF=eth0                                    # the node's end, the same name on every node
 
 ETC="$DIR/etc"
 RUN="$DIR/run"
@@ -81,6 +164,8 @@ DB_USER="slurm"
 # mariadb-server brings mariadbd, mariadb-install-db and the mariadb client.
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd slurm-wlm-basic-plugins
     slurm-wlm-mysql-plugin mariadb-server)
+# Several nodes: `ip` (netns, veth, bridge); nsenter/unshare come with util-linux.
+if [ "$MULTI" = 1 ]; then PACKAGES+=(iproute2); fi
 
 log() { echo "local_slurm: $*" >&2; }
 # Daemons started by this invocation of `start` (pid file, name); a failed
@@ -92,18 +177,31 @@ die() {
     undo_start
     exit 1
 }
+NET_CREATED=0
 undo_start() {
     local i
     for ((i = ${#STARTED[@]} - 2; i >= 0; i -= 2)); do
         stop_pidfile "${STARTED[i]}" "${STARTED[i + 1]}"
     done
     STARTED=()
+    if [ "$NET_CREATED" = 1 ]; then
+        NET_CREATED=0
+        kill_in_namespaces
+        net_down
+    fi
 }
 # One line (on stderr, like all messages: stdout is kept for the export line
 # that callers eval) and exit 2: "this machine cannot do it", callers skip.
 unsupported() {
     echo "local_slurm: cannot run a local SLURM cluster here: $*" >&2
     exit 2
+}
+# Exit 4: several nodes need network namespaces and a bridge, which this
+# machine (a container without CAP_NET_ADMIN, say) does not allow.
+no_namespaces() {
+    echo "local_slurm: cannot run a SLURM cluster of $NODES nodes here: $* (network namespaces and a bridge need root with CAP_NET_ADMIN and CAP_SYS_ADMIN)" >&2
+    undo_start
+    exit 4
 }
 
 # ------------------------------------------------------------ preconditions --
@@ -182,6 +280,7 @@ port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 check_ports() {
     local name port var
     while read -r name port var; do
+        [ -n "$name" ] || continue
         pid_alive "$RUN/$name.pid" "$name" && continue
         if port_busy "$port"; then
             die "port $port for $name is in use by another process; choose another with $var=PORT"
@@ -190,7 +289,7 @@ check_ports() {
 mariadbd $MYSQL_PORT SELFTRAIN_SLURM_MYSQL_PORT
 slurmdbd $DBD_PORT SELFTRAIN_SLURMDBD_PORT
 slurmctld $CTLD_PORT SELFTRAIN_SLURMCTLD_PORT
-slurmd $SLURMD_PORT SELFTRAIN_SLURMD_PORT
+$([ "$MULTI" = 1 ] || echo "slurmd $SLURMD_PORT SELFTRAIN_SLURMD_PORT")
 EOF
 }
 
@@ -374,7 +473,7 @@ write_if_changed() {
 
 SLURM_CONF_CHANGED=0
 write_configs() {
-    local host topo
+    local host topo ctld_addr slurmd_spool slurmd_pid slurmd_log nodes n
     # slurmd identifies its node by the short host name; use the same name
     # everywhere (and pass it to slurmd with -N) so they always agree.
     host="$(hostname -s)"
@@ -388,6 +487,23 @@ write_configs() {
         (umask 077 && head -c 24 /dev/urandom | base64 | tr -d '/+=\n' >"$DB_PASS_FILE")
     fi
     chmod 0600 "$DB_PASS_FILE"
+
+    # One node: everything on loopback. Several: the controller (and slurmdbd,
+    # for sacct inside jobs) on the bridge; per-node slurmd files (%n: node
+    # name); each node's own line with its address (they are all this
+    # machine, so `slurmd -C`'s topology fits each); LLN: a job goes to the
+    # least loaded node, so that an array of small tasks spreads over the nodes.
+    if [ "$MULTI" = 1 ]; then
+        ctld_addr="$CTLD_ADDR"
+        slurmd_spool="$DIR/spool/%n" slurmd_pid="$RUN/slurmd-%n.pid" slurmd_log="$LOG/slurmd-%n.log"
+        nodes="$(for n in "${NODE_NAMES[@]}"; do echo "NodeName=$n NodeAddr=$(node_addr "$n") $topo State=UNKNOWN"; done)
+PartitionName=debug Nodes=$(IFS=,; echo "${NODE_NAMES[*]}") Default=YES MaxTime=INFINITE State=UP LLN=YES"
+    else
+        ctld_addr=127.0.0.1
+        slurmd_spool="$DIR/spool/slurmd" slurmd_pid="$RUN/slurmd.pid" slurmd_log="$LOG/slurmd.log"
+        nodes="NodeName=$host NodeAddr=127.0.0.1 $topo State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP"
+    fi
 
     # Settings, and why:
     # - proctrack/linuxproc, task/none: no cgroups (and no systemd) here.
@@ -408,7 +524,7 @@ write_configs() {
     if write_if_changed "$SLURM_CONF_FILE" 0644 <<EOF; then SLURM_CONF_CHANGED=1; fi
 # Generated by tools/local_slurm.sh -- edits are overwritten on the next start.
 ClusterName=$CLUSTER
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($ctld_addr)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
@@ -417,11 +533,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=cred_expire=5
 StateSaveLocation=$DIR/state/slurmctld
-SlurmdSpoolDir=$DIR/spool/slurmd
+SlurmdSpoolDir=$slurmd_spool
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$slurmd_pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$slurmd_log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -446,17 +562,16 @@ JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+AccountingStorageHost=$ctld_addr
 AccountingStoragePort=$DBD_PORT
-NodeName=$host NodeAddr=127.0.0.1 $topo State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+$nodes
 EOF
 
     # slurmdbd insists on mode 0600 and ownership by SlurmUser (root).
     write_if_changed "$DBD_CONF_FILE" 0600 <<EOF || true
 # Generated by tools/local_slurm.sh -- edits are overwritten on the next start.
 AuthType=auth/munge
-DbdAddr=127.0.0.1
+DbdAddr=$ctld_addr
 DbdHost=$host
 DbdPort=$DBD_PORT
 SlurmUser=root
@@ -471,6 +586,22 @@ StoragePass=$(cat "$DB_PASS_FILE")
 StorageLoc=$DB_NAME
 EOF
     chown root:root "$DBD_CONF_FILE"
+    [ "$MULTI" = 1 ] || return 0
+
+    echo "$NODES" >"$ETC/nodes"
+    # Each node's /etc/hosts: its own name and the other nodes' at their bridge
+    # addresses, this machine's (the controller's) name at the bridge's.
+    local m
+    for n in "${NODE_NAMES[@]}"; do
+        mkdir -p "$DIR/spool/$n"
+        {
+            echo "# Generated by tools/local_slurm.sh: /etc/hosts of node $n (bind-mounted for its slurmd and jobs)"
+            echo "127.0.0.1 localhost"
+            echo "::1 localhost ip6-localhost ip6-loopback"
+            echo "$CTLD_ADDR $host"
+            for m in "${NODE_NAMES[@]}"; do echo "$(node_addr "$m") $m"; done
+        } | write_if_changed "$ETC/hosts.$n" 0644 || true
+    done
 }
 
 # ------------------------------------------------------------------- slurm --
@@ -522,6 +653,11 @@ start_slurmctld() {
 }
 
 start_slurmd() {
+    if [ "$MULTI" = 1 ]; then
+        local n
+        for n in "${NODE_NAMES[@]}"; do start_node_slurmd "$n"; done
+        return 0
+    fi
     if pid_alive "$RUN/slurmd.pid" slurmd; then return 0; fi
     rm -f "$RUN/slurmd.pid"
     # SLURM_CONF stays in slurmd's environment; its slurmstepd children
@@ -533,6 +669,109 @@ start_slurmd() {
     log "started slurmd (pid $(pid_of "$RUN/slurmd.pid"), 127.0.0.1:$SLURMD_PORT)"
 }
 
+# start_node_slurmd NODE: slurmd -N NODE inside the node's network namespace,
+# in a mount namespace of its own (private propagation: the /etc/hosts bind
+# mount stays there) and a UTS namespace with the node's host name. slurmd
+# daemonizes and keeps all three; its slurmstepds and their jobs inherit them.
+# nsenter --net, not `ip netns exec`: that remounts /sys for the namespace,
+# which hides the cgroup mounts slurmd looks at.
+start_node_slurmd() {
+    local n="$1"
+    if pid_alive "$RUN/slurmd-$n.pid" slurmd; then return 0; fi
+    rm -f "$RUN/slurmd-$n.pid"
+    # shellcheck disable=SC2016 # $1.. expand in the inner shell
+    nsenter --net="/run/netns/$(node_ns "$n")" unshare --mount --uts -- /bin/sh -c '
+        mount --bind "$1" /etc/hosts && hostname "$2" && exec setsid /usr/sbin/slurmd -f "$3" -N "$2"' sh \
+        "$ETC/hosts.$n" "$n" "$SLURM_CONF_FILE" 9>&- </dev/null >>"$LOG/slurmd-$n.out" 2>&1 ||
+        { tail -n 30 "$LOG/slurmd-$n.out" "$LOG/slurmd-$n.log" >&2 2>/dev/null || true; die "slurmd $n failed to start"; }
+    wait_pidfile "$RUN/slurmd-$n.pid" slurmd 20 "$LOG/slurmd-$n.log"
+    STARTED+=("$RUN/slurmd-$n.pid" slurmd)
+    log "started slurmd $n (pid $(pid_of "$RUN/slurmd-$n.pid"), $(node_addr "$n"):$SLURMD_PORT in netns $(node_ns "$n"))"
+}
+
+# slurmd pid files and names: one, or one per node.
+slurmd_pidfiles() {
+    local n
+    if [ "$MULTI" = 1 ]; then
+        for n in "${NODE_NAMES[@]}"; do echo "$RUN/slurmd-$n.pid"; done
+    else
+        echo "$RUN/slurmd.pid"
+    fi
+}
+
+# ------------------------------------------------------------------ network --
+ns_exists() { [ -e "/run/netns/$1" ]; }
+
+# The bridge with the controller's address, and per node a namespace joined
+# to it by a veth pair. Idempotent: what exists is kept.
+net_up() {
+    local n ns veth out holder
+    holder="$(ip -o -4 addr show 2>/dev/null | awk -v a="$CTLD_ADDR" -v b="$BRIDGE" 'index($4, a "/") == 1 && $2 != b { print $2 }')"
+    [ -z "$holder" ] || die "$CTLD_ADDR is already an address of $holder; choose another network with SELFTRAIN_SLURM_NET"
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        out="$(ip link add "$BRIDGE" type bridge 2>&1)" || no_namespaces "ip link add $BRIDGE type bridge: $out"
+        NET_CREATED=1
+    fi
+    ip addr replace "$CTLD_ADDR/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    for n in "${NODE_NAMES[@]}"; do
+        ns="$(node_ns "$n")" veth="$(node_veth "$n")"
+        if ! ns_exists "$ns"; then
+            out="$(ip netns add "$ns" 2>&1)" || no_namespaces "ip netns add $ns: $out"
+            NET_CREATED=1
+        fi
+        if ! ip -n "$ns" link show "$NS_IF" >/dev/null 2>&1; then
+            ip link del "$veth" 2>/dev/null || true
+            out="$(ip link add "$veth" type veth peer name "${veth}p" 2>&1)" || no_namespaces "ip link add $veth type veth: $out"
+            ip link set "${veth}p" netns "$ns"
+            ip -n "$ns" link set "${veth}p" name "$NS_IF"
+        fi
+        ip link set "$veth" master "$BRIDGE"
+        ip link set "$veth" up
+        ip -n "$ns" addr replace "$(node_addr "$n")/24" dev "$NS_IF"
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set "$NS_IF" up
+    done
+}
+
+# Whatever still runs in our namespaces (job processes, slurmstepds, a slurmd
+# without pid file) belongs to this cluster: SIGTERM, then SIGKILL.
+kill_in_namespaces() {
+    local n ns pids i
+    for n in "${NODE_NAMES[@]}"; do
+        ns="$(node_ns "$n")"
+        ns_exists "$ns" || continue
+        pids="$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')"
+        [ -n "${pids// /}" ] || continue
+        log "stopping processes left in netns $ns (pids: $pids)"
+        # shellcheck disable=SC2086 # one pid per word
+        kill -TERM $pids 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            [ -z "$(ip netns pids "$ns" 2>/dev/null)" ] && break
+            sleep 0.1
+        done
+        pids="$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')"
+        # shellcheck disable=SC2086
+        [ -z "${pids// /}" ] || kill -KILL $pids 2>/dev/null || true
+    done
+}
+
+net_down() {
+    local n i
+    for n in "${NODE_NAMES[@]}"; do
+        if ns_exists "$(node_ns "$n")"; then ip netns del "$(node_ns "$n")" 2>/dev/null || true; fi
+        ip link del "$(node_veth "$n")" 2>/dev/null || true
+    done
+    ip link del "$BRIDGE" 2>/dev/null || true
+    # The kernel removes a namespace (and its veth) asynchronously: wait, so
+    # that an immediate `start` does not trip over "File exists".
+    for ((i = 0; i < 50; i++)); do
+        ip -o link show 2>/dev/null | grep -qE ": ($STEM-v[0-9]|$BRIDGE)[@:]" || return 0
+        sleep 0.1
+    done
+    log "warning: network devices of $STEM still present after 5 s"
+}
+
 # A changed slurm.conf (e.g. another SELFTRAIN_SLURM_MAX_ARRAY_SIZE) while the
 # daemons run: restart them. `scontrol reconfigure` is not enough in 22.05:
 # `scontrol show config` then reports the new MaxArraySize but submissions are
@@ -540,14 +779,21 @@ start_slurmd() {
 # (state is saved in StateSaveLocation; slurmstepd does not depend on slurmd).
 restart_if_conf_changed() {
     [ "$SLURM_CONF_CHANGED" = 1 ] || return 0
-    if pid_alive "$RUN/slurmctld.pid" slurmctld || pid_alive "$RUN/slurmd.pid" slurmd; then
+    local pidfile running=0
+    pid_alive "$RUN/slurmctld.pid" slurmctld && running=1
+    any_slurmd_alive && running=1
+    if [ "$running" = 1 ]; then
         log "slurm.conf changed; restarting slurmctld and slurmd"
-        stop_pidfile "$RUN/slurmd.pid" slurmd
+        while read -r pidfile; do stop_pidfile "$pidfile" slurmd; done < <(slurmd_pidfiles)
         stop_pidfile "$RUN/slurmctld.pid" slurmctld
     fi
 }
 
 wait_idle() {
+    if [ "$MULTI" = 1 ]; then
+        wait_nodes_idle
+        return 0
+    fi
     local deadline state="" resumed=0
     deadline=$((SECONDS + START_TIMEOUT))
     while ((SECONDS < deadline)); do
@@ -575,12 +821,55 @@ wait_idle() {
     die "node not idle"
 }
 
+# Several nodes: until every node is idle (or busy with jobs), then whether
+# the nodes reach each other over the bridge (a firewall on bridged traffic
+# would let each talk to the controller and still break DDP between them).
+wait_nodes_idle() {
+    local deadline n st up resumed=" " listing=""
+    deadline=$((SECONDS + START_TIMEOUT))
+    while ((SECONDS < deadline)); do
+        up=0
+        listing="$(timeout 10 sinfo -h -N -o '%N %T' 2>/dev/null || true)"
+        while read -r n st; do
+            case "$st" in
+            idle | mixed | allocated) up=$((up + 1)) ;;
+            drained | draining)
+                case "$resumed" in *" $n "*) ;; *)
+                    log "node $n is $st; resuming it"
+                    scontrol update nodename="$n" state=resume >&2 || true
+                    resumed="$resumed$n "
+                    ;;
+                esac
+                ;;
+            esac
+        done <<<"$listing"
+        if [ "$up" -ge "$NODES" ]; then
+            for n in "${NODE_NAMES[@]:1}"; do
+                # shellcheck disable=SC2016 # $1, $2 expand in the inner shell
+                timeout 5 nsenter --net="/run/netns/$(node_ns "$n")" /bin/bash -c \
+                    'exec 3<>"/dev/tcp/$1/$2"' sh "$(node_addr n1)" "$SLURMD_PORT" 2>/dev/null ||
+                    die "node $n cannot reach n1 ($(node_addr n1):$SLURMD_PORT) over the bridge $BRIDGE (a firewall on bridged traffic?)"
+            done
+            return 0
+        fi
+        sleep 0.2
+    done
+    log "nodes not idle within $START_TIMEOUT s (sinfo: $(echo "$listing" | tr '\n' ',')); last log lines:"
+    local f
+    for f in slurmctld "${NODE_NAMES[@]/#/slurmd-}" slurmdbd; do
+        echo "---- $LOG/$f.log" >&2
+        tail -n 20 "$LOG/$f.log" >&2 2>/dev/null || true
+    done
+    die "nodes not idle"
+}
+
 # ----------------------------------------------------------------- actions --
 do_start() {
     install_packages
     mkdir -p "$ETC" "$RUN" "$LOG" "$DIR/state/slurmctld" "$DIR/spool/slurmd" "$DIR/mysql"
     write_configs
     check_ports
+    if [ "$MULTI" = 1 ]; then net_up; fi
     start_munge
     start_mariadb
     setup_database
@@ -590,7 +879,11 @@ do_start() {
     start_slurmctld
     start_slurmd
     wait_idle
-    log "cluster '$CLUSTER' is up in $DIR (node idle)"
+    if [ "$MULTI" = 1 ]; then
+        log "cluster '$CLUSTER' is up in $DIR ($NODES nodes idle: ${NODE_NAMES[*]} on $NET.0/24, bridge $BRIDGE)"
+    else
+        log "cluster '$CLUSTER' is up in $DIR (node idle)"
+    fi
     echo "export SLURM_CONF=$SLURM_CONF_FILE"
 }
 
@@ -644,8 +937,17 @@ other_slurm_daemons() {
     return 1
 }
 
+# True if a slurmd of this cluster runs.
+any_slurmd_alive() {
+    local pidfile
+    while read -r pidfile; do
+        pid_alive "$pidfile" slurmd && return 0
+    done < <(slurmd_pidfiles)
+    return 1
+}
+
 do_stop() {
-    local i pids pid
+    local i pids pid pidfile
     # Cancel all jobs first, so that their slurmstepd/job processes end
     # through SLURM (slurmstepd is not a child of slurmd and would otherwise
     # outlive it) and a later `start` does not resume old pending jobs. A test
@@ -656,7 +958,7 @@ do_stop() {
             timeout 10 squeue -h -o %i 2>/dev/null | xargs -r timeout 10 scancel --full >/dev/null 2>&1 || true
             # Wait for the steps to end (KillWait=5 bounds it); without slurmd
             # nothing would confirm it, the safety net below handles that.
-            if pid_alive "$RUN/slurmd.pid" slurmd; then
+            if any_slurmd_alive; then
                 for ((i = 0; i < 150; i++)); do
                     [ -z "$(timeout 10 squeue -h -t RUNNING,COMPLETING -o %i 2>/dev/null || true)" ] && break
                     sleep 0.1
@@ -664,7 +966,7 @@ do_stop() {
             fi
         fi
     fi
-    stop_pidfile "$RUN/slurmd.pid" slurmd
+    while read -r pidfile; do stop_pidfile "$pidfile" slurmd; done < <(slurmd_pidfiles)
     stop_pidfile "$RUN/slurmctld.pid" slurmctld
     stop_pidfile "$RUN/slurmdbd.pid" slurmdbd
     stop_pidfile "$RUN/mariadbd.pid" mariadbd
@@ -681,6 +983,12 @@ do_stop() {
         for pid in $pids; do kill -TERM "$pid" 2>/dev/null || true; done
         sleep 1
         for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
+    fi
+    # Several nodes: what is left in the nodes' namespaces, then the
+    # namespaces, the veths and the bridge.
+    if [ "$MULTI" = 1 ]; then
+        kill_in_namespaces
+        net_down
     fi
     # Only a munged that this script started (its pid was copied here), and
     # only if no other SLURM daemon on the machine (e.g. a cluster in another
@@ -699,15 +1007,26 @@ do_stop() {
 do_status() {
     local ok=0 name pidfile
     echo "local SLURM cluster in $DIR (SLURM_CONF=$SLURM_CONF_FILE)"
-    for name in mariadbd slurmdbd slurmctld slurmd; do
+    for name in mariadbd slurmdbd slurmctld $([ "$MULTI" = 1 ] && printf 'slurmd-%s ' "${NODE_NAMES[@]}" || echo slurmd); do
         pidfile="$RUN/$name.pid"
-        if pid_alive "$pidfile" "$name"; then
+        if pid_alive "$pidfile" "${name%%-*}"; then
             echo "$name: running (pid $(pid_of "$pidfile"))"
         else
             echo "$name: not running"
             ok=3
         fi
     done
+    if [ "$MULTI" = 1 ]; then
+        local n
+        for n in "${NODE_NAMES[@]}"; do
+            if ns_exists "$(node_ns "$n")"; then
+                echo "node $n: netns $(node_ns "$n"), $(node_addr "$n")"
+            else
+                echo "node $n: netns $(node_ns "$n") missing"
+                ok=3
+            fi
+        done
+    fi
     if pid_alive "$RUN/munged.pid" munged; then
         echo "munged: running (pid $(pid_of "$RUN/munged.pid"), started by this script)"
     elif command -v munge >/dev/null 2>&1 && munge_works; then
@@ -716,7 +1035,10 @@ do_status() {
         echo "munged: not running"
         ok=3
     fi
-    if [ -f "$SLURM_CONF_FILE" ] && command -v sinfo >/dev/null 2>&1; then
+    if [ "$MULTI" = 1 ] && [ "$ok" != 0 ]; then
+        # Without the bridge the controller's address may lead anywhere (or nowhere, for 10 s).
+        echo "sinfo: not asked (the cluster is not up)"
+    elif [ -f "$SLURM_CONF_FILE" ] && command -v sinfo >/dev/null 2>&1; then
         timeout 10 sinfo || ok=3
     else
         echo "sinfo: not available (never started here?)"

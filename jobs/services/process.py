@@ -36,6 +36,11 @@ def run_api_key(path: Path) -> str:
         return path.read_text().strip()
 
 
+def node_address() -> str:
+    """The address other nodes reach this one at: its host name's."""
+    return socket.gethostbyname(socket.gethostname())
+
+
 def free_port(host: str) -> int:
     """A port that a real bind on ``host`` just got from the kernel."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

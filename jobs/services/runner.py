@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from jobs.runtime import log, reporting, stop_requested
-from jobs.services.process import run_api_key
+from jobs.services.process import node_address, run_api_key
 from jobs.services.vllm_server import JobSignalled
 from jobs.specs import ServiceSpec, VllmServing
 from state import Ledger, Status, atomic_write_json
@@ -36,11 +36,6 @@ CONSUMERS_DONE = "the stages it serves are done"
 
 class ServiceStopped(RuntimeError):
     """The service was stopped while stages still needed it."""
-
-
-def node_address() -> str:
-    """The address other nodes reach this one at."""
-    return socket.gethostbyname(socket.gethostname())
 
 
 class Server(Protocol):

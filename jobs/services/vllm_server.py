@@ -39,6 +39,7 @@ from jobs.services.process import (
     free_port,
     group_members,
     log_tail,
+    node_address,
     run_api_key,
 )
 from jobs.services.vllm_args import serve_arguments, vllm_command
@@ -51,6 +52,8 @@ PORT_ATTEMPTS = 5
 # has no attribute 'finalize_loading'": it compiles again every start); its older cache path loads.
 CPU_COMPILE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 STOP_GRACE_S = 30.0
+# generate.vllm.host's word for "this node's address" (its host name's), e.g. for clients on other nodes.
+NODE_HOST = "node"
 
 
 class JobSignalled(SystemExit):
@@ -327,6 +330,9 @@ def start_servers(model_path: str, config: GenerateConfig, files: ServerFiles) -
     api_key = run_api_key(files.api_key)
     command = vllm_command(vllm)
     cache = CompileCache(files.compile_caches, [*command, *serve_arguments(model_path, config, "policy")]) if files.compile_caches else None
+    if vllm.host == NODE_HOST:  # resolved after the cache's key, which stays the same on every node
+        vllm = dataclasses.replace(vllm, host=node_address())
+        config = dataclasses.replace(config, vllm=vllm)
     # A name of its own per server: a server that answers on our port but is not ours lists another.
     name = f"policy-{secrets.token_hex(4)}"
     servers = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,8 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         **trainer_options(config, on_gpu),
     )
     world_size = args.world_size
+    if world_size > 1:
+        log.info("rank %d of %d on %s; rendezvous %s", args.process_index, world_size, socket.gethostname(), rendezvous())
     effective_batch = config.batch_size * config.gradient_accumulation_steps * world_size
     on_preemption = CheckpointOnPreemption()
     weighted = WEIGHT in examples[0]
@@ -249,6 +252,16 @@ def write_card(output: Path, card: dict[str, Any], config: TrainConfig) -> None:
     atomic_write_json(output / "model_card.json", card)
     if (output / "model").is_dir() and not config.keep_checkpoints:
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
+
+
+def rendezvous() -> str:
+    """Where the ranks meet (MASTER_ADDR:MASTER_PORT), with the address that name has on this node."""
+    address, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    try:
+        resolved = socket.gethostbyname(address)
+    except OSError as error:
+        resolved = f"not resolved: {error}"
+    return f"{address}:{port} ({resolved})"
 
 
 def distributed_rank() -> int:
