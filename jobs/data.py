@@ -142,6 +142,9 @@ def _problem(record: Any, where: str, index: int, stem: str) -> Problem:
         if not isinstance(record[key], str):
             raise InputError(f"{where}: field {key!r} must be a string")
     _check_media_fields(record, where)
+    max_tokens = record.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise InputError(f"{where}: field 'max_tokens' must be a positive integer (this problem's own generate.max_tokens)")
     reserved = next((key for key in RECORD_KEYS if key in record), None)
     if reserved:
         raise InputError(f"{where}: field {reserved!r} is reserved for generation records: rename it")

@@ -191,11 +191,24 @@ def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any
     report_status(ledger, target, Status.DONE, metrics=metrics, error=None)
 
 
-class Throughput:
-    """Periodic progress lines (problems/s, tokens/s, ETA) and the totals for the ledger."""
+def report_progress(target: JobTarget, done: int, total: int, rate: float) -> None:
+    """The job's progress in its own record, from which the driver tells a straggler (ETA)."""
 
-    def __init__(self, total: int, every_s: float = 10.0):
-        self.total, self.every_s = total, every_s
+    def update(record: dict[str, Any]) -> None:
+        if record.get("submission") == target.submission:  # not a record a newer submission owns
+            record["progress"] = {"done": done, "total": total, "problems_per_s": round(rate, 4), "at": now()}
+
+    Ledger(target.run_dir).update(target.ledger_key, mutate=update)
+
+
+class Throughput:
+    """Periodic progress lines (problems/s, tokens/s, ETA) and the totals for the ledger.
+
+    With a ``target``, the progress goes to the job's ledger record too (items already written by an
+    earlier execution count as done: ``resumed``)."""
+
+    def __init__(self, total: int, every_s: float = 10.0, target: JobTarget | None = None, resumed: int = 0):
+        self.total, self.every_s, self.target, self.resumed = total, every_s, target, resumed
         self.done = self.tokens = 0
         self.start = self.last_log = time.monotonic()
 
@@ -211,6 +224,8 @@ class Throughput:
                 "%d/%d problems, %.2f problems/s, %.0f tokens/s, ETA %.0f s",
                 self.done, self.total, rate, self.tokens / max(now - self.start, 1e-9), eta,
             )
+            if self.target:
+                report_progress(self.target, self.resumed + self.done, self.resumed + self.total, rate)
 
     def totals(self) -> dict[str, float]:
         seconds = max(time.monotonic() - self.start, 1e-9)

@@ -37,6 +37,8 @@ class VllmConfig:
     command: list[str] | None = None
     # Added to the servers' environment, e.g. {VLLM_CPU_KVCACHE_SPACE: "4"}.
     env: dict[str, str] = field(default_factory=dict)
+    # Where the servers listen; "node": the address of the node the shard runs on (its host name's),
+    # which other nodes reach.
     host: str = "127.0.0.1"
     tensor_parallel_size: PositiveInt = 1
     # Data-parallel servers per node; default: the node's GPUs / tensor_parallel_size (1 without GPUs).
@@ -371,6 +373,10 @@ class GenerateShardSpec:
     api_key_path: str
     # The run's compile caches of its vLLM servers (jobs.services.vllm_server.CompileCache); "": none kept.
     compile_cache_dir: str = ""
+    # The problems' indices in problems_path, when not start..stop (the rest of a straggler, re-split).
+    indices: list[int] | None = None
+    # Seconds between progress reports to the ledger (0: none), for the driver's straggler watch.
+    progress_every_s: float = 0.0
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from annotated_types import Ge, Gt
+from annotated_types import Ge, Gt, Le
 from pydantic import StringConstraints, TypeAdapter, ValidationError, model_validator
 
 from jobs.scoring.answers import answer_rules
@@ -44,6 +44,23 @@ Method = Literal["rest", "grpo"]
 
 
 @dataclass
+class Resplit:
+    """When the driver stops a straggling task of an array and splits the rest of its items into new
+    tasks (pipeline/resplit.py): once ``min_done_fraction`` of the tasks are done, a running task whose
+    ETA is at least ``eta_ratio`` times the median time of the finished ones, with at least
+    ``min_remaining_items`` left, is split into up to ``max_parts`` tasks."""
+
+    __pydantic_config__ = REJECT_UNKNOWN_KEYS
+
+    min_done_fraction: Annotated[float, Gt(0), Le(1)] = 0.5
+    eta_ratio: Annotated[float, Gt(1)] = 4.0
+    min_remaining_items: PositiveInt = 8
+    max_parts: Annotated[int, Ge(2)] = 4
+    # How often running tasks report their progress (their ETA) to the ledger.
+    progress_every_s: Annotated[float, Gt(0)] = 30.0
+
+
+@dataclass
 class Resources:
     """What one stage's jobs ask the scheduler for."""
 
@@ -66,6 +83,12 @@ class Resources:
     array_parallelism: PositiveInt = 256
     # Any other sbatch option, without the dashes: {"mail-type": "END", "exclude": "node7"}.
     extra_sbatch: dict[SbatchOption, SbatchValue] = field(default_factory=dict)
+    # Straggler re-split, for stages whose tasks can be split (generation): true (the defaults), false
+    # (off), or the thresholds.
+    resplit: Resplit | bool = True
+
+    def resplit_policy(self) -> Resplit | None:
+        return Resplit() if self.resplit is True else (self.resplit or None)
 
 
 # Keys of the executor section that are not a stage's or service's resources.

@@ -32,6 +32,7 @@ from pipeline.executors import (
 from pipeline.hacking import RunStopped, describe
 from pipeline.layout import RunLayout
 from pipeline.plan import Planner, StagePlan, Task
+from pipeline.resplit import Splitter
 from pipeline.services import ServiceKeeper
 from pipeline.status import iteration_table, summarize
 from pipeline.watch import (
@@ -47,7 +48,7 @@ IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING), str(Status.SERVING))
 # sacct's reason for a job cancelled while it waited on a dependency that failed (--kill-on-invalid-dep).
 NEVER_SATISFIED = ("Dependency", "DependencyNeverSatisfied")
 # What a new attempt must not inherit from the one before.
-FRESH_ATTEMPT = {"job_id": None, "error": None, "slurm_state": None, "exit_code": None, "note": None}
+FRESH_ATTEMPT = {"job_id": None, "error": None, "slurm_state": None, "exit_code": None, "note": None, "progress": None}
 HEADLINE_METRICS = ("problems_generated", "failed_items", "tokens_per_s", "mean_correct_rate", "filtered_samples", "final_loss", "heldout_accuracy")
 
 
@@ -186,9 +187,14 @@ class Driver:
         self.services.ensure(stage)
         executor = self.config.executor
         interval, last_seen = executor.poll_interval_s, None
+        splitter = Splitter(self.ledger, self.watcher.cancel, self.console.log)
         while True:
             records = self.ledger.read_many(t.key for t in stage.tasks)
             self.mark_lost(stage.tasks, records)
+            if stage.resplit and stage.split and splitter.step(stage.key, stage.resplit, stage.split, records):
+                stage = self.planner.stage(stage.key)  # with the tasks of the straggler's rest
+                self.ledger.update(stage.key, {"num_tasks": len(stage.tasks)})
+                continue
             statuses = [records[t.key].get("status") for t in stage.tasks]
             done = statuses.count(str(Status.DONE))
             if on_progress:
@@ -267,8 +273,10 @@ class Driver:
         # Bars on a terminal; in a log file (a batch job, CI) one line per stage is easier to read.
         with Progress(*columns, console=self.console, disable=not self.console.is_terminal) as progress:
             try:
-                for index, stage in enumerate(plan):
+                for index, planned in enumerate(plan):
                     following = plan[index + 1] if index + 1 < len(plan) else None
+                    # Planned afresh: a stage before it may have re-split a straggler, adding outputs it reads.
+                    stage = self.planner.stage(planned.key)
                     bar = progress.add_task(stage.label, total=len(stage.tasks))
                     started = time.monotonic()
                     self.run_stage(stage, lambda done, total, bar=bar: progress.update(bar, completed=done, total=total))

@@ -7,7 +7,7 @@
       vllm_api_key                   the run's API key (0600): its vLLM servers and services take it
       compile_cache/<key>/           vLLM compile caches, one per model and command line, published once
       baseline/eval/                 held-out accuracy of the base model ("iteration 0")
-      iter_001/generate/shard_00000.jsonl ...
+      iter_001/generate/shard_00000.jsonl ... (shard_00003_split_00.jsonl ...: a re-split straggler's rest)
       iter_001/filter/filtered.json (+ _stats, _analytics, _by_category, _no_correct, _analytics.log)
       iter_001/train/model  (adapter, model_card.json, data_order/)
       iter_001/eval/predictions.jsonl
@@ -57,8 +57,9 @@ class RunLayout:
         """``iter_002/train``; iteration 0 is the base model's (``baseline/eval``)."""
         return self.run_dir / (iteration_name(iteration) if iteration else BASELINE) / stage
 
-    def shard_output(self, iteration: int, stage: str, index: int) -> Path:
-        return self.stage_dir(iteration, stage) / f"shard_{index:05d}.jsonl"
+    def shard_output(self, iteration: int, stage: str, name: str) -> Path:
+        """``shard_00003.jsonl``; the rest of a re-split straggler: ``shard_00003_split_01.jsonl``."""
+        return self.stage_dir(iteration, stage) / f"{name}.jsonl"
 
     def trained_model(self, iteration: int, stage: str = "train") -> Path:
         return self.stage_dir(iteration, stage) / "model"

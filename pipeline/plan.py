@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jobs.specs import JobTarget
-from pipeline.config import Resources, RunConfig
+from pipeline.config import Resources, Resplit, RunConfig
 from pipeline.layout import BASELINE, RunLayout, iteration_name
 
 __all__ = ["BASELINE", "Planner", "StagePlan", "Task", "iteration_name", "shard_ranges"]
@@ -55,6 +55,10 @@ class StagePlan:
     totals: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     # Metrics of its record that are the iteration's (status tables, report).
     reports: tuple[str, ...] = ()
+    # Stragglers of its tasks may be stopped and the rest of their items split (pipeline/resplit.py):
+    # ``split(task key)`` closes a stopped task on what it finished: (kept, rest) item indices.
+    resplit: Resplit | None = None
+    split: Callable[[str], tuple[list[int], list[int]]] | None = None
     # For --dry-run: what it submits and where it writes.
     jobs_text: str = "1"
     writes: str = ""
@@ -116,6 +120,10 @@ class Planner:
         for iteration in range(1, self.config.num_iterations + 1):
             stages += self.iteration(iteration)
         return [*stages, export_stage(self)]
+
+    def stage(self, key: str) -> StagePlan:
+        """One stage, planned afresh (its tasks may have changed: a re-split straggler)."""
+        return next(stage for stage in self.stages() if stage.key == key)
 
     def stage_names(self) -> list[str]:
         """The kinds of stage the run's iterations have, in running order (status columns)."""

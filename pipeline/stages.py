@@ -32,6 +32,7 @@ from jobs.training import grpo as grpo_job
 from jobs.training import sft as train_job
 from pipeline.config import Resources, RunConfig
 from pipeline.plan import StagePlan, Task, shard_ranges
+from pipeline.resplit import split_parts
 
 if TYPE_CHECKING:
     from pipeline.plan import Planner
@@ -139,34 +140,41 @@ def shard_totals(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def generate_stage(planner: Planner, iteration: int) -> StagePlan:
+    """An array of shards over the training set; a re-split straggler's rest (recorded in the stage's
+    ledger record, pipeline/resplit.py) adds tasks of its own."""
     config, layout = planner.config, planner.layout
     key = f"{layout.stage_dir(iteration, 'generate').relative_to(layout.run_dir)}"
     ranges = shard_ranges(planner.num_train, config.generate.num_shards)
     model = planner.model_after(iteration - 1)  # once: thousands of shards, one model
-    tasks = [
-        Task(
-            f"{key}/shard_{index:05d}",
-            generate_job.run,
-            GenerateShardSpec(
-                target=planner.target(f"{key}/shard_{index:05d}"),
-                problems_path=str(layout.train_problems),
-                start=start,
-                stop=stop,
-                model_path=model,
-                output_path=str(layout.shard_output(iteration, "generate", index)),
-                generate=config.generate,
-                seed=config.seed + iteration,
-                api_key_path=str(layout.api_key),
-                compile_cache_dir=str(layout.compile_caches),
-            ),
+    stage_resources = resources(planner, "generate")
+    policy = stage_resources.resplit_policy() if config.executor.cluster != "debug" else None
+
+    def task(name: str, start: int, stop: int, indices: list[int] | None = None) -> Task:
+        spec = GenerateShardSpec(
+            target=planner.target(f"{key}/{name}"),
+            problems_path=str(layout.train_problems),
+            start=start,
+            stop=stop,
+            model_path=model,
+            output_path=str(layout.shard_output(iteration, "generate", name)),
+            generate=config.generate,
+            seed=config.seed + iteration,
+            api_key_path=str(layout.api_key),
+            compile_cache_dir=str(layout.compile_caches),
+            indices=indices,
+            progress_every_s=policy.progress_every_s if policy else 0.0,
         )
-        for index, (start, stop) in enumerate(ranges)
-    ]
+        return Task(f"{key}/{name}", generate_job.run, spec)
+
+    tasks = [task(f"shard_{index:05d}", start, stop) for index, (start, stop) in enumerate(ranges)]
+    tasks += [task(name, parts[0], parts[-1] + 1, parts) for name, parts in split_parts(planner.run_dir, key).items()]
+    specs = {t.key: t.spec for t in tasks}
     sizes = [b - a for a, b in ranges]
     return StagePlan(
-        key, "generate", iteration, tasks, resources(planner, "generate"), totals=shard_totals,
+        key, "generate", iteration, tasks, stage_resources, totals=shard_totals,
         jobs_text=f"array of {len(sizes)} (problems per shard {min(sizes)}-{max(sizes)})",
         writes=str(layout.stage_dir(iteration, "generate")),
+        resplit=policy, split=lambda task_key: generate_job.close_early(specs[task_key]),
     )
 
 

@@ -66,7 +66,8 @@ def summarize(run_dir: Path | str) -> dict[str, Any]:
             info = {**_job_fields(record), "metrics": record.get("metrics") or {}}
             if stage.is_array:
                 info["shards"] = [
-                    {"index": int(name.rsplit("_", 1)[1]), **_job_fields(child), "executions": child.get("executions", 0)}
+                    # shard_00003, or shard_00003_split_01: part of a re-split straggler's rest
+                    {"index": int(name.split("_")[1]), "name": name, **_job_fields(child), "executions": child.get("executions", 0)}
                     for name, child in ledger.children(stage.key).items()
                 ]
             stages[stage.name] = info

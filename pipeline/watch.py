@@ -159,7 +159,7 @@ def job_rows(summary: dict, cluster: str) -> list[dict]:
     rows = []
     for iteration in summary["iterations"]:
         for stage, info in iteration["stages"].items():
-            entries = [(f"{stage} shard {s['index']}", s) for s in info.get("shards", [])] or [(stage, info)]
+            entries = [(f"{stage} {s['name']}", s) for s in info.get("shards", [])] or [(stage, info)]
             for label, record in entries:
                 if record["job_ids"]:
                     rows.append({"iteration": iteration["iteration"], "task": label, "status": record["status"],

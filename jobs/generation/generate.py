@@ -88,6 +88,30 @@ def finish(partial: Path, output: Path, problems: list[dict[str, Any]]) -> int:
     return len(failed)
 
 
+def shard_indices(spec: GenerateShardSpec) -> list[int]:
+    """The shard's problems, as indices into problems_path."""
+    return list(spec.indices if spec.indices is not None else range(spec.start, spec.stop))
+
+
+def close_early(spec: GenerateShardSpec) -> tuple[list[int], list[int]]:
+    """Close a stopped shard on what it wrote (its job has ended): its output keeps the items it
+    finished, in order; the others are left to other tasks. Returns (kept, rest) as indices."""
+    output = Path(spec.output_path)
+    with FileLock(str(output) + ".lock"):
+        everything = read_jsonl(spec.problems_path)
+        partial = partial_path(output)
+        done = resume_partial(partial)
+        indices = shard_indices(spec)
+        kept = [i for i in indices if everything[i]["id"] in done]
+        rest = [i for i in indices if everything[i]["id"] not in done]
+        if kept:
+            finish(partial, output, [everything[i] for i in kept])
+        else:
+            atomic_write_bytes(output, b"")
+            partial.unlink(missing_ok=True)
+    return kept, rest
+
+
 def generate_shard(spec: GenerateShardSpec, metrics: dict[str, Any]) -> None:
     output = Path(spec.output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -96,28 +120,33 @@ def generate_shard(spec: GenerateShardSpec, metrics: dict[str, Any]) -> None:
             log.info("shard output %s is complete already", output)
             return
         partial = partial_path(output)
-        problems = read_jsonl(spec.problems_path)[spec.start:spec.stop]
+        everything = read_jsonl(spec.problems_path)
+        indices = shard_indices(spec)
+        problems = [everything[i] for i in indices]
+        del everything
         written = resume_partial(partial)
         todo = [p for p in problems if p["id"] not in written]
         log.info("shard %s: %d problems, %d already written, %d to go", output.name, len(problems), len(written), len(todo))
         metrics.update(resumed_items=len(written))
         config = spec.generate
         if todo:
-            position = {p["id"]: i for i, p in enumerate(problems)}
+            index_of = {p["id"]: i for p, i in zip(problems, indices, strict=True)}
             requests = [
-                # Seeded by position in the shard, so a resumed shard samples as a fresh one would.
+                # Seeded by the problem's place in the training set, so a resumed or re-split shard
+                # samples as a fresh one would. A problem may ask for its own max_tokens.
                 Request(
                     messages_for(p, config.system_prompt, config.media_dir),
                     Sampling(
-                        config.num_samples, config.temperature, config.top_p, config.max_tokens,
-                        seed=spec.seed * 1_000_003 + spec.start + position[p["id"]],
+                        config.num_samples, config.temperature, config.top_p, p.get("max_tokens", config.max_tokens),
+                        seed=spec.seed * 1_000_003 + index_of[p["id"]],
                     ),
                 )
                 for p in todo
             ]
             files = ServerFiles.of_job(output.parent / "servers" / output.stem, spec.api_key_path, spec.compile_cache_dir)
             backend = make_backend(config, spec.model_path, todo, files)
-            progress = Throughput(len(todo))  # from here: server start-up is not generation
+            # From here: server start-up is not generation.
+            progress = Throughput(len(todo), spec.progress_every_s or 10.0, spec.target if spec.progress_every_s else None, len(written))
             try:
                 with open(partial, "a", encoding="utf-8") as sink:
 
