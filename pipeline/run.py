@@ -64,8 +64,9 @@ def print_plan(config: RunConfig, planner: Planner, num_heldout: int, console: C
     table = Table("stage", "jobs", "resources", "writes")
     for stage in stages:
         needs = f" (needs service {', '.join(stage.services)})" if stage.services else ""
-        table.add_row(stage.label + needs, stage.jobs_text, ", ".join(filter(None, [_resources(stage.resources), stage.detail])),
-                      stage.writes)
+        resplit = "stragglers re-split" if stage.resplit else ""
+        table.add_row(stage.label + needs, stage.jobs_text,
+                      ", ".join(filter(None, [_resources(stage.resources), stage.detail, resplit])), stage.writes)
     for name, service in services.items():
         table.add_row(f"service {name}", service.jobs_text, _resources(service.resources), service.writes)
     console.print(table)
@@ -79,8 +80,9 @@ def print_plan(config: RunConfig, planner: Planner, num_heldout: int, console: C
 
 
 def _resources(resources: object) -> str:
+    """What the scheduler is asked for (re-split is the driver's, said apart)."""
     fields = vars(resources)
-    return ", ".join(f"{k}={v}" for k, v in fields.items() if v)
+    return ", ".join(f"{k}={v}" for k, v in fields.items() if v and k != "resplit")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ def plot(summary: dict[str, Any]) -> bytes:
         shares.text(0.5, 0.5, "no filter results yet", ha="center", va="center", transform=shares.transAxes)
 
     points = [(0, summary["base_heldout_accuracy"])] + [
-        (e["iteration"], e["metrics"]["heldout_accuracy"]) for e in summary["iterations"]
+        (e["iteration"], e["metrics"].get("heldout_accuracy")) for e in summary["iterations"]
     ]
     points = [(i, 100 * a) for i, a in points if a is not None]
     accuracy.plot([i for i, _ in points], [a for _, a in points], marker="o", color="#2c3e50")
