@@ -46,9 +46,8 @@ class StageCost:
 
     @property
     def server_start_share(self) -> float | None:
-        if self.server_start_seconds is None or not (self.server_start_seconds + (self.generation_seconds or 0)):
-            return None
-        return self.server_start_seconds / (self.server_start_seconds + (self.generation_seconds or 0))
+        working = (self.server_start_seconds or 0.0) + (self.generation_seconds or 0.0)
+        return self.server_start_seconds / working if self.server_start_seconds is not None and working else None
 
     def add_run(self, row: dict[str, str]) -> None:
         elapsed = int(row["ElapsedRaw"] or 0)

@@ -179,21 +179,24 @@ class Driver:
         self.mark_lost(stage.tasks, records)
         return [t for t in stage.tasks if records[t.key].get("status") == str(Status.FAILED)]
 
-    def run_stage(self, stage: StagePlan, on_progress: Callable[[int, int], None] | None = None) -> None:
+    def run_stage(self, stage: StagePlan, on_progress: Callable[[int, int], None] | None = None) -> bool:
+        """Run a stage to its end; True when it gained tasks on the way (a re-split straggler's rest),
+        whose outputs the stages after it must be planned again to read."""
         if self.ledger.read(stage.key).get("status") == str(Status.DONE):
-            return
+            return False
         if stage.is_array:
             self.start_array(stage)
         self.services.ensure(stage)
         executor = self.config.executor
-        interval, last_seen = executor.poll_interval_s, None
-        splitter = Splitter(self.ledger, self.watcher.cancel, self.console.log)
+        interval, last_seen, resplit = executor.poll_interval_s, None, False
+        splitter = Splitter(self.ledger, stage.key, stage.resplit, self.watcher.cancel, self.console.log) if stage.resplit else None
         while True:
             records = self.ledger.read_many(t.key for t in stage.tasks)
             self.mark_lost(stage.tasks, records)
-            if stage.resplit and stage.split and splitter.step(stage.key, stage.resplit, stage.split, records):
+            if splitter and stage.split and splitter.step(stage.split, records):
                 stage = self.planner.stage(stage.key)  # with the tasks of the straggler's rest
                 self.ledger.update(stage.key, {"num_tasks": len(stage.tasks)})
+                resplit = True
                 continue
             statuses = [records[t.key].get("status") for t in stage.tasks]
             done = statuses.count(str(Status.DONE))
@@ -218,6 +221,7 @@ class Driver:
             time.sleep(interval)
         if stage.is_array:
             self.finish_array(stage, records)
+        return resplit
 
     def failure_summary(self, tasks: list[Task], records: dict[str, dict[str, Any]]) -> str:
         lines = []
@@ -273,13 +277,13 @@ class Driver:
         # Bars on a terminal; in a log file (a batch job, CI) one line per stage is easier to read.
         with Progress(*columns, console=self.console, disable=not self.console.is_terminal) as progress:
             try:
-                for index, planned in enumerate(plan):
-                    following = plan[index + 1] if index + 1 < len(plan) else None
-                    # Planned afresh: a stage before it may have re-split a straggler, adding outputs it reads.
-                    stage = self.planner.stage(planned.key)
+                for index in range(len(plan)):
+                    stage = plan[index]
                     bar = progress.add_task(stage.label, total=len(stage.tasks))
                     started = time.monotonic()
-                    self.run_stage(stage, lambda done, total, bar=bar: progress.update(bar, completed=done, total=total))
+                    if self.run_stage(stage, lambda done, total, bar=bar: progress.update(bar, completed=done, total=total)):
+                        plan = self.planner.stages()  # the stages after it read the outputs the re-split added
+                    following = plan[index + 1] if index + 1 < len(plan) else None
                     # A service no later stage needs right away gives its resources back.
                     self.services.release(keep=following.services if following else ())
                     metrics = self.ledger.read(stage.key).get("metrics") or {}

@@ -79,54 +79,57 @@ def cut(indices: list[int], parts: int) -> list[list[int]]:
 
 
 class Splitter:
-    """The driver's side of re-splitting one stage: ``cancel`` stops a job, ``log`` tells the user."""
+    """The driver's side of re-splitting one stage: ``cancel`` stops a job, ``log`` tells the user.
 
-    def __init__(self, ledger: Ledger, cancel: Callable[[str], None], log: Callable[[str], None]):
-        self.ledger, self.cancel, self.log = ledger, cancel, log
+    The stage record's ``splits`` is read once: the driver running the stage is its only writer."""
 
-    def step(self, stage_key: str, policy: Resplit, split: Callable[[str], tuple[list[int], list[int]]],
-             records: dict[str, dict[str, Any]]) -> bool:
+    def __init__(self, ledger: Ledger, stage_key: str, policy: Resplit, cancel: Callable[[str], None],
+                 log: Callable[[str], None]):
+        self.ledger, self.stage_key, self.policy, self.cancel, self.log = ledger, stage_key, policy, cancel, log
+        self.splits: dict[str, Any] = ledger.read(stage_key).get(SPLITS) or {}
+
+    def step(self, split: Callable[[str], tuple[list[int], list[int]]], records: dict[str, dict[str, Any]]) -> bool:
         """Settle the stopped stragglers, then stop new ones; True when the stage gained tasks.
 
         ``split(task_key)`` closes an ended task on what it finished: ``(kept, rest)`` indices."""
-        splits = self.ledger.read(stage_key).get(SPLITS) or {}
-        if self.settle(stage_key, splits, policy, split, records):
+        if self.settle(split, records):
             return True
-        for key, eta in stragglers(records, policy).items():
+        for key, eta in stragglers(records, self.policy).items():
             name = key.rsplit("/", 1)[1]
             # A part of a straggler's rest is slow by nature (its items are the slow ones): split once.
-            if name in splits or PART in name:
+            if name in self.splits or PART in name:
                 continue
             job_id = records[key].get("job_id")
-            self._record(stage_key, name, {"state": "stopping", "job_id": job_id, "eta_s": round(eta), "at": now()})
+            self._record(name, {"state": "stopping", "job_id": job_id, "eta_s": round(eta), "at": now()})
             self.log(f"{key}: straggler (ETA {eta:.0f} s): stopping job {job_id} to split the rest of its items")
             if job_id:
                 self.cancel(job_id)
         return False
 
-    def settle(self, stage_key: str, splits: dict[str, Any], policy: Resplit,
-               split: Callable[[str], tuple[list[int], list[int]]], records: dict[str, dict[str, Any]]) -> bool:
+    def settle(self, split: Callable[[str], tuple[list[int], list[int]]], records: dict[str, dict[str, Any]]) -> bool:
         changed = False
-        for name, entry in splits.items():
-            key = f"{stage_key}/{name}"
+        for name, entry in list(self.splits.items()):
+            key = f"{self.stage_key}/{name}"
             if entry["state"] != "stopping" or key not in records:
                 continue
             status = records[key].get("status")
             if status == str(Status.DONE):
-                self._record(stage_key, name, {**entry, "state": "finished"})
+                self._record(name, {**entry, "state": "finished"})
             elif status in (str(Status.FAILED), str(Status.PLANNED), None):  # its job has ended
                 kept, rest = split(key)
-                parts = cut(rest, policy.max_parts)
+                parts = cut(rest, self.policy.max_parts)
                 note = f"stopped as a straggler after {len(kept)} items; {len(rest)} left to {len(parts)} new tasks"
                 self.ledger.update(key, {"status": str(Status.DONE), "error": None, "note": note, "ended_at": now(),
                                          "metrics": {"problems": len(kept), "resplit_items": len(rest)}})
-                self._record(stage_key, name, {**entry, "state": "split", "kept": len(kept), "parts": parts})
+                self._record(name, {**entry, "state": "split", "kept": len(kept), "parts": parts})
                 self.log(f"{key}: {note}")
                 changed = True
         return changed
 
-    def _record(self, stage_key: str, name: str, entry: dict[str, Any]) -> None:
+    def _record(self, name: str, entry: dict[str, Any]) -> None:
+        self.splits[name] = entry
+
         def put(record: dict[str, Any]) -> None:
             record[SPLITS] = {**(record.get(SPLITS) or {}), name: entry}
 
-        self.ledger.update(stage_key, mutate=put)
+        self.ledger.update(self.stage_key, mutate=put)

@@ -88,9 +88,11 @@ def finish(partial: Path, output: Path, problems: list[dict[str, Any]]) -> int:
     return len(failed)
 
 
-def shard_indices(spec: GenerateShardSpec) -> list[int]:
-    """The shard's problems, as indices into problems_path."""
-    return list(spec.indices if spec.indices is not None else range(spec.start, spec.stop))
+def shard_problems(spec: GenerateShardSpec) -> tuple[list[int], list[dict[str, Any]]]:
+    """The shard's problems, with their indices in problems_path."""
+    everything = read_jsonl(spec.problems_path)
+    indices = list(spec.indices if spec.indices is not None else range(spec.start, spec.stop))
+    return indices, [everything[i] for i in indices]
 
 
 def close_early(spec: GenerateShardSpec) -> tuple[list[int], list[int]]:
@@ -98,14 +100,13 @@ def close_early(spec: GenerateShardSpec) -> tuple[list[int], list[int]]:
     finished, in order; the others are left to other tasks. Returns (kept, rest) as indices."""
     output = Path(spec.output_path)
     with FileLock(str(output) + ".lock"):
-        everything = read_jsonl(spec.problems_path)
         partial = partial_path(output)
         done = resume_partial(partial)
-        indices = shard_indices(spec)
-        kept = [i for i in indices if everything[i]["id"] in done]
-        rest = [i for i in indices if everything[i]["id"] not in done]
+        indices, problems = shard_problems(spec)
+        kept = [i for i, p in zip(indices, problems, strict=True) if p["id"] in done]
+        rest = [i for i, p in zip(indices, problems, strict=True) if p["id"] not in done]
         if kept:
-            finish(partial, output, [everything[i] for i in kept])
+            finish(partial, output, [p for p in problems if p["id"] in done])
         else:
             atomic_write_bytes(output, b"")
             partial.unlink(missing_ok=True)
@@ -120,10 +121,7 @@ def generate_shard(spec: GenerateShardSpec, metrics: dict[str, Any]) -> None:
             log.info("shard output %s is complete already", output)
             return
         partial = partial_path(output)
-        everything = read_jsonl(spec.problems_path)
-        indices = shard_indices(spec)
-        problems = [everything[i] for i in indices]
-        del everything
+        indices, problems = shard_problems(spec)
         written = resume_partial(partial)
         todo = [p for p in problems if p["id"] not in written]
         log.info("shard %s: %d problems, %d already written, %d to go", output.name, len(problems), len(written), len(todo))
