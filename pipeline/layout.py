@@ -19,6 +19,7 @@ Jobs get their paths in their specs from here; nothing else builds paths inside 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 BASELINE = "baseline"
@@ -57,9 +58,12 @@ class RunLayout:
         """``iter_002/train``; iteration 0 is the base model's (``baseline/eval``)."""
         return self.run_dir / (iteration_name(iteration) if iteration else BASELINE) / stage
 
-    def shard_output(self, iteration: int, stage: str, name: str) -> Path:
-        """``shard_00003.jsonl``; the rest of a re-split straggler: ``shard_00003_split_01.jsonl``."""
-        return self.stage_dir(iteration, stage) / f"{name}.jsonl"
+    def shard_outputs(self, iteration: int, stage: str, names: Iterable[str]) -> dict[str, str]:
+        """``{name: path}``: ``shard_00003.jsonl``; the rest of a re-split straggler:
+        ``shard_00003_split_01.jsonl``. Strings, made at once: every status and poll of a
+        10,000-shard stage plans it again."""
+        folder = self.stage_dir(iteration, stage)
+        return {name: f"{folder}/{name}.jsonl" for name in names}
 
     def trained_model(self, iteration: int, stage: str = "train") -> Path:
         return self.stage_dir(iteration, stage) / "model"

@@ -148,26 +148,31 @@ def generate_stage(planner: Planner, iteration: int) -> StagePlan:
     model = planner.model_after(iteration - 1)  # once: thousands of shards, one model
     stage_resources = resources(planner, "generate")
     policy = stage_resources.resplit_policy() if config.executor.cluster != "debug" else None
-
-    def task(name: str, start: int, stop: int, indices: list[int] | None = None) -> Task:
-        spec = GenerateShardSpec(
+    # Shard name -> (start, stop, indices): the array's shards, then the parts of re-split stragglers.
+    shards: dict[str, tuple[int, int, list[int] | None]] = {
+        f"shard_{index:05d}": (start, stop, None) for index, (start, stop) in enumerate(ranges)
+    }
+    shards.update({name: (parts[0], parts[-1] + 1, parts) for name, parts in split_parts(planner.run_dir, key).items()})
+    # Paths once for all shards: every status and poll of a 10,000-shard stage builds this plan.
+    outputs = layout.shard_outputs(iteration, "generate", shards)
+    problems_path, api_key_path, compile_cache_dir = (str(p) for p in (layout.train_problems, layout.api_key, layout.compile_caches))
+    tasks = [
+        Task(f"{key}/{name}", generate_job.run, GenerateShardSpec(
             target=planner.target(f"{key}/{name}"),
-            problems_path=str(layout.train_problems),
+            problems_path=problems_path,
             start=start,
             stop=stop,
             model_path=model,
-            output_path=str(layout.shard_output(iteration, "generate", name)),
+            output_path=outputs[name],
             generate=config.generate,
             seed=config.seed + iteration,
-            api_key_path=str(layout.api_key),
-            compile_cache_dir=str(layout.compile_caches),
+            api_key_path=api_key_path,
+            compile_cache_dir=compile_cache_dir,
             indices=indices,
             progress_every_s=policy.progress_every_s if policy else 0.0,
-        )
-        return Task(f"{key}/{name}", generate_job.run, spec)
-
-    tasks = [task(f"shard_{index:05d}", start, stop) for index, (start, stop) in enumerate(ranges)]
-    tasks += [task(name, parts[0], parts[-1] + 1, parts) for name, parts in split_parts(planner.run_dir, key).items()]
+        ))
+        for name, (start, stop, indices) in shards.items()
+    ]
     specs = {t.key: t.spec for t in tasks}
     sizes = [b - a for a, b in ranges]
     return StagePlan(

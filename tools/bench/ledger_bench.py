@@ -18,7 +18,10 @@ invocation, on the same folder (``--dir``, default the system's temporary folder
    ledger also runs ``different`` with fsync turned off in the writers (the difference is what
    durability costs), and the same processes replace files of their own in one folder with a bare
    temporary file and rename (no lock, no fsync, no JSON): the folder's ceiling, which no ledger
-   of one file per record in that folder passes.
+   of one file per record in that folder passes; and each appends to a file of its own, opened
+   once, and fdatasyncs it (no lock, no read, no JSON): the ceiling of durable updates here, which
+   no ledger whose writers each make their own update durable passes. Last, a probe of a design
+   not built (append-only record files, ``append_only_probe``), to show what it would reach.
 2. One process, one update after the other: latency per update with and without fsync.
 3. Reads of a synthetic run of ``--shards`` generation shards (written by each ledger's own
    update_many: submitted, job ids, done with metrics): one driver poll (today: ``read(key)`` per
@@ -26,8 +29,8 @@ invocation, on the same folder (``--dir``, default the system's temporary folder
    (pipeline/status.py ``summarize``, through each ledger; it also builds the run's plan). The new
    ledger's figures without a snapshot (a run written by today's ledger, or one whose shards all
    changed since the last read), with the snapshot up to date, and after 100 shards (20 on the
-   slow filesystem) were updated one by one by their jobs; then polls after the page cache was
-   dropped (root only), so that the records come from the disk.
+   slow filesystem) were updated one by one by their jobs; each first after the page cache was
+   dropped (root only), so that the records come from the disk, then again.
 4. The same reads through a FUSE passthrough with ``--delay-ms`` per metadata operation
    (tools/bench/loopfs.py), where FUSE can be mounted here. Today's ledger reads every record
    there, so its figures come from ``--slow-sample`` records and are scaled to all of them
@@ -41,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import json
 import multiprocessing
 import os
 import subprocess
@@ -173,6 +178,48 @@ def ceiling(folder: Path, count: int, updates: int, limit_s: float) -> Round:
     return race(count, updates, work, limit_s)
 
 
+def durable_ceiling(folder: Path, count: int, updates: int, limit_s: float) -> Round:
+    """Durable updates per second by ``count`` processes that do nothing else: each appends a line to
+    a file of its own, opened once, and fdatasyncs it (no lock, no read, no JSON, no folder change).
+    Any ledger whose writers each make their own update durable does less here."""
+    run_dir = Path(tempfile.mkdtemp(dir=folder))
+
+    def work(worker: int) -> Iterator[None]:
+        fd = os.open(run_dir / f"shard_{worker:05d}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        for _ in range(updates):
+            os.write(fd, b"{}" * 150 + b"\n")
+            os.fdatasync(fd)
+            yield
+        os.close(fd)
+
+    return race(count, updates, work, limit_s)
+
+
+def append_only_probe(folder: Path, count: int, updates: int, limit_s: float) -> Round:
+    """A design not built, measured: each record an append-only file of its versions (one JSON line
+    each), kept open by its writer; an update takes the record's flock, reads the last line, appends
+    the new version and fdatasyncs. No folder change per update, so writers of different records
+    share nothing but the disk's flushes (readers would learn of changes from the files' sizes)."""
+    run_dir = Path(tempfile.mkdtemp(dir=folder))
+
+    def work(worker: int) -> Iterator[None]:
+        fd = os.open(run_dir / f"shard_{worker:05d}.jsonl", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        for _ in range(updates):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            last = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16))).rstrip(b"\n").rpartition(b"\n")[2]
+            record = json.loads(last) if last else {}
+            bump(record)
+            record["updated_at"] = new_ledger.now()
+            os.write(fd, (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode())
+            os.fdatasync(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            yield
+        os.close(fd)
+
+    return race(count, updates, work, limit_s)
+
+
 def latency_ms(name: str, folder: Path, updates: int, fsync: bool) -> float:
     ledger = IMPLEMENTATIONS[name].Ledger(tempfile.mkdtemp(dir=folder))
     real = os.fsync
@@ -261,9 +308,13 @@ def read_figures(run_dirs: dict[str, Path], keys: list[str], slow_sample: int | 
         if kind.startswith("no snapshot"):
             snapshot.unlink(missing_ok=True)
         row("new", f"driver poll: read_many(), {kind}", poll_new)
-    snapshot.unlink(missing_ok=True)
     with ledger_class("new"):
-        row("new", "status summary, no snapshot", lambda: status.summarize(run_dirs["new"]))
+        # As the polls: the records from the disk, then from the page cache.
+        for cache in (dropped, ""):
+            snapshot.unlink(missing_ok=True)
+            if cache:
+                drop_page_cache()
+            row("new", f"status summary, no snapshot{cache}", lambda: status.summarize(run_dirs["new"]))
         row("new", "status summary, snapshot up to date", lambda: status.summarize(run_dirs["new"]))
     for key in keys[:changed]:
         new.update(key, {"note": "touched by its job"})
@@ -310,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((count, "same" if same else "different", today.rate_text(), new.rate_text(),
                          f"{new.rate / today.rate:.1f}x", cpu(today), cpu(new)))
         for what, figures in (("different, new without fsync", writers_round("new", folder, count, args.updates, False, args.limit_s, fsync=False)),
-                              ("different, bare temp file + rename", ceiling(folder, count, args.updates, args.limit_s))):
+                              ("different, bare temp file + rename", ceiling(folder, count, args.updates, args.limit_s)),
+                              ("different, bare append + fdatasync", durable_ceiling(folder, count, args.updates, args.limit_s)),
+                              ("different, append-only records (probe)", append_only_probe(folder, count, args.updates, args.limit_s))):
             rows.append((count, what, "", figures.rate_text(), "", "", cpu(figures)))
     print_rows(f"updates/s, {args.updates} per writer, none lost; CPU ms per update (user + system, all writers)",
                ("writers", "records", "today", "new", "new/today", "today CPU", "new CPU"), rows)
