@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from jobs.data import load_problems
 from jobs.prompts import messages_for, template_messages
+from jobs.runtime import quiet_libraries
 from jobs.specs import JobTarget, TrainConfig, TrainSpec
 from jobs.training.media import (
     DecodedImages,
@@ -246,6 +247,7 @@ def one_step(model_dir: Path, problems: list[dict[str, Any]], media: Path, out: 
     replay = out / "replay.json"
     out.mkdir()
     replay.write_text(json.dumps(problems))
+    quiet_libraries()  # as the job's reporting does: TRL and PEFT still use a deprecated property
     config = TrainConfig(max_steps=1, batch_size=2, gradient_accumulation_steps=1, warmup_ratio=0.0, gradient_checkpointing=False,
                          replay_data=str(replay), logging_steps=1, lora_r=4, lora_alpha=8, **train)
     train_model(TrainSpec(JobTarget(str(out), "train"), None, str(model_dir), str(model_dir), 1, str(out / "train"), 1e-2,

@@ -35,7 +35,8 @@ def trainer_for(model_dir: Path, examples: list[dict[str, Any]], tmp_path: Path)
     from jobs.training.weighted import WeightedSFTTrainer
 
     args = SFTConfig(output_dir=str(tmp_path / "checkpoints"), per_device_train_batch_size=2, use_cpu=True,
-                     completion_only_loss=True, report_to="none", max_length=64, disable_tqdm=True)
+                     completion_only_loss=True, report_to="none", max_length=64, disable_tqdm=True,
+                     activation_checkpointing=False)  # transformers 5's name: TRL's default sets the deprecated one
     trainer_class = WeightedSFTTrainer if "weight" in examples[0] else SFTTrainer
     return trainer_class(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=Dataset.from_list(examples),
                          processing_class=AutoTokenizer.from_pretrained(model_dir))
