@@ -1,8 +1,12 @@
-"""Filesystem ledger of a run: iterations -> stages -> shards, one small JSON file per record.
+"""Filesystem ledger of a run: iterations -> stages -> shards, one small file of JSON lines per record.
 
 The filesystem is the source of truth (as in datatrove): jobs write their own records, the driver
 reads them back, and rerunning the driver resumes from them. Record ``a/b/c`` is the file
-``ledger/a/b/c.json``; beside it, in the same folder, hidden files the ledger keeps for itself:
+``ledger/a/b/c.jsonl``: the record's versions, one JSON line each, oldest first; the last whole line
+is the record. An update appends its version to the file, so that writers of different records
+change no folder but by their marker's rename (below) and share nothing but the disk's flushes.
+Once a file has grown past COMPACT_AT, the next update writes it anew with its own version alone.
+Beside the records, in the same folder, hidden files the ledger keeps for itself:
 
 - ``.locks/c``: the record's lock. An update is a read-modify-write under the lock of that record
   alone, so thousands of shards finishing at once do not wait on each other. The lock is flock;
@@ -14,9 +18,9 @@ reads them back, and rerunning the driver resumes from them. Record ``a/b/c`` is
   (Lustre ``-o localflock``, NFS ``local_lock=flock``), set SELFTRAIN_LEDGER_LOCKS=soft for every
   process of the run (the driver and, through sbatch's environment, its jobs) to use the leases.
 - ``.c@N``: the record's version marker. Every update raises the version ``N`` stored in the record
-  (key VERSION) and renames the record's marker to the new version *before* it replaces the
-  record, so a record's marker is never older than its file. Markers are empty: a listing of the
-  folder tells every record's version without opening a file.
+  (key VERSION) and renames the record's marker to the new version *before* it writes the version,
+  so a record's marker is never older than its file. Markers are empty: a listing of the folder
+  tells every record's version without opening a file.
 - ``.snapshot``: the folder's records as some reader (or a batch update) last saw them, each with
   its version. ``children`` and ``read_many`` list the folder once, load the snapshot, and read only
   the records whose marker is newer than their copy there (in threads where each read takes over a
@@ -24,14 +28,17 @@ reads them back, and rerunning the driver resumes from them. Record ``a/b/c`` is
   out of date. The snapshot is only a cache: each copy in it is a whole record with its own
   version, so a lost, older, torn or concurrently overwritten snapshot costs reads, never a stale
   answer. A poll of a 10,000-shard stage thus reads one listing, one snapshot and the records that
-  changed since the snapshot.
+  changed since the snapshot (the end of each file: TAIL bytes hold its last version).
 
-Durability: a record is written to a temporary file, fsynced, renamed over the record, and the
-folder is fsynced before the update returns (once per folder for a batch), so a record reported
-done survives a crash of the node that wrote it, and a reader never sees half a record, after a
-SIGKILL mid-write nor after a crash (the rename is atomic; the data is on disk before it). This
-relies on one folder's changes reaching the disk in the order they were made, as journaling
-filesystems, NFS and Lustre do: a marker is never lost while the record renamed after it is kept.
+Durability: an appended version is fdatasynced; a new file (a record's first version, or a file
+written anew) is written aside, fsynced and renamed into place; and the folder is fsynced before
+the update returns (once per folder for a batch), which makes the marker's rename durable too. So a
+record reported done survives a crash of the node that wrote it. A reader never sees half a
+record: a writer killed in the middle of its append, or a crash before the append's fdatasync
+returned, leaves at most a torn line (part of the line, or zeros) after the last whole version;
+readers pass over it, and the next update cuts it off before it appends (a version glued to it
+would be lost). A reader that meets a version being appended reads the one before it, and reads
+the record again at its next poll, since the marker is already newer.
 
 A batch (``update_many``: a whole array's submission) updates each record atomically under its
 own lock, many at once in threads (their fsyncs then share the journal's commits); it is not one
@@ -41,10 +48,11 @@ job's update comes wholly before or after the batch's update of its record; and 
 a lock, so they could always see a batch half applied. A crash in the middle of a batch leaves
 some of its records updated, as before.
 
-Runs written before the version markers existed read and update unchanged: a record without a
-version counts as version 0, and its first update gives it a marker. Do not change selftrain's
-version while jobs of a run are running: a job of the old code would neither take the record's
-lock nor raise its version.
+Runs written by earlier ledgers read and update unchanged: a record file of theirs (``c.json``, one
+JSON document) is read while there is no ``c.jsonl``; the record's first update here writes
+``c.jsonl`` and then removes ``c.json``. A record without a version counts as version 0, and its
+first update gives it a marker. Do not change selftrain's version while jobs of a run are running:
+a job of the old code would neither take the record's lock nor write its record file.
 """
 
 from __future__ import annotations
@@ -80,6 +88,12 @@ LOCKS_ENV = "SELFTRAIN_LEDGER_LOCKS"
 LEASE_S = 30.0
 # flock's answers that mean "this filesystem does not do flock", as opposed to a failure.
 NO_FLOCK = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP})
+RECORD = ".jsonl"  # a record's file: its versions, one JSON line each; the last whole line is the record
+LEGACY = ".json"  # a record as ledgers before append-only records wrote it: one JSON document
+# Past this size, an update writes the record's file anew with its new version alone.
+COMPACT_AT = 1 << 20
+# A read of a record's file starts this far before its end (a version is a few KiB at most, mostly).
+TAIL = 1 << 16
 # Record files read or written at once, where there are many.
 PARALLEL = 32
 # Records read from their files, past which a reader stores the folder's snapshot again.
@@ -117,14 +131,18 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _write_temp(folder: Path, name: str, data: bytes, durable: bool) -> str:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
         # mkstemp makes 0600 files; outputs are meant to be read by the user's group like any other.
         os.fchmod(fd, 0o644)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         if durable:
             os.fsync(fd)
     except BaseException:
@@ -183,16 +201,74 @@ def _read_bytes(path: Path) -> bytes | None:
         os.close(fd)
 
 
-def _read_files(paths: list[Path]) -> list[bytes | None]:
-    """The files' contents: one after the other while each takes under a millisecond (a local disk),
-    the rest in threads otherwise (a network filesystem, where each read waits on the server)."""
-    contents: list[bytes | None] = []
+def _line(record: Record) -> bytes:
+    """One version of a record, as a line of its file."""
+    return (json.dumps(record, sort_keys=True, separators=(",", ":"), default=str) + "\n").encode()
+
+
+def _last_whole(data: bytes, whole: bool) -> tuple[Record | None, int]:
+    """The last whole version in ``data`` (a record file, or its end when not ``whole``: then its
+    first line may be cut) and the offset in ``data`` where that version's line ends. After it there
+    may be a torn line: a writer killed in the middle of its append, or a crash before the append's
+    fdatasync returned (a part of the line, or zeros)."""
+    first = 0
+    if not whole:
+        first = data.find(b"\n") + 1
+        if not first:
+            return None, 0
+    end = len(data)
+    while (stop := data.rfind(b"\n", first, end)) >= 0:
+        start = max(first, data.rfind(b"\n", first, stop) + 1)
+        try:
+            record = json.loads(data[start:stop])
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            return record, stop + 1
+        end = start
+    return None, 0
+
+
+def _last_version(fd: int) -> tuple[Record | None, int, int]:
+    """The last whole version of the record file open at ``fd``, the offset where its line ends, and
+    the file's size. Reads the file's end, and all of it only when that holds no whole version."""
+    size = os.fstat(fd).st_size
+    offset = max(0, size - TAIL)
+    record, end = _last_whole(os.pread(fd, size - offset, offset), whole=not offset)
+    if record is None and offset:
+        record, end = _last_whole(os.pread(fd, size, 0), whole=True)
+        offset = 0
+    return record, offset + end, size
+
+
+def _read_record(path: Path) -> Record | None:
+    """The record in ``path``: a record file's last whole version, or a whole legacy file; None if
+    there is no such file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if path.suffix == LEGACY:
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return json.loads(b"".join(chunks))
+        return _last_version(fd)[0]
+    finally:
+        os.close(fd)
+
+
+def _read_records(paths: list[Path]) -> list[Record | None]:
+    """The records in the files: one after the other while each takes under a millisecond (a local
+    disk), the rest in threads otherwise (a network filesystem, where each read waits on the server)."""
+    records: list[Record | None] = []
     start = time.monotonic()
     for path in paths:
-        if len(contents) >= 8 and time.monotonic() - start > len(contents) * 0.001:
-            return contents + _map(_read_bytes, paths[len(contents) :])
-        contents.append(_read_bytes(path))
-    return contents
+        if len(records) >= 8 and time.monotonic() - start > len(records) * 0.001:
+            return records + _map(_read_record, paths[len(records) :])
+        records.append(_read_record(path))
+    return records
 
 
 def _map(function: Callable[[T], U], items: list[T]) -> list[U]:
@@ -214,16 +290,18 @@ class Ledger:
         self._soft: bool | None = True if os.environ.get(LOCKS_ENV) == "soft" else None
 
     def _path(self, key: str) -> Path:
-        return self.root / f"{key}.json"
+        return self.root / f"{key}{RECORD}"
 
     def exists(self) -> bool:
         return self.root.is_dir()
 
     def read(self, key: str) -> Record:
-        try:
-            return _public(read_json(self._path(key)))
-        except FileNotFoundError:
-            return {}
+        path = self._path(key)
+        # The record file, else a legacy one; the record file again if its first update moved it meanwhile.
+        for candidate in (path, path.with_suffix(LEGACY), path):
+            if (record := _read_record(candidate)) is not None:
+                return _public(record)
+        return {}
 
     def children(self, key: str) -> dict[str, Record]:
         """All records directly below ``key`` (e.g. the shards of a stage), by name, sorted."""
@@ -237,15 +315,18 @@ class Ledger:
 
     def _folder(self, folder: Path) -> dict[str, Record]:
         """The records of ``folder`` by name: the snapshot's copies, and the records newer than them from their files."""
-        names: list[str] = []
+        files: dict[str, str] = {}  # name -> its file's suffix: its record file, else a legacy one
         newest: dict[str, int] = {}
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
                     name = entry.name
                     if name[0] != ".":
-                        if name.endswith(".json"):
-                            names.append(name[:-5])
+                        stem, dot, suffix = name.rpartition(".")
+                        if dot + suffix == RECORD:
+                            files[stem] = RECORD
+                        elif dot + suffix == LEGACY:
+                            files.setdefault(stem, LEGACY)
                         continue
                     record, at, version = name[1:].rpartition("@")
                     if at and version.isdigit():
@@ -256,16 +337,16 @@ class Ledger:
         with contextlib.suppress(OSError, ValueError):
             snapshot = json.loads(_read_bytes(folder / SNAPSHOT) or b"{}")
         # A record without markers was last written before markers existed: its snapshot copy holds.
-        records = {n: snapshot[n] for n in names if n in snapshot}
-        stale = [n for n in names if n not in records or newest.get(n, 0) > records[n].get(VERSION, 0)]
+        records = {n: snapshot[n] for n in files if n in snapshot}
+        stale = [n for n in files if n not in records or newest.get(n, 0) > records[n].get(VERSION, 0)]
         changed = len(records) < len(snapshot)
-        for name, data in zip(stale, _read_files([folder / f"{n}.json" for n in stale]), strict=True):
-            if data is not None:
+        for name, record in zip(stale, _read_records([folder / f"{n}{files[n]}" for n in stale]), strict=True):
+            if record is not None:
                 old = records.get(name, {}).get(VERSION)
-                records[name] = json.loads(data)
-                changed += old is None or records[name].get(VERSION, 0) != old
+                records[name] = record
+                changed += old is None or record.get(VERSION, 0) != old
         # Rewriting the whole snapshot costs more than reading a few records again at the next poll.
-        if changed >= SNAPSHOT_AFTER or (changed and len(names) < SNAPSHOT_AFTER):
+        if changed >= SNAPSHOT_AFTER or (changed and len(files) < SNAPSHOT_AFTER):
             self._store_snapshot(folder, records)
         for record in records.values():
             record.pop(VERSION, None)
@@ -322,25 +403,44 @@ class Ledger:
         return out
 
     def _update_one(self, key: str, changes: Record, mutate: Callable[[Record], None] | None) -> Record:
-        """Read-modify-write of one record under its lock: its new version, written durably but for its folder."""
+        """Read-modify-write of one record under its lock: its new version, durable but for its folder."""
         path = self._path(key)
         with self._locked(path):
-            data = _read_bytes(path)
-            record: Record = json.loads(data) if data is not None else {}
-            version = record.pop(VERSION, 0) + 1
-            record.update(changes)
-            if mutate is not None:
-                mutate(record)
-            record["updated_at"] = now()
-            record[VERSION] = version
-            # The new marker first, so that a reader who sees the new record also sees its marker;
-            # renamed from the old one, so that the record's folder changes once for both.
-            marker = path.parent / f".{path.stem}@{version}"
             try:
-                os.rename(path.parent / f".{path.stem}@{version - 1}", marker)
-            except FileNotFoundError:  # the record's first version, or one written before markers
-                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
-            _replace(path, _encode(record), durable=True)
+                fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND)
+            except FileNotFoundError:  # the record's first version, or its first since a legacy file
+                fd = None
+            try:
+                if fd is None:
+                    record, end, size = _read_record(path.with_suffix(LEGACY)) or {}, 0, 0
+                else:
+                    last, end, size = _last_version(fd)
+                    record = last or {}
+                version = record.pop(VERSION, 0) + 1
+                record.update(changes)
+                if mutate is not None:
+                    mutate(record)
+                record["updated_at"] = now()
+                record[VERSION] = version
+                line = _line(record)
+                # The new marker first, so that a reader who sees the new version also sees its marker;
+                # renamed from the old one, so that the record's folder changes once for both.
+                marker = path.parent / f".{path.stem}@{version}"
+                try:
+                    os.rename(path.parent / f".{path.stem}@{version - 1}", marker)
+                except FileNotFoundError:  # the record's first version, or one written before markers
+                    os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
+                if fd is not None and end + len(line) <= COMPACT_AT:
+                    if end < size:  # a torn line after the last whole version: the next would be glued to it
+                        os.ftruncate(fd, end)
+                    _write_all(fd, line)
+                    os.fdatasync(fd)
+                else:  # a new file, or one grown past COMPACT_AT: the new version alone, replacing it whole
+                    _replace(path, line, durable=True)
+                    path.with_suffix(LEGACY).unlink(missing_ok=True)
+            finally:
+                if fd is not None:
+                    os.close(fd)
         return record
 
     @contextlib.contextmanager

@@ -92,6 +92,13 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def ledger_record(run_dir: Path, key: str) -> dict[str, Any]:
+    """A record of a run's ledger, as the driver reads it ({} while there is none)."""
+    from state import Ledger
+
+    return Ledger(run_dir).read(key)
+
+
 def wait_for_lines(path: Path, count: int, running: Callable[[], bool], timeout_s: float = 300) -> None:
     """Until ``path`` (a shard's partial output) holds ``count`` items, while ``running()`` says the writer runs."""
     deadline = time.monotonic() + timeout_s

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from state import Ledger
-from tests.conftest import ROOT, read_json, run_cli, small_config, write_config
+from tests.conftest import ROOT, run_cli, small_config, write_config
 from tests.test_services import kill_service_mid_scoring, wait_until
 from tests.test_slurm import SLURM_EXECUTOR
 
@@ -21,9 +21,9 @@ GRPO = {"num_generations": 2, "batch_size": 2, "max_completion_length": 12, "log
         "learning_rates": [1e-4]}
 
 
-def log_has_step(record_path: Path, step: int) -> bool:
+def log_has_step(run_dir: Path, step: int) -> bool:
     """Whether the training job's log says it finished ``step``."""
-    record = read_json(record_path) if record_path.exists() else {}
+    record = Ledger(run_dir).read("iter_001/train")
     log = Path(record.get("log") or "/nonexistent")
     return log.exists() and f"step {step}:" in log.read_text(errors="replace")
 
@@ -40,15 +40,14 @@ def test_two_process_grpo_stops_together_on_the_pre_timeout_signal_and_resumes_a
     ))
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    record_path = runs / "small" / "ledger" / "iter_001" / "train.json"
-    wait_until(lambda: log_has_step(record_path, 3), "three GRPO steps", lambda: driver.poll() is None)
-    job_id = read_json(record_path)["job_id"]
+    wait_until(lambda: log_has_step(runs / "small", 3), "three GRPO steps", lambda: driver.poll() is None)
+    job_id = Ledger(runs / "small").read("iter_001/train")["job_id"]
     # The signal SLURM sends before a time limit, now: 24 steps cannot be done yet.
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     output, _ = driver.communicate(timeout=1200)
     assert driver.returncode == 0, output
 
-    record = read_json(record_path)
+    record = Ledger(runs / "small").read("iter_001/train")
     assert record["restart_count"] >= 1 and record["attempts"] == 1, "requeued by itself, not resubmitted"
     metrics = record["metrics"]
     assert metrics["world_size"] == 2

@@ -2,6 +2,9 @@ import json
 import multiprocessing
 from pathlib import Path
 
+import pytest
+
+import state.ledger
 from state import Ledger, Status
 from state.ledger import SNAPSHOT
 
@@ -68,6 +71,42 @@ def test_a_run_written_by_the_previous_ledger_is_read_and_updated(tmp_path: Path
     shards = Ledger(tmp_path).children(STAGE)
     assert [s["status"] for s in shards.values()] == ["running", "done", "running"]
     assert shards["shard_00001"]["job_id"] == "7_1" and shards["shard_00001"]["metrics"] == {"problems": 8}
+    # Its file is now a record file of versions; the others stay as they were until their own update.
+    folder = tmp_path / "ledger" / STAGE
+    assert sorted(p.name for p in folder.glob("shard_*")) == ["shard_00000.json", "shard_00001.jsonl", "shard_00002.json"]
+    assert ledger.read(f"{STAGE}/shard_00001")["status"] == "done"
+
+
+def test_a_torn_last_line_is_passed_over_and_cut_by_the_next_update(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    key = f"{STAGE}/shard_00000"
+    ledger.update(key, {"status": "running"})
+    ledger.update(key, {"progress": 1})
+    path = ledger.root / f"{key}.jsonl"
+    whole = path.read_bytes()
+    assert len(whole.splitlines()) == 2  # one line per version: the first, then an append
+    # A writer killed in the middle of its append, or a crash before its fdatasync returned.
+    for torn in (b'{"progress":2,"stat', b"\0" * 300 + b"\n"):
+        path.write_bytes(whole + torn)
+        assert ledger.read(key)["progress"] == 1
+        assert ledger.children(STAGE)["shard_00000"]["progress"] == 1
+    ledger.update(key, {"status": "done"})
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 3 and [json.loads(line)["_version"] for line in lines] == [1, 2, 3]
+    record = ledger.read(key)
+    assert record["status"] == "done" and record["progress"] == 1
+
+
+def test_a_record_file_grown_past_its_limit_is_written_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state.ledger, "COMPACT_AT", 2000)
+    ledger = Ledger(tmp_path)
+    key = f"{STAGE}/shard_00000"
+    for i in range(40):
+        ledger.update(key, {"progress": i}, lambda r: r.__setitem__("n", r.get("n", 0) + 1))
+    path = ledger.root / f"{key}.jsonl"
+    assert path.stat().st_size <= 2000
+    assert ledger.read(key)["n"] == 40 and ledger.read(key)["progress"] == 39
+    assert json.loads(path.read_bytes().splitlines()[-1])["_version"] == 40
 
 
 def test_polls_see_every_update_whatever_snapshot_they_find(tmp_path: Path) -> None:

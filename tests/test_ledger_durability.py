@@ -134,13 +134,16 @@ def test_an_update_is_on_disk_before_it_returns(fuse: None, tmp_path: Path) -> N
         seen = ops.read_text().splitlines()
     folder = f"/run/ledger/{STAGE}"
     synced = seen.index(f"fsyncdir {folder}")
-    for i in range(3):
-        name = f"shard_{i:05d}"
-        tmp = next(line.split()[1] for line in seen if line.startswith(f"create {folder}/.{name}.json."))
-        marker = f"rename {folder}/.{name}@1 {folder}/.{name}@2" if i == 0 else f"create {folder}/.{name}@1"
-        steps = [marker, f"create {tmp}", f"fsync {tmp}", f"rename {tmp} {folder}/{name}.json"]
-        assert [seen.index(step) for step in steps] == sorted(seen.index(step) for step in steps), seen
-        assert seen.index(steps[-1]) < synced
+    # The record that existed: its marker renamed, then its new version appended and synced.
+    steps = [f"rename {folder}/.shard_00000@1 {folder}/.shard_00000@2", f"fsync {folder}/shard_00000.jsonl"]
+    # New records: a marker made, then the file written and synced aside and renamed into place.
+    for name in ("shard_00001", "shard_00002"):
+        tmp = next(line.split()[1] for line in seen if line.startswith(f"create {folder}/.{name}.jsonl."))
+        steps += [f"create {folder}/.{name}@1", f"create {tmp}", f"fsync {tmp}", f"rename {tmp} {folder}/{name}.jsonl"]
+    for group in (steps[:2], steps[2:6], steps[6:]):
+        assert [seen.index(step) for step in group] == sorted(seen.index(step) for step in group), seen
+        assert seen.index(group[-1]) < synced
+    assert not any(line.startswith("create ") and "shard_00000.jsonl" in line for line in seen), "an update of a record appends"
     # The batch's snapshot is a cache: written after, and not synced.
     assert not any(line.startswith("fsync ") and ".snapshot" in line for line in seen)
 
@@ -158,13 +161,18 @@ while True:
 
 
 def _check_records(run_dir: Path) -> int:
-    """Every record file whole: parses, and its payload matches its checksum. Their number."""
-    files = sorted((run_dir / "ledger" / STAGE).glob("*.json"))
+    """Every record whole as readers get it (its payload matches its checksum), and every line of its
+    file but a torn last one (a writer killed in its append) a whole version. The records' number."""
+    ledger = Ledger(run_dir)
+    files = sorted((run_dir / "ledger" / STAGE).glob("*.jsonl"))
     for path in files:
-        data = path.read_bytes()
-        assert data, f"{path} is empty"
-        record = json.loads(data)
+        record = ledger.read(f"{STAGE}/{path.stem}")
+        assert record, f"{path} holds no whole version"
         assert hashlib.sha256(record["payload"].encode()).hexdigest() == record["sha256"], path
+        lines = path.read_bytes().split(b"\n")
+        for line in lines[:-1]:
+            version = json.loads(line)
+            assert hashlib.sha256(version["payload"].encode()).hexdigest() == version["sha256"], path
     return len(files)
 
 

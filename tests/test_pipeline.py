@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from jobs.data import read_jsonl
+from state import Ledger
 from tests.conftest import (
     ROOT,
+    ledger_record,
     read_json,
     run_cli,
     small_config,
@@ -30,7 +32,8 @@ pytestmark = pytest.mark.slow
 
 def all_records(run_dir: Path) -> dict[str, dict]:
     root = run_dir / "ledger"
-    return {str(p.relative_to(root).with_suffix("")): read_json(p) for p in root.rglob("*.json")}
+    keys = {str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.jsonl")}
+    return Ledger(run_dir).read_many(keys)
 
 
 def job_records(run_dir: Path) -> dict[str, dict]:
@@ -96,7 +99,7 @@ def test_two_iterations_end_to_end_then_resume_is_a_no_op(tiny_assets: Path, tmp
     for entry in card["step_log"]:
         assert entry["loss"] > 0
         assert entry["tokens_per_s"] > 0 and entry["samples_per_s"] > 0 and entry["peak_memory_mib"] > 100
-    assert read_json(run_dir / "ledger" / "iter_002" / "train.json")["metrics"]["step_log"] == card["step_log"]
+    assert ledger_record(run_dir, "iter_002/train")["metrics"]["step_log"] == card["step_log"]
     assert list((train / "tensorboard").glob("events.out.tfevents.*")), "train.report_to: tensorboard writes beside the model"
     # Training logs a user reads: no deprecation warnings, no progress bar per weight load or save.
     train_logs = list((run_dir / "submitit").glob("iter_*/train/*/*_log.err"))
@@ -141,16 +144,15 @@ def test_sigkill_during_iteration_2_generation_then_rerun(tiny_assets: Path, tmp
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    stage = run_dir / "ledger" / "iter_002" / "generate.json"
     deadline = time.monotonic() + 300
-    while not stage.exists():
+    while not ledger_record(run_dir, "iter_002/generate"):
         assert driver.poll() is None, driver.stdout.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert read_json(stage)["status"] == "running"
-    assert read_json(run_dir / "ledger" / "iter_001" / "train.json")["status"] == "done"
+    assert ledger_record(run_dir, "iter_002/generate")["status"] == "running"
+    assert ledger_record(run_dir, "iter_001/train")["status"] == "done"
 
     rerun = run_cli("-m", "pipeline.run", str(config))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -208,7 +210,7 @@ def test_driver_killed_before_recording_job_ids_then_rerun(tiny_assets: Path, tm
                 os.kill(pid, signal.SIGCONT)
 
     try:
-        shards = [read_json(p) for p in sorted((run_dir / "ledger" / "iter_001" / "generate").glob("shard_*.json"))]
+        shards = list(Ledger(run_dir).children("iter_001/generate").values())
         assert len(shards) == 3 and all(s["status"] == "submitted" and not s.get("job_ids") for s in shards)
         # The rerun finds submitted shards without a job id: lost, so it resubmits them. The lost
         # jobs wake up afterwards and must step aside.
@@ -247,18 +249,17 @@ def test_a_shard_killed_from_outside_is_retried_and_resumes(tiny_assets: Path, t
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    shard = run_dir / "ledger" / "iter_001" / "generate" / "shard_00000.json"
     partial = run_dir / "iter_001" / "generate" / "shard_00000.jsonl.partial"
     # Kill the shard's worker once it has written some items, as an OOM killer or a node would.
     wait_for_lines(partial, 2, lambda: driver.poll() is None)
-    os.kill(read_json(shard)["pid"], signal.SIGKILL)
+    os.kill(ledger_record(run_dir, "iter_001/generate/shard_00000")["pid"], signal.SIGKILL)
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output.decode()
 
-    record = read_json(shard)
+    record = ledger_record(run_dir, "iter_001/generate/shard_00000")
     assert record["status"] == "done" and record["attempts"] == 2 and len(record["job_ids"]) == 2
     assert record["metrics"]["resumed_items"] >= 2, "the retry kept the items written before the kill"
-    assert read_json(run_dir / "ledger" / "iter_001" / "generate" / "shard_00001.json")["attempts"] == 1
+    assert ledger_record(run_dir, "iter_001/generate/shard_00001")["attempts"] == 1
     assert_each_problem_once(run_dir, 1, 24)
 
 

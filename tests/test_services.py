@@ -26,7 +26,7 @@ from jobs.scoring.rewards import RewardContext, RewardSet
 from jobs.services.reward_server import RewardServer
 from jobs.specs import RewardConfig, RewardServiceConfig, ServiceRef
 from state import Ledger, atomic_write_json
-from tests.conftest import ROOT, read_json, run_cli, small_config, write_config
+from tests.conftest import ROOT, run_cli, small_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +142,7 @@ def test_the_listener_serves_the_filter_as_a_job_and_comes_back_after_a_kill(
     assert service["job_ids"][0] == victim["job_id"]
     assert service["status"] == "done", "stopped once no stage needed it"
     assert service["endpoint"] != victim["endpoint"], "the new job listens on a port of its own"
-    filtered = read_json(run_dir / "ledger" / "iter_001" / "filter.json")
+    filtered = Ledger(run_dir).read("iter_001/filter")
     assert filtered["metrics"]["reward_failures"]["service_score"]["failed"] == 0, "no score lost"
     assert kept(run_dir) == listener_verdicts(run_dir, reward_models, tmp_path), "no score lost or made up"
     assert not (run_dir / "services" / "reward" / "endpoint.json").exists(), "a stopped service leaves no endpoint behind"

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import (
     ROOT,
+    ledger_record,
     read_json,
     run_cli,
     small_config,
@@ -93,15 +94,14 @@ def test_scancel_of_one_array_task_is_resubmitted_alone(slurm_cluster: str, tiny
     )
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    ledger = runs / "small" / "ledger" / "iter_001" / "generate"
     partial = runs / "small" / "iter_001" / "generate" / "shard_00001.jsonl.partial"
     wait_for_lines(partial, 1, lambda: driver.poll() is None)
-    victim = read_json(ledger / "shard_00001.json")["job_id"]
+    victim = ledger_record(runs / "small", "iter_001/generate/shard_00001")["job_id"]
     subprocess.run(["scancel", victim], check=True)
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output.decode()
 
-    shards = {name: read_json(ledger / f"{name}.json") for name in ("shard_00000", "shard_00001", "shard_00002")}
+    shards = {name: ledger_record(runs / "small", f"iter_001/generate/{name}") for name in ("shard_00000", "shard_00001", "shard_00002")}
     assert shards["shard_00001"]["attempts"] == 2
     assert shards["shard_00001"]["job_ids"][0] == victim
     retry = shards["shard_00001"]["job_ids"][1]
@@ -124,9 +124,9 @@ def test_gpus_on_a_cluster_without_any_are_refused_at_submission(slurm_cluster: 
     assert "iter_001/generate: the scheduler refused the job" in lines[0] and "gres" in lines[0].lower()
     # (A job of an earlier test may still be finishing: only this run's jobs matter.)
     assert queued_job_ids() <= before, "nothing of this run is left in the queue"
-    run = read_json(runs / "small" / "ledger" / "run.json")
+    run = ledger_record(runs / "small", "run")
     assert run["status"] == "failed" and "refused" in run["error"]
-    shard = read_json(runs / "small" / "ledger" / "iter_001" / "generate" / "shard_00000.json")
+    shard = ledger_record(runs / "small", "iter_001/generate/shard_00000")
     assert shard["status"] == "failed" and "gres" in shard["error"].lower()
 
 
@@ -143,8 +143,7 @@ def test_arrays_larger_than_max_array_size_are_split(slurm_cluster: str, tiny_as
         )
         result = run_cli("-m", "pipeline.run", str(config))
         assert result.returncode == 0, result.stdout + result.stderr
-        ledger = runs / "small" / "ledger" / "iter_001" / "generate"
-        job_ids = [read_json(ledger / f"shard_{i:05d}.json")["job_id"] for i in range(3)]
+        job_ids = [ledger_record(runs / "small", f"iter_001/generate/shard_{i:05d}")["job_id"] for i in range(3)]
         first = job_ids[0].split("_")[0]
         # submitit submits the remaining array of one as a plain job.
         assert job_ids[:2] == [f"{first}_0", f"{first}_1"] and "_" not in job_ids[2], "3 shards as arrays of 2 and 1"
@@ -167,8 +166,7 @@ def test_requeue_resubmits_exactly_the_failed_shard(slurm_cluster: str, tiny_ass
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     partial = run_dir / "iter_001" / "generate" / "shard_00002.jsonl.partial"
     wait_for_lines(partial, 1, lambda: driver.poll() is None)
-    ledger = run_dir / "ledger" / "iter_001" / "generate"
-    victim = read_json(ledger / "shard_00002.json")["job_id"]
+    victim = ledger_record(run_dir, "iter_001/generate/shard_00002")["job_id"]
     subprocess.run(["scancel", victim], check=True)
     output, _ = driver.communicate(timeout=600)
     # With one attempt allowed the driver stops, saying what failed and how.
@@ -177,17 +175,17 @@ def test_requeue_resubmits_exactly_the_failed_shard(slurm_cluster: str, tiny_ass
 
     dry = run_cli("tools/requeue.py", str(run_dir), "--dry-run")
     assert dry.returncode == 0 and "would resubmit iter_001/generate as one array of 1: shard_00002" in dry.stdout
-    assert read_json(ledger / "shard_00002.json")["attempts"] == 1, "--dry-run submits nothing"
+    assert ledger_record(run_dir, "iter_001/generate/shard_00002")["attempts"] == 1, "--dry-run submits nothing"
 
     requeued = run_cli("tools/requeue.py", str(run_dir))
     assert requeued.returncode == 0, requeued.stderr
-    record = read_json(ledger / "shard_00002.json")
+    record = ledger_record(run_dir, "iter_001/generate/shard_00002")
     assert record["attempts"] == 2 and record["job_ids"][0] == victim and record["job_id"] != victim
     assert f"attempt 2, job {record['job_id']}" in requeued.stdout
 
     rerun = run_cli("-m", "pipeline.run", str(config))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert [read_json(ledger / f"shard_{i:05d}.json")["attempts"] for i in range(3)] == [1, 1, 2]
+    assert [ledger_record(run_dir, f"iter_001/generate/shard_{i:05d}")["attempts"] for i in range(3)] == [1, 1, 2]
     assert_each_problem_once(run_dir, 1, 60)
 
 
@@ -208,7 +206,7 @@ def test_time_limit_signal_requeues_the_shard_which_resumes(slurm_cluster: str, 
     )
     result = run_cli("-m", "pipeline.run", str(config), timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
-    shard = read_json(runs / "small" / "ledger" / "iter_001" / "generate" / "shard_00000.json")
+    shard = ledger_record(runs / "small", "iter_001/generate/shard_00000")
     assert shard["status"] == "done" and shard["restart_count"] >= 1, shard
     assert shard["attempts"] == 1 and shard["executions"] == shard["restart_count"] + 1, "requeued, not resubmitted"
     assert shard["metrics"]["resumed_items"] > 0
@@ -271,18 +269,17 @@ def test_detached_filter_resubmits_a_cancelled_shard_before_filtering(
     run_dir = runs / "small"
     partial = run_dir / "iter_001" / "generate" / "shard_00001.jsonl.partial"
     wait_for_lines(partial, 1, lambda: True)
-    ledger = run_dir / "ledger" / "iter_001"
-    victim = read_json(ledger / "generate" / "shard_00001.json")["job_id"]
+    victim = ledger_record(run_dir, "iter_001/generate/shard_00001")["job_id"]
     subprocess.run(["scancel", victim], check=True)
 
     summary = wait_for_run(run_dir)
     assert summary["status"] == "done", summary
-    shard = read_json(ledger / "generate" / "shard_00001.json")
+    shard = ledger_record(run_dir, "iter_001/generate/shard_00001")
     assert shard["attempts"] == 2 and shard["job_ids"][0] == victim
     assert shard["metrics"]["resumed_items"] >= 1
     # The first filter job stepped aside for the retry: that is not an attempt.
-    assert read_json(ledger / "filter.json")["attempts"] == 1
-    assert len(read_json(ledger / "filter.json")["job_ids"]) == 2
+    assert ledger_record(run_dir, "iter_001/filter")["attempts"] == 1
+    assert len(ledger_record(run_dir, "iter_001/filter")["job_ids"]) == 2
     assert_each_problem_once(run_dir, 1, 60)
 
 
@@ -300,7 +297,7 @@ def test_detached_chain_whose_filter_fails_cancels_what_waits_on_it(
     run_dir = runs / "small"
     summary = wait_for_run(run_dir)  # nothing of the run is left pending
     assert summary["status"] == "failed" and "iter_001/filter failed after 1 attempt(s)" in summary["error"], summary
-    train = read_json(run_dir / "ledger" / "iter_001" / "train.json")
+    train = ledger_record(run_dir, "iter_001/train")
     assert train["status"] == "planned" and train["attempts"] == 0 and "never ran" in train["note"]
     assert sacct_rows(train["job_ids"][0]) == [f"{train['job_ids'][0]}|CANCELLED|0:0"]
 
@@ -320,7 +317,6 @@ def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resum
     )
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    record_path = runs / "small" / "ledger" / "iter_001" / "train.json"
     order_paths = [runs / "small" / "iter_001" / "train" / "data_order" / f"rank_{rank}.json" for rank in (0, 1)]
     deadline = time.monotonic() + 300
     # Each rank writes the order it deals when training begins.
@@ -328,14 +324,14 @@ def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resum
         assert driver.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     first_deal = [read_json(path) for path in order_paths]
-    job_id = read_json(record_path)["job_id"]
+    job_id = ledger_record(runs / "small", "iter_001/train")["job_id"]
     # The signal SLURM sends before a time limit (--signal=USR2@...), delivered now rather than
     # after waiting for a limit: training cannot have finished 300 steps yet.
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     output, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, output
 
-    record = read_json(record_path)
+    record = ledger_record(runs / "small", "iter_001/train")
     assert record["restart_count"] >= 1 and record["attempts"] == 1, "requeued by itself, not resubmitted"
     assert record["executions"] == record["restart_count"] + 1, "rank 0 alone reports"
     metrics = record["metrics"]
@@ -366,7 +362,7 @@ def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resum
     tasks = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "--format=JobID,NTasks"],
                            capture_output=True, text=True, check=True).stdout.split()
     assert f"{job_id}.0|2" in tasks, tasks
-    second = read_json(runs / "small" / "ledger" / "iter_002" / "train.json")
+    second = ledger_record(runs / "small", "iter_002/train")
     assert second["status"] == "done" and second["metrics"]["world_size"] == 2
 
 
@@ -390,7 +386,7 @@ def test_multinode_launcher_trains_a_stage_by_hand_with_torchrun(slurm_cluster: 
 
     job_id = submit(str(run_dir), "iter_001/train")
     log = (tmp_path / f"train-{job_id}.log").read_text()
-    record = read_json(run_dir / "ledger" / "iter_001" / "train.json")
+    record = ledger_record(run_dir, "iter_001/train")
     assert record["status"] == "done" and record["job_id"] == job_id, log
     assert record["executions"] == 2 and record["metrics"]["world_size"] == 2, "rank 0 of two reported once"
     # Arguments reach the task as text: shell syntax in them runs nothing.

@@ -69,7 +69,7 @@ def test_training_runs_one_rank_on_each_node_and_meets_on_the_first(tiny_assets:
 
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = runs / "small"
-    record = read_json(run_dir / "ledger" / "iter_001" / "train.json")
+    record = Ledger(run_dir).read("iter_001/train")
     assert record["status"] == "done" and record["host"] == "n1", "rank 0 runs on the job's first node"
     assert record["metrics"]["world_size"] == 2 and record["metrics"]["steps"] == 4
     job_id = record["job_id"]
@@ -104,10 +104,10 @@ started = re.compile(r"===== selftrain: server 0 started .*?, port (\d+): .* --h
 
 
 def server_on_another_node():
-    for path in sorted((run_dir / "ledger" / "iter_001" / "generate").glob("shard_*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+    for path in sorted((run_dir / "ledger" / "iter_001" / "generate").glob("shard_*.jsonl")):
+        try:  # a record file's last line is the record (a torn one is passed over at the next look)
+            record = json.loads(path.read_text().splitlines()[-1])
+        except (OSError, ValueError, IndexError):
             continue
         if record.get("status") != "running" or record.get("host") in (None, me):
             continue

@@ -23,11 +23,15 @@ from pathlib import Path
 
 import yaml
 
+from state.ledger import LEGACY, RECORD, Ledger
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def records(ledger: Path) -> dict[str, dict]:
-    return {str(p.relative_to(ledger).with_suffix("")): json.loads(p.read_text()) for p in sorted(ledger.rglob("*.json"))}
+    """Every record of the ledger, as this version reads it (a record file, or an earlier version's JSON file)."""
+    keys = {str(p.relative_to(ledger).with_suffix("")) for suffix in (RECORD, LEGACY) for p in ledger.rglob(f"*{suffix}")}
+    return Ledger(ledger.parent).read_many(sorted(keys))
 
 
 def main() -> int:
