@@ -241,7 +241,7 @@ def _last_version(fd: int) -> tuple[Record | None, int, int]:
     return record, offset + end, size
 
 
-def _read_record(path: Path) -> Record | None:
+def _read_record(path: str) -> Record | None:
     """The record in ``path``: a record file's last whole version, or a whole legacy file; None if
     there is no such file."""
     try:
@@ -249,7 +249,7 @@ def _read_record(path: Path) -> Record | None:
     except FileNotFoundError:
         return None
     try:
-        if path.suffix == LEGACY:
+        if path.endswith(LEGACY):
             chunks = []
             while chunk := os.read(fd, 1 << 20):
                 chunks.append(chunk)
@@ -259,7 +259,7 @@ def _read_record(path: Path) -> Record | None:
         os.close(fd)
 
 
-def _read_records(paths: list[Path]) -> list[Record | None]:
+def _read_records(paths: list[str]) -> list[Record | None]:
     """The records in the files: one after the other while each takes under a millisecond (a local
     disk), the rest in threads otherwise (a network filesystem, where each read waits on the server)."""
     records: list[Record | None] = []
@@ -286,19 +286,24 @@ class Ledger:
     def __init__(self, run_dir: Path | str):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "ledger"
+        self._root = str(self.root)
         # None until the first lock tells whether this filesystem does flock.
         self._soft: bool | None = True if os.environ.get(LOCKS_ENV) == "soft" else None
 
-    def _path(self, key: str) -> Path:
-        return self.root / f"{key}{RECORD}"
+    def _place(self, key: str) -> tuple[str, str]:
+        """The folder of record ``key`` and the record's name there. Strings: an update builds a
+        few paths, and pathlib costs a writer of many updates a third of its time."""
+        parent, _, name = key.rpartition("/")
+        return (f"{self._root}/{parent}" if parent else self._root), name
 
     def exists(self) -> bool:
         return self.root.is_dir()
 
     def read(self, key: str) -> Record:
-        path = self._path(key)
+        folder, name = self._place(key)
+        path = f"{folder}/{name}"
         # The record file, else a legacy one; the record file again if its first update moved it meanwhile.
-        for candidate in (path, path.with_suffix(LEGACY), path):
+        for candidate in (path + RECORD, path + LEGACY, path + RECORD):
             if (record := _read_record(candidate)) is not None:
                 return _public(record)
         return {}
@@ -340,7 +345,7 @@ class Ledger:
         records = {n: snapshot[n] for n in files if n in snapshot}
         stale = [n for n in files if n not in records or newest.get(n, 0) > records[n].get(VERSION, 0)]
         changed = len(records) < len(snapshot)
-        for name, record in zip(stale, _read_records([folder / f"{n}{files[n]}" for n in stale]), strict=True):
+        for name, record in zip(stale, _read_records([f"{folder}/{n}{files[n]}" for n in stale]), strict=True):
             if record is not None:
                 old = records.get(name, {}).get(VERSION)
                 records[name] = record
@@ -383,18 +388,18 @@ class Ledger:
                 return error
 
         outcomes = dict(zip(changes, _map(one, list(changes)), strict=True))
-        written: dict[Path, dict[str, Record]] = {}
+        written: dict[str, dict[str, Record]] = {}
         for key, outcome in outcomes.items():
             if not isinstance(outcome, BaseException):
-                path = self._path(key)
-                written.setdefault(path.parent, {})[path.stem] = outcome
+                folder, name = self._place(key)
+                written.setdefault(folder, {})[name] = outcome
         for folder, records in written.items():
             _fsync_folder(folder)
             if len(records) > 1:
                 # A batch brings the snapshot up to date, so that the next poll reads no record file.
                 with contextlib.suppress(OSError, ValueError):
-                    snapshot = json.loads(_read_bytes(folder / SNAPSHOT) or b"{}")
-                    self._store_snapshot(folder, {**snapshot, **records})
+                    snapshot = json.loads(_read_bytes(Path(folder, SNAPSHOT)) or b"{}")
+                    self._store_snapshot(Path(folder), {**snapshot, **records})
         out: dict[str, Record] = {}
         for key, outcome in outcomes.items():
             if isinstance(outcome, BaseException):
@@ -404,15 +409,16 @@ class Ledger:
 
     def _update_one(self, key: str, changes: Record, mutate: Callable[[Record], None] | None) -> Record:
         """Read-modify-write of one record under its lock: its new version, durable but for its folder."""
-        path = self._path(key)
-        with self._locked(path):
+        folder, name = self._place(key)
+        path = f"{folder}/{name}{RECORD}"
+        with self._locked(folder, name):
             try:
                 fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND)
             except FileNotFoundError:  # the record's first version, or its first since a legacy file
                 fd = None
             try:
                 if fd is None:
-                    record, end, size = _read_record(path.with_suffix(LEGACY)) or {}, 0, 0
+                    record, end, size = _read_record(f"{folder}/{name}{LEGACY}") or {}, 0, 0
                 else:
                     last, end, size = _last_version(fd)
                     record = last or {}
@@ -425,9 +431,9 @@ class Ledger:
                 line = _line(record)
                 # The new marker first, so that a reader who sees the new version also sees its marker;
                 # renamed from the old one, so that the record's folder changes once for both.
-                marker = path.parent / f".{path.stem}@{version}"
+                marker = f"{folder}/.{name}@{version}"
                 try:
-                    os.rename(path.parent / f".{path.stem}@{version - 1}", marker)
+                    os.rename(f"{folder}/.{name}@{version - 1}", marker)
                 except FileNotFoundError:  # the record's first version, or one written before markers
                     os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
                 if fd is not None and end + len(line) <= COMPACT_AT:
@@ -436,22 +442,23 @@ class Ledger:
                     _write_all(fd, line)
                     os.fdatasync(fd)
                 else:  # a new file, or one grown past COMPACT_AT: the new version alone, replacing it whole
-                    _replace(path, line, durable=True)
-                    path.with_suffix(LEGACY).unlink(missing_ok=True)
+                    _replace(Path(path), line, durable=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{folder}/{name}{LEGACY}")
             finally:
                 if fd is not None:
                     os.close(fd)
         return record
 
     @contextlib.contextmanager
-    def _locked(self, path: Path) -> Iterator[None]:
-        lock = path.parent / LOCKS / path.stem
+    def _locked(self, folder: str, name: str) -> Iterator[None]:
+        lock = f"{folder}/{LOCKS}/{name}"
         if not self._soft:
             try:
                 # Without O_CREAT while the lock file exists: creating locks its folder for everyone.
                 fd = os.open(lock, os.O_RDWR)
             except FileNotFoundError:  # the record's first update
-                lock.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(f"{folder}/{LOCKS}", exist_ok=True)
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -467,7 +474,7 @@ class Ledger:
                 finally:
                     os.close(fd)  # which releases the flock
                 return
-        lock.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(f"{folder}/{LOCKS}", exist_ok=True)
         with SoftFileLease(f"{lock}.lease", lease_duration=LEASE_S, poll_interval=0.01):
             yield
 
