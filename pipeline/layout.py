@@ -2,7 +2,7 @@
 
     runs/<run_name>/
       config.yaml                    resolved config of the run (its presence makes the run resumable)
-      ledger/                        the state ledger (state.Ledger): one JSON record per stage, shard, service
+      ledger/                        the state ledger (state.Ledger): a record per stage, shard, service (<key>.jsonl)
       data/train.jsonl heldout.jsonl the problems, validated and frozen for the run
       vllm_api_key                   the run's API key (0600): its vLLM servers and services take it
       compile_cache/<key>/           vLLM compile caches, one per model and command line, published once

@@ -28,7 +28,7 @@ Beside the records, in the same folder, hidden files the ledger keeps for itself
   out of date. The snapshot is only a cache: each copy in it is a whole record with its own
   version, so a lost, older, torn or concurrently overwritten snapshot costs reads, never a stale
   answer. A poll of a 10,000-shard stage thus reads one listing, one snapshot and the records that
-  changed since the snapshot (the end of each file: TAIL bytes hold its last version).
+  changed since the snapshot.
 
 Durability: an appended version is fdatasynced; a new file (a record's first version, or a file
 written anew) is written aside, fsynced and renamed into place; and the folder is fsynced before
@@ -90,10 +90,10 @@ LEASE_S = 30.0
 NO_FLOCK = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP})
 RECORD = ".jsonl"  # a record's file: its versions, one JSON line each; the last whole line is the record
 LEGACY = ".json"  # a record as ledgers before append-only records wrote it: one JSON document
-# Past this size, an update writes the record's file anew with its new version alone.
-COMPACT_AT = 1 << 20
-# A read of a record's file starts this far before its end (a version is a few KiB at most, mostly).
-TAIL = 1 << 16
+# Past this size, an update writes the record's file anew with its new version alone: so that a
+# read of the record is one read of a small file (a version is a few KiB; a shard reporting its
+# progress every 30 s appends ~400 bytes each time).
+COMPACT_AT = 1 << 16
 # Record files read or written at once, where there are many.
 PARALLEL = 32
 # Records read from their files, past which a reader stores the folder's snapshot again.
@@ -119,7 +119,7 @@ def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _fsync_folder(folder: Path) -> None:
+def _fsync_folder(folder: Path | str) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -187,16 +187,21 @@ def _public(record: Record) -> Record:
     return {k: v for k, v in record.items() if k != VERSION}
 
 
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    # 64 KiB at a time: a record file in one read, and no buffer past malloc's mmap threshold.
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _read_bytes(path: Path) -> bytes | None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return _read_all(fd)
     finally:
         os.close(fd)
 
@@ -206,19 +211,13 @@ def _line(record: Record) -> bytes:
     return (json.dumps(record, sort_keys=True, separators=(",", ":"), default=str) + "\n").encode()
 
 
-def _last_whole(data: bytes, whole: bool) -> tuple[Record | None, int]:
-    """The last whole version in ``data`` (a record file, or its end when not ``whole``: then its
-    first line may be cut) and the offset in ``data`` where that version's line ends. After it there
-    may be a torn line: a writer killed in the middle of its append, or a crash before the append's
-    fdatasync returned (a part of the line, or zeros)."""
-    first = 0
-    if not whole:
-        first = data.find(b"\n") + 1
-        if not first:
-            return None, 0
+def _last_whole(data: bytes) -> tuple[Record | None, int]:
+    """The last whole version in ``data`` (a record file) and the offset where its line ends. After
+    it there may be a torn line: a writer killed in the middle of its append, or a crash before the
+    append's fdatasync returned (a part of the line, or zeros)."""
     end = len(data)
-    while (stop := data.rfind(b"\n", first, end)) >= 0:
-        start = max(first, data.rfind(b"\n", first, stop) + 1)
+    while (stop := data.rfind(b"\n", 0, end)) >= 0:
+        start = data.rfind(b"\n", 0, stop) + 1
         try:
             record = json.loads(data[start:stop])
         except ValueError:
@@ -229,16 +228,6 @@ def _last_whole(data: bytes, whole: bool) -> tuple[Record | None, int]:
     return None, 0
 
 
-def _last_version(fd: int) -> tuple[Record | None, int, int]:
-    """The last whole version of the record file open at ``fd``, the offset where its line ends, and
-    the file's size. Reads the file's end, and all of it only when that holds no whole version."""
-    size = os.fstat(fd).st_size
-    offset = max(0, size - TAIL)
-    record, end = _last_whole(os.pread(fd, size - offset, offset), whole=not offset)
-    if record is None and offset:
-        record, end = _last_whole(os.pread(fd, size, 0), whole=True)
-        offset = 0
-    return record, offset + end, size
 
 
 def _read_record(path: str) -> Record | None:
@@ -249,12 +238,8 @@ def _read_record(path: str) -> Record | None:
     except FileNotFoundError:
         return None
     try:
-        if path.endswith(LEGACY):
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-            return json.loads(b"".join(chunks))
-        return _last_version(fd)[0]
+        data = _read_all(fd)
+        return json.loads(data) if path.endswith(LEGACY) else _last_whole(data)[0]
     finally:
         os.close(fd)
 
@@ -420,8 +405,9 @@ class Ledger:
                 if fd is None:
                     record, end, size = _read_record(f"{folder}/{name}{LEGACY}") or {}, 0, 0
                 else:
-                    last, end, size = _last_version(fd)
-                    record = last or {}
+                    data = _read_all(fd)
+                    last, end = _last_whole(data)
+                    record, size = last or {}, len(data)
                 version = record.pop(VERSION, 0) + 1
                 record.update(changes)
                 if mutate is not None:

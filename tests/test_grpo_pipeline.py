@@ -16,7 +16,14 @@ import pytest
 from jobs.scoring.pass_rates import select_problems
 from jobs.specs import ExportSpec, JobTarget
 from jobs.training import export
-from tests.conftest import ROOT, read_json, run_cli, small_config, write_config
+from tests.conftest import (
+    ROOT,
+    ledger_record,
+    read_json,
+    run_cli,
+    small_config,
+    write_config,
+)
 from tests.test_pipeline import job_records
 
 GRPO = {"num_generations": 2, "batch_size": 2, "max_steps": 2, "max_completion_length": 12, "logging_steps": 1,
@@ -115,14 +122,14 @@ def test_driver_and_training_job_killed_mid_grpo_then_rerun_resumes_from_the_las
         assert driver.poll() is None, driver.stdout.read().decode() if driver.stdout else ""
         assert time.monotonic() < deadline, "no checkpoint"
         time.sleep(0.1)
-    record = read_json(run_dir / "ledger" / "iter_001" / "train.json")
+    record = ledger_record(run_dir, "iter_001/train")
     os.kill(driver.pid, signal.SIGKILL)
     os.kill(record["pid"], signal.SIGKILL)
     driver.wait()
 
     rerun = run_cli("-m", "pipeline.run", str(config))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    train = read_json(run_dir / "ledger" / "iter_001" / "train.json")
+    train = ledger_record(run_dir, "iter_001/train")
     metrics = train["metrics"]
     resumed_at = int(metrics["resumed_from"].rsplit("-", 1)[1])
     assert train["attempts"] == 2 and train["executions"] == 2 and resumed_at in (3, 6, 9)

@@ -11,18 +11,19 @@ invocation, on the same folder (``--dir``, default the system's temporary folder
 1. Writers: N processes (fork) wait on a barrier, then each makes ``--updates`` read-modify-write
    updates (a counter +1) either to a record of its own (``different``) or all to one record
    (``same``), records that exist already (made by one batch before, as the driver's submission
-   makes a stage's shard records). Updates/s = N x updates / seconds from the first writer's start to the last one's
-   last update; CPU ms per update = the writers' CPU time (user + system) / N x updates, a figure
-   that other load on the machine disturbs less. Afterwards every counter must equal its number of updates
-   (else the benchmark fails: an update was lost). A round still running after ``--limit-s`` is
-   stopped (its writers killed) and its rate is what was done by then, marked "stopped". The new
-   ledger also runs ``different`` with fsync turned off in the writers (the difference is what
-   durability costs), and the same processes replace files of their own in one folder with a bare
-   temporary file and rename (no lock, no fsync, no JSON): the folder's ceiling, which no ledger
-   of one file per record in that folder passes; and each appends to a file of its own, opened
-   once, and fdatasyncs it (no lock, no read, no JSON): the ceiling of durable updates here, which
-   no ledger whose writers each make their own update durable passes. Last, a probe of a design
-   not built (append-only record files, ``append_only_probe``), to show what it would reach.
+   makes a stage's shard records). Updates/s = N x updates / seconds from the first writer's start
+   to the last one's last update; CPU ms per update = the writers' CPU time (user + system) / N x
+   updates, a figure that other load on the machine disturbs less. ``--rounds`` rounds of both
+   ledgers, in alternating order (one round swings by 2x on a shared VM): the medians are shown,
+   and for new/today the median of the rounds' ratios with the lowest and highest. Afterwards every
+   counter must equal its number of updates (else the benchmark fails: an update was lost). A
+   round still running after ``--limit-s`` is stopped (its writers killed) and its rate is what was
+   done by then, marked "stopped". The new ledger also runs ``different`` with fsync turned off in
+   the writers (the difference is what durability costs); and the same processes replace files of
+   their own in one folder with a bare temporary file and rename (no lock, no fsync, no JSON): the
+   ceiling of a ledger that replaces one file per record in one folder; and each appends to a file
+   of its own, opened once, and fdatasyncs it (no lock, no read, no JSON): the ceiling of durable
+   updates here, which no ledger whose writers each make their own update durable passes.
 2. One process, one update after the other: latency per update with and without fsync.
 3. Reads of a synthetic run of ``--shards`` generation shards (written by each ledger's own
    update_many: submitted, job ids, done with metrics): one driver poll (today: ``read(key)`` per
@@ -45,10 +46,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
-import json
 import multiprocessing
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -199,31 +199,6 @@ def durable_ceiling(folder: Path, count: int, updates: int, limit_s: float) -> R
     return race(count, updates, work, limit_s)
 
 
-def append_only_probe(folder: Path, count: int, updates: int, limit_s: float) -> Round:
-    """A design not built, measured: each record an append-only file of its versions (one JSON line
-    each), kept open by its writer; an update takes the record's flock, reads the last line, appends
-    the new version and fdatasyncs. No folder change per update, so writers of different records
-    share nothing but the disk's flushes (readers would learn of changes from the files' sizes)."""
-    run_dir = Path(tempfile.mkdtemp(dir=folder))
-
-    def work(worker: int) -> Iterator[None]:
-        fd = os.open(run_dir / f"shard_{worker:05d}.jsonl", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        for _ in range(updates):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            size = os.fstat(fd).st_size
-            last = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16))).rstrip(b"\n").rpartition(b"\n")[2]
-            record = json.loads(last) if last else {}
-            bump(record)
-            record["updated_at"] = new_ledger.now()
-            os.write(fd, (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode())
-            os.fdatasync(fd)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            yield
-        os.close(fd)
-
-    return race(count, updates, work, limit_s)
-
-
 def latency_ms(name: str, folder: Path, updates: int, fsync: bool) -> float:
     ledger = IMPLEMENTATIONS[name].Ledger(tempfile.mkdtemp(dir=folder))
     real = os.fsync, os.fdatasync
@@ -339,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/bench/ledger_bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--writers", default="16,256", help="numbers of writer processes, comma-separated (up to 1000)")
     parser.add_argument("--updates", type=int, default=20, help="updates per writer")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of both ledgers' writers; medians are shown")
     parser.add_argument("--limit-s", type=float, default=300.0, help="time limit of one round of writers")
     parser.add_argument("--shards", type=int, default=10_000)
     parser.add_argument("--delay-ms", type=float, default=5.0, help="the slow filesystem's delay per metadata operation")
@@ -359,17 +335,25 @@ def main(argv: list[str] | None = None) -> int:
     def cpu(figures: Round) -> str:
         return "-" if figures.cpu_ms is None else f"{figures.cpu_ms:.2f}"
 
+    def median(rounds: list[Round]) -> Round:
+        return sorted(rounds, key=lambda figures: figures.rate)[len(rounds) // 2]
+
     for count in counts:
         for same in (False, True):
-            today, new = (writers_round(name, folder, count, args.updates, same, args.limit_s) for name in ("today", "new"))
+            # Side by side, in alternating order: one round of either ledger swings by 2x here.
+            rounds = [{name: writers_round(name, folder, count, args.updates, same, args.limit_s)
+                       for name in (("today", "new") if i % 2 == 0 else ("new", "today"))} for i in range(args.rounds)]
+            ratios = sorted(r["new"].rate / r["today"].rate for r in rounds)
+            today, new = (median([r[name] for r in rounds]) for name in ("today", "new"))
+            spread = f" ({ratios[0]:.1f}-{ratios[-1]:.1f})" if len(ratios) > 1 else ""
             rows.append((count, "same" if same else "different", today.rate_text(), new.rate_text(),
-                         f"{new.rate / today.rate:.1f}x", cpu(today), cpu(new)))
+                         f"{statistics.median(ratios):.1f}x{spread}", cpu(today), cpu(new)))
         for what, figures in (("different, new without fsync", writers_round("new", folder, count, args.updates, False, args.limit_s, fsync=False)),
                               ("different, bare temp file + rename", ceiling(folder, count, args.updates, args.limit_s)),
-                              ("different, bare append + fdatasync", durable_ceiling(folder, count, args.updates, args.limit_s)),
-                              ("different, append-only records (probe)", append_only_probe(folder, count, args.updates, args.limit_s))):
+                              ("different, bare append + fdatasync", durable_ceiling(folder, count, args.updates, args.limit_s))):
             rows.append((count, what, "", figures.rate_text(), "", "", cpu(figures)))
-    print_rows(f"updates/s, {args.updates} per writer, none lost; CPU ms per update (user + system, all writers)",
+    print_rows(f"updates/s, {args.updates} per writer, none lost, median of {args.rounds} rounds (new/today: median, lowest-highest);"
+               " CPU ms per update (user + system, all writers)",
                ("writers", "records", "today", "new", "new/today", "today CPU", "new CPU"), rows)
 
     latency = [(name, f"{latency_ms(name, folder, 200, True):.2f}", f"{latency_ms(name, folder, 200, False):.2f}") for name in ("today", "new")]
