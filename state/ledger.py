@@ -30,10 +30,21 @@ Beside the records, in the same folder, hidden files the ledger keeps for itself
   answer. A poll of a 10,000-shard stage thus reads one listing, one snapshot and the records that
   changed since the snapshot.
 
-Durability: an appended version is fdatasynced; a new file (a record's first version, or a file
-written anew) is written aside, fsynced and renamed into place; and the folder is fsynced before
-the update returns (once per folder for a batch), which makes the marker's rename durable too. So a
-record reported done survives a crash of the node that wrote it. A reader never sees half a
+Durability: an update returns once its version is on disk, so a record reported done survives a
+crash of the node that wrote it. An appended version is fdatasynced. A new file (a record's first
+version, or a file written anew) is written aside, fsynced and renamed into place, and then its
+folder is fsynced (once per folder for a batch). The rename of a marker is not synced by itself:
+the folder's fsync cost 256 writers of different records 60% of their updates (a directory's fsync
+waits for the journal to commit every other writer's rename in that folder), and a marker is no
+part of the record, only the readers' cue that a snapshot copy is out of date. A lost marker can
+only come from a crash of the machine whose kernel held the rename, which for a local disk is the
+machine of every reader too: NFS servers commit renames before they answer, Lustre's metadata
+server keeps them through a client's crash, and on ext4 and XFS the version's fdatasync commits the journal
+that holds its marker's earlier rename; on btrfs, or ext4 with fast_commit, it may not. So each
+snapshot is stamped with the host and boot of the reader that stored it, and a reader does not
+trust a snapshot stored on its own host in an earlier boot: after a crash the first poll reads
+every record (this also drops copies of versions a reader saw before a crash lost them). Where
+markers were lost, a record's highest marker counts, and its next update makes a new one. A reader never sees half a
 record: a writer killed in the middle of its append, or a crash before the append's fdatasync
 returned, leaves at most a torn line (part of the line, or zeros) after the last whole version;
 readers pass over it, and the next update cuts it off before it appends (a version glued to it
@@ -62,9 +73,11 @@ import datetime as _dt
 import enum
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -83,6 +96,7 @@ U = TypeVar("U")
 
 VERSION = "_version"  # the record's version, raised by every update; not part of what readers get
 SNAPSHOT = ".snapshot"
+WRITTEN_IN = ".written_in"  # a snapshot's stamp: [host, boot id] of the reader who stored it
 LOCKS = ".locks"
 LOCKS_ENV = "SELFTRAIN_LEDGER_LOCKS"
 LEASE_S = 30.0
@@ -265,6 +279,29 @@ def _map(function: Callable[[T], U], items: list[T]) -> list[U]:
         return list(pool.map(function, items))
 
 
+@functools.cache
+def _this_boot() -> list[str]:
+    """This machine and its boot: the snapshot's stamp (see the module docstring)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:  # not Linux: no boot to tell apart
+        boot = ""
+    return [socket.gethostname(), boot]
+
+
+def _load_snapshot(folder: Path) -> dict[str, Record]:
+    """The folder's snapshot; empty if there is none, it is torn, or it was stored on this machine
+    before a crash (an earlier boot), when a record's marker may have been lost."""
+    try:
+        snapshot = json.loads(_read_bytes(folder / SNAPSHOT) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    host, boot = snapshot.pop(WRITTEN_IN, None) or ["", ""]
+    this_host, this_boot = _this_boot()
+    return {} if host == this_host and boot != this_boot else snapshot
+
+
 class Ledger:
     """Records addressed by slash-separated keys, e.g. ``iter_001/generate/shard_00003``."""
 
@@ -320,12 +357,11 @@ class Ledger:
                         continue
                     record, at, version = name[1:].rpartition("@")
                     if at and version.isdigit():
-                        newest[record] = int(version)
+                        # The highest: a marker lost to a crash leaves an older one behind (module docstring).
+                        newest[record] = max(newest.get(record, 0), int(version))
         except FileNotFoundError:
             return {}
-        snapshot: dict[str, Record] = {}
-        with contextlib.suppress(OSError, ValueError):
-            snapshot = json.loads(_read_bytes(folder / SNAPSHOT) or b"{}")
+        snapshot = _load_snapshot(folder)
         # A record without markers was last written before markers existed: its snapshot copy holds.
         records = {n: snapshot[n] for n in files if n in snapshot}
         stale = [n for n in files if n not in records or newest.get(n, 0) > records[n].get(VERSION, 0)]
@@ -345,8 +381,9 @@ class Ledger:
     @staticmethod
     def _store_snapshot(folder: Path, records: dict[str, Record]) -> None:
         # A cache: not fsynced, and a reader who may not write to the run (another user) goes without.
+        data = json.dumps({WRITTEN_IN: _this_boot(), **records}, separators=(",", ":"), default=str).encode()
         with contextlib.suppress(OSError):
-            _replace(folder / SNAPSHOT, json.dumps(records, separators=(",", ":"), default=str).encode(), durable=False)
+            _replace(folder / SNAPSHOT, data, durable=False)
 
     def update(
         self,
@@ -366,7 +403,7 @@ class Ledger:
         any record is raised once the others are done.
         """
 
-        def one(key: str) -> Record | BaseException:
+        def one(key: str) -> tuple[Record, bool] | BaseException:
             try:
                 return self._update_one(key, changes[key], mutate)
             except BaseException as error:  # noqa: BLE001 (raised below, once every record's update has settled)
@@ -374,26 +411,31 @@ class Ledger:
 
         outcomes = dict(zip(changes, _map(one, list(changes)), strict=True))
         written: dict[str, dict[str, Record]] = {}
+        renamed: set[str] = set()  # folders where a file was renamed into place
         for key, outcome in outcomes.items():
             if not isinstance(outcome, BaseException):
                 folder, name = self._place(key)
-                written.setdefault(folder, {})[name] = outcome
+                written.setdefault(folder, {})[name] = outcome[0]
+                if outcome[1]:
+                    renamed.add(folder)
         for folder, records in written.items():
-            _fsync_folder(folder)
+            if folder in renamed:
+                _fsync_folder(folder)
             if len(records) > 1:
                 # A batch brings the snapshot up to date, so that the next poll reads no record file.
-                with contextlib.suppress(OSError, ValueError):
-                    snapshot = json.loads(_read_bytes(Path(folder, SNAPSHOT)) or b"{}")
-                    self._store_snapshot(Path(folder), {**snapshot, **records})
+                self._store_snapshot(Path(folder), {**_load_snapshot(Path(folder)), **records})
         out: dict[str, Record] = {}
         for key, outcome in outcomes.items():
             if isinstance(outcome, BaseException):
                 raise outcome  # SystemExit too: a job stepping aside from its claim
-            out[key] = _public(outcome)
+            out[key] = _public(outcome[0])
         return out
 
-    def _update_one(self, key: str, changes: Record, mutate: Callable[[Record], None] | None) -> Record:
-        """Read-modify-write of one record under its lock: its new version, durable but for its folder."""
+    def _update_one(
+        self, key: str, changes: Record, mutate: Callable[[Record], None] | None
+    ) -> tuple[Record, bool]:
+        """Read-modify-write of one record under its lock: its new version, durable once its folder
+        is synced if the second value says a file was renamed into place, and at once otherwise."""
         folder, name = self._place(key)
         path = f"{folder}/{name}{RECORD}"
         with self._locked(folder, name):
@@ -427,14 +469,15 @@ class Ledger:
                         os.ftruncate(fd, end)
                     _write_all(fd, line)
                     os.fdatasync(fd)
-                else:  # a new file, or one grown past COMPACT_AT: the new version alone, replacing it whole
-                    _replace(Path(path), line, durable=True)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(f"{folder}/{name}{LEGACY}")
+                    return record, False
+                # A new file, or one grown past COMPACT_AT: the new version alone, replacing it whole.
+                _replace(Path(path), line, durable=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{folder}/{name}{LEGACY}")
+                return record, True
             finally:
                 if fd is not None:
                     os.close(fd)
-        return record
 
     @contextlib.contextmanager
     def _locked(self, folder: str, name: str) -> Iterator[None]:
