@@ -34,21 +34,23 @@ Durability: an update returns once its version is on disk, so a record reported 
 crash of the node that wrote it. An appended version is fdatasynced. A new file (a record's first
 version, or a file written anew) is written aside, fsynced and renamed into place, and then its
 folder is fsynced (once per folder for a batch). The rename of a marker is not synced by itself:
-the folder's fsync cost 256 writers of different records 60% of their updates (a directory's fsync
-waits for the journal to commit every other writer's rename in that folder), and a marker is no
+a directory's fsync waits for the journal to commit every other writer's rename in that folder
+(tools/bench/ledger_bench.py shows the cost: "new + folder fsync per update"), and a marker is no
 part of the record, only the readers' cue that a snapshot copy is out of date. A lost marker can
 only come from a crash of the machine whose kernel held the rename, which for a local disk is the
 machine of every reader too: NFS servers commit renames before they answer, Lustre's metadata
-server keeps them through a client's crash, and on ext4 and XFS the version's fdatasync commits the journal
-that holds its marker's earlier rename; on btrfs, or ext4 with fast_commit, it may not. So each
-snapshot is stamped with the host and boot of the reader that stored it, and a reader does not
-trust a snapshot stored on its own host in an earlier boot: after a crash the first poll reads
-every record (this also drops copies of versions a reader saw before a crash lost them). Where
-markers were lost, a record's highest marker counts, and its next update makes a new one. A reader never sees half a
-record: a writer killed in the middle of its append, or a crash before the append's fdatasync
-returned, leaves at most a torn line (part of the line, or zeros) after the last whole version;
-readers pass over it, and the next update cuts it off before it appends (a version glued to it
-would be lost). A reader that meets a version being appended reads the one before it, and reads
+server keeps them through a client's crash, and on ext4 and XFS the version's fdatasync commits the
+journal that holds its marker's earlier rename; on btrfs, or ext4 with fast_commit, it may not. So a
+snapshot holds the time it was stored, and a reader does not trust one stored before its machine
+last booted: after a crash the first poll reads every record of the folder and stores the snapshot
+anew (which also drops copies of versions a reader saw before a crash lost them). On a shared
+filesystem that costs one such read to a machine that booted since the snapshot was stored. Where
+a marker was lost, the record's next update makes a new one: a record's highest marker counts.
+
+A reader never sees half a record: a writer killed in the middle of its append, or a crash before
+the append's fdatasync returned, leaves at most a torn line (part of the line, or zeros) after the
+last whole version; readers pass over it, and the next update cuts it off before it appends (a
+version glued to it would be lost). A reader that meets a version being appended reads the one before it, and reads
 the record again at its next poll, since the marker is already newer.
 
 A batch (``update_many``: a whole array's submission) updates each record atomically under its
@@ -77,7 +79,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -96,7 +97,7 @@ U = TypeVar("U")
 
 VERSION = "_version"  # the record's version, raised by every update; not part of what readers get
 SNAPSHOT = ".snapshot"
-WRITTEN_IN = ".written_in"  # a snapshot's stamp: [host, boot id] of the reader who stored it
+STORED_AT = ".stored_at"  # when a snapshot was stored (time.time()): see the module docstring
 LOCKS = ".locks"
 LOCKS_ENV = "SELFTRAIN_LEDGER_LOCKS"
 LEASE_S = 30.0
@@ -280,26 +281,20 @@ def _map(function: Callable[[T], U], items: list[T]) -> list[U]:
 
 
 @functools.cache
-def _this_boot() -> list[str]:
-    """This machine and its boot: the snapshot's stamp (see the module docstring)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:  # not Linux: no boot to tell apart
-        boot = ""
-    return [socket.gethostname(), boot]
+def _booted_at() -> float:
+    """When this machine booted, on the wall clock (seconds since the epoch)."""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _load_snapshot(folder: Path) -> dict[str, Record]:
-    """The folder's snapshot; empty if there is none, it is torn, or it was stored on this machine
-    before a crash (an earlier boot), when a record's marker may have been lost."""
+    """The folder's snapshot; empty if there is none, it is torn, or it was stored before this
+    machine's last boot, when a crash may have lost a record's marker (module docstring)."""
     try:
         snapshot = json.loads(_read_bytes(folder / SNAPSHOT) or b"{}")
     except (OSError, ValueError):
         return {}
-    host, boot = snapshot.pop(WRITTEN_IN, None) or ["", ""]
-    this_host, this_boot = _this_boot()
-    return {} if host == this_host and boot != this_boot else snapshot
+    stored_at = snapshot.pop(STORED_AT, None)
+    return snapshot if isinstance(stored_at, float) and stored_at > _booted_at() else {}
 
 
 class Ledger:
@@ -381,7 +376,7 @@ class Ledger:
     @staticmethod
     def _store_snapshot(folder: Path, records: dict[str, Record]) -> None:
         # A cache: not fsynced, and a reader who may not write to the run (another user) goes without.
-        data = json.dumps({WRITTEN_IN: _this_boot(), **records}, separators=(",", ":"), default=str).encode()
+        data = json.dumps({STORED_AT: time.time(), **records}, separators=(",", ":"), default=str).encode()
         with contextlib.suppress(OSError):
             _replace(folder / SNAPSHOT, data, durable=False)
 

@@ -1,12 +1,13 @@
 import json
 import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
 
 import state.ledger
 from state import Ledger, Status
-from state.ledger import SNAPSHOT
+from state.ledger import SNAPSHOT, STORED_AT
 
 STAGE = "iter_001/generate"
 
@@ -151,7 +152,7 @@ def test_a_writer_that_died_between_its_marker_and_its_record(tmp_path: Path) ->
     assert [p.name for p in folder.glob(".shard_00000@*")] == [".shard_00000@2"]
 
 
-def test_a_snapshot_from_before_a_crash_of_this_machine_is_not_trusted(tmp_path: Path) -> None:
+def test_a_snapshot_stored_before_this_machine_booted_is_not_trusted(tmp_path: Path) -> None:
     """An update does not sync its marker's rename: on some filesystems a crash loses it while the
     version it announced is on disk. Polls after the crash must not answer from a snapshot copy the
     lost marker would have shown out of date."""
@@ -165,21 +166,20 @@ def test_a_snapshot_from_before_a_crash_of_this_machine_is_not_trusted(tmp_path:
     # The crash: shard 0's marker went back to the version the snapshot holds; its record file kept "done".
     (folder / ".shard_00000@2").rename(folder / ".shard_00000@1")
 
-    def stamped(host: str, boot: str) -> dict[str, str]:
-        snapshot.write_text(json.dumps({**stored, ".written_in": [host, boot]}))
-        return {k: r["status"] for k, r in driver.read_many(keys).items()}
+    def polled_with(stamp: dict[str, float]) -> str:
+        snapshot.write_text(json.dumps({**{k: v for k, v in stored.items() if k != STORED_AT}, **stamp}))
+        return driver.read_many(keys)[keys[0]]["status"]
 
-    host, boot = stored[".written_in"]
-    # Stored in this boot of this machine, the snapshot is trusted: the lost marker hides the update
-    # (which is why the stamp is there); stored before the reboot, it is not, and the record is read.
-    assert stamped(host, boot)[keys[0]] == "running"
-    assert stamped(host, "an earlier boot")[keys[0]] == "done"
-    # A snapshot stored by another host's reader (a shared filesystem: its markers outlive a crash
-    # of any one client) is trusted as it is.
-    assert stamped("login2", "its boot")[keys[0]] == "running"
-    # The reader that distrusted the old snapshot stored the truth, and the record's next update
-    # makes a new marker beside the one left behind: the highest counts.
-    stamped(host, "an earlier boot")
+    booted_at = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    # Stored since this machine booted, the snapshot is trusted: the lost marker hides the update
+    # (which the stamp is there for); stored before the boot, or by an earlier ledger that stamped
+    # nothing, it is not, and the records are read.
+    assert polled_with({STORED_AT: stored[STORED_AT]}) == "running"
+    assert polled_with({STORED_AT: booted_at - 60}) == "done"
+    assert polled_with({}) == "done"
+    # That reader stored the snapshot anew, and the record's next update makes a new marker beside
+    # the one left behind: the highest counts.
+    assert json.loads(snapshot.read_bytes())[STORED_AT] > booted_at
     job.update(keys[0], {"note": "next"})
     assert sorted(p.name for p in folder.glob(".shard_00000@*")) == [".shard_00000@1", ".shard_00000@3"]
     record = driver.read_many(keys)[keys[0]]
