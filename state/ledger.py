@@ -17,25 +17,27 @@ Beside the records, in the same folder, hidden files the ledger keeps for itself
   LEASE_S seconds otherwise (a crashed node). Where flock works on each node but not across nodes
   (Lustre ``-o localflock``, NFS ``local_lock=flock``), set SELFTRAIN_LEDGER_LOCKS=soft for every
   process of the run (the driver and, through sbatch's environment, its jobs) to use the leases.
-- ``.c@N``: the record's version marker. Every update raises the version ``N`` stored in the record
-  (key VERSION) and renames the record's marker to the new version *before* it writes the version,
-  so a record's marker is never older than its file. Markers are empty: a listing of the folder
-  tells every record's version without opening a file.
+- ``.markers/BB/c@N``: the record's version marker, in one of BUCKETS folders (``BB``: a hash of
+  the record's name). Every update raises the version ``N`` stored in the record (key VERSION) and
+  renames the record's marker to the new version *before* it writes the version, so a record's
+  marker is never older than its file. Markers are empty: listings of the buckets tell every
+  record's version without opening a file. Ledgers before BUCKETS kept a record's marker beside it
+  (``.c@N``): those are read too, and the record's next update removes it.
 - ``.snapshot``: the folder's records as some reader (or a batch update) last saw them, each with
-  its version. ``children`` and ``read_many`` list the folder once, load the snapshot, and read only
-  the records whose marker is newer than their copy there (in threads where each read takes over a
-  millisecond: a network filesystem), storing the snapshot again once SNAPSHOT_AFTER copies were
-  out of date. The snapshot is only a cache: each copy in it is a whole record with its own
-  version, so a lost, older, torn or concurrently overwritten snapshot costs reads, never a stale
-  answer. A poll of a 10,000-shard stage thus reads one listing, one snapshot and the records that
-  changed since the snapshot.
+  its version. ``children`` and ``read_many`` list the folder and its buckets, load the snapshot,
+  and read only the records whose marker is newer than their copy there (in threads where each
+  read takes over a millisecond: a network filesystem), storing the snapshot again once
+  SNAPSHOT_AFTER copies were out of date. The snapshot is only a cache: each copy in it is a whole
+  record with its own version, so a lost, older, torn or concurrently overwritten snapshot costs
+  reads, never a stale answer. A poll of a 10,000-shard stage thus reads BUCKETS + 2 listings, one
+  snapshot and the records that changed since the snapshot.
 
 Durability: an update returns once its version is on disk, so a record reported done survives a
 crash of the node that wrote it. An appended version is fdatasynced. A new file (a record's first
 version, or a file written anew) is written aside, fsynced and renamed into place, and then its
 folder is fsynced (once per folder for a batch). The rename of a marker is not synced by itself:
 a directory's fsync waits for the journal to commit every other writer's rename in that folder
-(tools/bench/ledger_bench.py shows the cost: "new + folder fsync per update"), and a marker is no
+(tools/bench/ledger_bench.py shows the cost: "new + marker's folder fsync per update"), and a marker is no
 part of the record, only the readers' cue that a snapshot copy is out of date. A lost marker can
 only come from a crash of the machine whose kernel held the rename, which for a local disk is the
 machine of every reader too: NFS servers commit renames before they answer, Lustre's metadata
@@ -82,6 +84,7 @@ import os
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,6 +102,11 @@ VERSION = "_version"  # the record's version, raised by every update; not part o
 SNAPSHOT = ".snapshot"
 STORED_AT = ".stored_at"  # when a snapshot was stored (time.time()): see the module docstring
 LOCKS = ".locks"
+MARKERS = ".markers"
+# Folders the markers of one folder's records are spread over: renames in one folder wait on each
+# other (the folder's lock, held while the journal has room for the rename), which halved the rate
+# of 256 writers; 16 cost a poll 16 listings more.
+BUCKETS = 16
 LOCKS_ENV = "SELFTRAIN_LEDGER_LOCKS"
 LEASE_S = 30.0
 # flock's answers that mean "this filesystem does not do flock", as opposed to a failure.
@@ -280,6 +288,22 @@ def _map(function: Callable[[T], U], items: list[T]) -> list[U]:
         return list(pool.map(function, items))
 
 
+def _note_marker(newest: dict[str, int], marker: str) -> None:
+    """Count ``marker`` (``<name>@<version>``) in ``newest``, the highest version seen per record:
+    a marker lost to a crash leaves an older one behind (module docstring)."""
+    record, at, version = marker.rpartition("@")
+    if at and version.isdigit():
+        newest[record] = max(newest.get(record, 0), int(version))
+
+
+def _create_marker(bucket: str, marker: str) -> None:
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
+    except FileNotFoundError:  # the bucket's first marker
+        os.makedirs(bucket, exist_ok=True)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
+
+
 @functools.cache
 def _booted_at() -> float:
     """When this machine booted, on the wall clock (seconds since the epoch)."""
@@ -349,13 +373,15 @@ class Ledger:
                             files[stem] = RECORD
                         elif dot + suffix == LEGACY:
                             files.setdefault(stem, LEGACY)
-                        continue
-                    record, at, version = name[1:].rpartition("@")
-                    if at and version.isdigit():
-                        # The highest: a marker lost to a crash leaves an older one behind (module docstring).
-                        newest[record] = max(newest.get(record, 0), int(version))
+                    else:  # a marker as ledgers before MARKERS kept them, ".<name>@<version>", or a hidden file
+                        _note_marker(newest, name[1:])
         except FileNotFoundError:
             return {}
+        with contextlib.suppress(FileNotFoundError), os.scandir(f"{folder}/{MARKERS}") as buckets:
+            for bucket in buckets:
+                with os.scandir(bucket.path) as markers:
+                    for marker in markers:
+                        _note_marker(newest, marker.name)
         snapshot = _load_snapshot(folder)
         # A record without markers was last written before markers existed: its snapshot copy holds.
         records = {n: snapshot[n] for n in files if n in snapshot}
@@ -453,12 +479,15 @@ class Ledger:
                 record[VERSION] = version
                 line = _line(record)
                 # The new marker first, so that a reader who sees the new version also sees its marker;
-                # renamed from the old one, so that the record's folder changes once for both.
-                marker = f"{folder}/.{name}@{version}"
+                # renamed from the old one, so that its bucket changes once for both.
+                bucket = f"{folder}/{MARKERS}/{zlib.crc32(name.encode()) % BUCKETS:02d}"
+                marker = f"{bucket}/{name}@{version}"
                 try:
-                    os.rename(f"{folder}/.{name}@{version - 1}", marker)
-                except FileNotFoundError:  # the record's first version, or one written before markers
-                    os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
+                    os.rename(f"{bucket}/{name}@{version - 1}", marker)
+                except FileNotFoundError:  # the record's first version, or its first in MARKERS
+                    _create_marker(bucket, marker)
+                    with contextlib.suppress(FileNotFoundError):  # its marker beside it, by an earlier ledger
+                        os.unlink(f"{folder}/.{name}@{version - 1}")
                 if fd is not None and end + len(line) <= COMPACT_AT:
                     if end < size:  # a torn line after the last whole version: the next would be glued to it
                         os.ftruncate(fd, end)

@@ -1,5 +1,6 @@
 import json
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 
 import state.ledger
 from state import Ledger, Status
-from state.ledger import SNAPSHOT, STORED_AT
+from state.ledger import MARKERS, SNAPSHOT, STORED_AT
 
 STAGE = "iter_001/generate"
 
@@ -137,19 +138,45 @@ def test_polls_see_every_update_whatever_snapshot_they_find(tmp_path: Path) -> N
     assert driver.children(STAGE) == {k.rsplit("/", 1)[1]: driver.read(k) for k in keys}
 
 
+def _markers(folder: Path, name: str) -> list[Path]:
+    return sorted(folder.glob(f"{MARKERS}/*/{name}@*"), key=lambda p: p.name)
+
+
 def test_a_writer_that_died_between_its_marker_and_its_record(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     key = f"{STAGE}/shard_00000"
     ledger.update(key, {"status": "running"})
     folder = ledger.root / STAGE
-    assert [p.name for p in folder.glob(".shard_00000@*")] == [".shard_00000@1"]
+    [marker] = _markers(folder, "shard_00000")
+    assert marker.name == "shard_00000@1"
     # Its next writer renamed the marker to version 2 and was killed before replacing the record.
-    (folder / ".shard_00000@1").rename(folder / ".shard_00000@2")
+    marker.rename(marker.with_name("shard_00000@2"))
     assert ledger.children(STAGE)["shard_00000"]["status"] == "running"
     ledger.update(key, {"status": "done"})
     assert ledger.children(STAGE)["shard_00000"]["status"] == "done"
     assert ledger.read_many([key])[key]["status"] == "done"
-    assert [p.name for p in folder.glob(".shard_00000@*")] == [".shard_00000@2"]
+    assert [p.name for p in _markers(folder, "shard_00000")] == ["shard_00000@2"]
+
+
+def test_markers_beside_their_records_as_earlier_ledgers_kept_them(tmp_path: Path) -> None:
+    driver, job = Ledger(tmp_path), Ledger(tmp_path)
+    keys = [f"{STAGE}/shard_{i:05d}" for i in range(3)]
+    driver.update_many({k: {"status": "running"} for k in keys})
+    driver.read_many(keys)
+    folder = driver.root / STAGE
+    for marker in folder.glob(f"{MARKERS}/*/*"):
+        marker.rename(folder / f".{marker.name}")
+    shutil.rmtree(folder / MARKERS)
+    # A job of the earlier ledger finished shard 1: its marker beside it, renamed to the new version.
+    job.update(keys[1], {"status": "done"})
+    [moved] = _markers(folder, "shard_00001")
+    moved.rename(folder / ".shard_00001@2")
+    assert [r["status"] for r in driver.read_many(keys).values()] == ["running", "done", "running"]
+    # This ledger's next update of it makes its marker in the buckets, and removes the one beside it.
+    job.update(keys[1], {"note": "next"})
+    assert [p.name for p in _markers(folder, "shard_00001")] == ["shard_00001@3"]
+    assert not list(folder.glob(".shard_00001@*"))
+    assert driver.read_many(keys)[keys[1]]["note"] == "next"
 
 
 def test_a_snapshot_stored_before_this_machine_booted_is_not_trusted(tmp_path: Path) -> None:
@@ -164,7 +191,8 @@ def test_a_snapshot_stored_before_this_machine_booted_is_not_trusted(tmp_path: P
     stored = json.loads(snapshot.read_bytes())
     job.set_status([keys[0]], Status.DONE)
     # The crash: shard 0's marker went back to the version the snapshot holds; its record file kept "done".
-    (folder / ".shard_00000@2").rename(folder / ".shard_00000@1")
+    [marker] = _markers(folder, "shard_00000")
+    marker.rename(marker.with_name("shard_00000@1"))
 
     def polled_with(stamp: dict[str, float]) -> str:
         snapshot.write_text(json.dumps({**{k: v for k, v in stored.items() if k != STORED_AT}, **stamp}))
@@ -181,6 +209,6 @@ def test_a_snapshot_stored_before_this_machine_booted_is_not_trusted(tmp_path: P
     # the one left behind: the highest counts.
     assert json.loads(snapshot.read_bytes())[STORED_AT] > booted_at
     job.update(keys[0], {"note": "next"})
-    assert sorted(p.name for p in folder.glob(".shard_00000@*")) == [".shard_00000@1", ".shard_00000@3"]
+    assert [p.name for p in _markers(folder, "shard_00000")] == ["shard_00000@1", "shard_00000@3"]
     record = driver.read_many(keys)[keys[0]]
     assert (record["status"], record["note"]) == ("done", "next")

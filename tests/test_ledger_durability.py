@@ -130,12 +130,14 @@ def test_an_update_is_on_disk_before_it_returns(fuse: None, tmp_path: Path) -> N
     with mounted(tmp_path / "backing", tmp_path / "mount", log=ops) as mount:
         ledger = Ledger(mount / "run")
         ledger.update(f"{STAGE}/shard_00000", {"status": "running"})
-        # A record that exists: its marker renamed, then its new version appended and synced; its
-        # folder is not synced (the marker is the readers' cue, not the record: state/ledger.py).
+        # A record that exists: its marker renamed, then its new version appended and synced; no
+        # folder is synced (the marker is the readers' cue, not the record: state/ledger.py).
         ops.write_text("")
         ledger.update(f"{STAGE}/shard_00000", {"status": "running", "progress": 1})
         seen = ops.read_text().splitlines()
-        steps = [f"rename {folder}/.shard_00000@1 {folder}/.shard_00000@2", f"fsync {folder}/shard_00000.jsonl"]
+        rename = next(line for line in seen if line.startswith("rename ") and line.endswith("/shard_00000@2"))
+        assert rename.startswith(f"rename {folder}/.markers/"), rename
+        steps = [rename, f"fsync {folder}/shard_00000.jsonl"]
         assert [seen.index(step) for step in steps] == sorted(seen.index(step) for step in steps), seen
         assert not any(line.startswith("fsyncdir ") for line in seen), seen
         assert not any(line.startswith("create ") and "shard_00000.jsonl" in line for line in seen), "an update of a record appends"
@@ -149,7 +151,8 @@ def test_an_update_is_on_disk_before_it_returns(fuse: None, tmp_path: Path) -> N
     assert seen.index(f"fsync {folder}/shard_00000.jsonl") < synced
     for name in ("shard_00001", "shard_00002"):
         tmp = next(line.split()[1] for line in seen if line.startswith(f"create {folder}/.{name}.jsonl."))
-        steps = [f"create {folder}/.{name}@1", f"create {tmp}", f"fsync {tmp}", f"rename {tmp} {folder}/{name}.jsonl"]
+        marker = next(line for line in seen if line.startswith(f"create {folder}/.markers/") and line.endswith(f"/{name}@1"))
+        steps = [marker, f"create {tmp}", f"fsync {tmp}", f"rename {tmp} {folder}/{name}.jsonl"]
         assert [seen.index(step) for step in steps] == sorted(seen.index(step) for step in steps), seen
         assert seen.index(steps[-1]) < synced
     # The batch's snapshot is a cache: written after, and not synced.

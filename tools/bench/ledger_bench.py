@@ -19,8 +19,8 @@ invocation, on the same folder (``--dir``, default the system's temporary folder
    counter must equal its number of updates (else the benchmark fails: an update was lost). A
    round still running after ``--limit-s`` is stopped (its writers killed) and its rate is what was
    done by then, marked "stopped". The new ledger also runs ``different`` with fsync turned off in
-   the writers (the difference is what durability costs), and with its folder fsynced after every
-   update (what syncing the markers' renames would cost: see state/ledger.py's docstring). And the
+   the writers (the difference is what durability costs), and with its marker's folder fsynced after
+   every update (what syncing the markers' renames would cost: see state/ledger.py's docstring). And the
    same processes replace files of their own in one folder with a bare temporary file and rename
    (no lock, no fsync, no JSON): the ceiling of a ledger that replaces one file per record in one
    folder; and each appends to a file of its own, opened once, and fdatasyncs it (no lock, no read,
@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 import types
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,8 @@ def writers_round(
     name: str, folder: Path, count: int, updates: int, same: bool, limit_s: float, fsync: bool = True, sync_folder: bool = False
 ) -> Round:
     """``count`` writer processes on ``name``'s ledger; fails if an update was lost. ``sync_folder``:
-    each update also fsyncs the records' folder, as the new ledger did until it left its markers'
-    renames unsynced (commit 6dc3314)."""
+    each update also fsyncs the folder of its record's marker, which makes the marker's rename
+    durable at once (state/ledger.py's docstring says why the ledger does not)."""
     run_dir = tempfile.mkdtemp(dir=folder)
     # The records exist before their jobs update them: the driver made them when it submitted the array.
     keys = [STAGE] if same else [f"{STAGE}/shard_{worker:05d}" for worker in range(count)]
@@ -153,10 +154,12 @@ def writers_round(
             os.fsync = os.fdatasync = lambda fd: None
         ledger = IMPLEMENTATIONS[name].Ledger(run_dir)
         key = STAGE if same else f"{STAGE}/shard_{worker:05d}"
+        # The folder of the record's version marker (state/ledger.py)
+        bucket = f"{run_dir}/ledger/{STAGE}/{new_ledger.MARKERS}/{zlib.crc32(key.rpartition('/')[2].encode()) % new_ledger.BUCKETS:02d}"
         for _ in range(updates):
             ledger.update(key, mutate=bump)
             if sync_folder:
-                new_ledger._fsync_folder(f"{run_dir}/ledger/{STAGE}")
+                new_ledger._fsync_folder(bucket)
             yield
 
     figures = race(count, updates, work, limit_s)
@@ -357,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((count, "same" if same else "different", today.rate_text(), new.rate_text(),
                          f"{statistics.median(ratios):.1f}x{spread}", cpu(today), cpu(new)))
         for what, figures in (("different, new without fsync", writers_round("new", folder, count, args.updates, False, args.limit_s, fsync=False)),
-                              ("different, new + folder fsync per update", writers_round("new", folder, count, args.updates, False, args.limit_s, sync_folder=True)),
+                              ("different, new + marker's folder fsync per update", writers_round("new", folder, count, args.updates, False, args.limit_s, sync_folder=True)),
                               ("different, bare temp file + rename", ceiling(folder, count, args.updates, args.limit_s)),
                               ("different, bare append + fdatasync", durable_ceiling(folder, count, args.updates, args.limit_s))):
             rows.append((count, what, "", figures.rate_text(), "", "", cpu(figures)))
