@@ -50,6 +50,13 @@ def games_config(tiny_assets: Path, reward_models: Path, runs: Path, count: int,
     return config
 
 
+def slow_listener(models: Path) -> dict[str, Any]:
+    """The listener service, its scoring stretched out so that a kill lands in the middle of it: the
+    filter asks one problem's candidates per call, so a pause between chunks of one candidate each
+    (40 problems: ~12 s per filter; with chunks of 4 there was no pause, and a filter took ~1 s)."""
+    return {"model": str(models / "listener"), "kind": "yes_probability", "chunk_size": 1, "chunk_delay_s": 0.3, "wait_s": 600}
+
+
 def wait_until(condition: Any, what: str, running: Any, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -124,9 +131,7 @@ def test_the_listener_serves_the_filter_as_a_job_and_comes_back_after_a_kill(
     """Embedded default: the service is a local job of the run; killed (SIGKILL) while the filter is
     being scored, the driver resubmits it, the filter's client waits for it, no score is lost or made up."""
     runs = tmp_path / "runs"
-    # A pause between the client's calls stretches the scoring out, so that the kill lands in the middle.
-    config = games_config(tiny_assets, reward_models, runs, 40, services={"reward": {
-        "model": str(reward_models / "listener"), "kind": "yes_probability", "chunk_delay_s": 0.3, "wait_s": 600}})
+    config = games_config(tiny_assets, reward_models, runs, 40, services={"reward": slow_listener(reward_models)})
     path = write_config(tmp_path / "games.yaml", config)
     run_dir = runs / "small"
     dry = run_cli("-m", "pipeline.run", str(path), "--dry-run")
@@ -159,8 +164,7 @@ def test_rest_on_the_listener_score_on_slurm(slurm_cluster: str, tiny_assets: Pa
                 "generate": {"cpus_per_task": 1, "timeout_min": 10}, "filter": {"timeout_min": 10},
                 "train": {"timeout_min": 10}, "reward": {"cpus_per_task": 1, "timeout_min": 20}}
     config = games_config(tiny_assets, reward_models, runs, 40, num_iterations=2, learning_rates=[1e-3, 5e-4], executor=executor,
-                          services={"reward": {"model": str(reward_models / "listener"), "kind": "yes_probability",
-                                               "chunk_delay_s": 0.3, "wait_s": 600}})
+                          services={"reward": slow_listener(reward_models)})
     path = write_config(tmp_path / "games_slurm.yaml", config)
     run_dir = runs / "small"
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
