@@ -37,8 +37,8 @@ crash of the node that wrote it. An appended version is fdatasynced. A new file 
 version, or a file written anew) is written aside, fsynced and renamed into place, and then its
 folder is fsynced (once per folder for a batch). The rename of a marker is not synced by itself:
 a directory's fsync waits for the journal to commit every other writer's rename in that folder
-(tools/bench/ledger_bench.py shows the cost: "new + marker's folder fsync per update"), and a marker is no
-part of the record, only the readers' cue that a snapshot copy is out of date. A lost marker can
+(tools/bench/ledger_bench.py shows the cost: "new + marker's folder fsync per update"), and a
+marker is no part of the record, only the readers' cue that a snapshot copy is out of date. A lost marker can
 only come from a crash of the machine whose kernel held the rename, which for a local disk is the
 machine of every reader too: NFS servers commit renames before they answer, Lustre's metadata
 server keeps them through a client's crash, and on ext4 and XFS the version's fdatasync commits the
@@ -52,8 +52,8 @@ a marker was lost, the record's next update makes a new one: a record's highest 
 A reader never sees half a record: a writer killed in the middle of its append, or a crash before
 the append's fdatasync returned, leaves at most a torn line (part of the line, or zeros) after the
 last whole version; readers pass over it, and the next update cuts it off before it appends (a
-version glued to it would be lost). A reader that meets a version being appended reads the one before it, and reads
-the record again at its next poll, since the marker is already newer.
+version glued to it would be lost). A reader that meets a version being appended reads the one
+before it, and reads the record again at its next poll, since the marker is already newer.
 
 A batch (``update_many``: a whole array's submission) updates each record atomically under its
 own lock, many at once in threads (their fsyncs then share the journal's commits); it is not one
@@ -296,6 +296,11 @@ def _note_marker(newest: dict[str, int], marker: str) -> None:
         newest[record] = max(newest.get(record, 0), int(version))
 
 
+def marker_bucket(folder: str, name: str) -> str:
+    """The folder of record ``name``'s version marker (``folder`` is the record's folder)."""
+    return f"{folder}/{MARKERS}/{zlib.crc32(name.encode()) % BUCKETS:02d}"
+
+
 def _create_marker(bucket: str, marker: str) -> None:
     try:
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
@@ -480,14 +485,15 @@ class Ledger:
                 line = _line(record)
                 # The new marker first, so that a reader who sees the new version also sees its marker;
                 # renamed from the old one, so that its bucket changes once for both.
-                bucket = f"{folder}/{MARKERS}/{zlib.crc32(name.encode()) % BUCKETS:02d}"
+                bucket = marker_bucket(folder, name)
                 marker = f"{bucket}/{name}@{version}"
                 try:
                     os.rename(f"{bucket}/{name}@{version - 1}", marker)
                 except FileNotFoundError:  # the record's first version, or its first in MARKERS
                     _create_marker(bucket, marker)
-                    with contextlib.suppress(FileNotFoundError):  # its marker beside it, by an earlier ledger
-                        os.unlink(f"{folder}/.{name}@{version - 1}")
+                    if version > 1:  # its marker beside it, by an earlier ledger
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(f"{folder}/.{name}@{version - 1}")
                 if fd is not None and end + len(line) <= COMPACT_AT:
                     if end < size:  # a torn line after the last whole version: the next would be glued to it
                         os.ftruncate(fd, end)

@@ -1,7 +1,6 @@
 import json
 import multiprocessing
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -198,7 +197,7 @@ def test_a_snapshot_stored_before_this_machine_booted_is_not_trusted(tmp_path: P
         snapshot.write_text(json.dumps({**{k: v for k, v in stored.items() if k != STORED_AT}, **stamp}))
         return driver.read_many(keys)[keys[0]]["status"]
 
-    booted_at = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    booted_at = state.ledger._booted_at()
     # Stored since this machine booted, the snapshot is trusted: the lost marker hides the update
     # (which the stamp is there for); stored before the boot, or by an earlier ledger that stamped
     # nothing, it is not, and the records are read.

@@ -56,7 +56,6 @@ import sys
 import tempfile
 import time
 import types
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -154,8 +153,7 @@ def writers_round(
             os.fsync = os.fdatasync = lambda fd: None
         ledger = IMPLEMENTATIONS[name].Ledger(run_dir)
         key = STAGE if same else f"{STAGE}/shard_{worker:05d}"
-        # The folder of the record's version marker (state/ledger.py)
-        bucket = f"{run_dir}/ledger/{STAGE}/{new_ledger.MARKERS}/{zlib.crc32(key.rpartition('/')[2].encode()) % new_ledger.BUCKETS:02d}"
+        bucket = new_ledger.marker_bucket(f"{run_dir}/ledger/{STAGE}", key.rpartition("/")[2])
         for _ in range(updates):
             ledger.update(key, mutate=bump)
             if sync_folder:
