@@ -36,7 +36,8 @@ invocation, on the same folder (``--dir``, default the system's temporary folder
    slow filesystem) were updated one by one by their jobs; each first after the page cache was
    dropped (root only), so that the records come from the disk, then again.
 4. The same reads through a FUSE passthrough with ``--delay-ms`` per metadata operation
-   (tools/bench/loopfs.py), where FUSE can be mounted here. Today's ledger reads every record
+   (tools/bench/loopfs.py, whose listings carry their entries' attributes as NFS's READDIRPLUS
+   does), where FUSE can be mounted here. Today's ledger reads every record
    there, so its figures come from ``--slow-sample`` records and are scaled to all of them
    (marked "x N").
 

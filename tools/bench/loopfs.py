@@ -12,7 +12,11 @@ It shows folder BACKING at MOUNTPOINT (in the foreground, until unmounted) and c
 - ``--log FILE``: append one line per operation that changes or syncs something (``create PATH``,
   ``fsync PATH``, ``rename OLD NEW``, ``fsyncdir PATH``), so that a test can check their order.
 
-The kernel caches lookups and attributes for 1 s (libfuse's defaults), as NFS does for a few.
+The kernel caches lookups and attributes for 1 s (libfuse's defaults), as NFS does for a few. A
+listing carries every entry's attributes (READDIRPLUS, as NFS clients read folders), so that the
+files just listed are opened without a lookup each. Lookups of files not listed before wait on each
+other within a folder, which no NFS or Lustre client does: libfuse 3.14 (Debian 12's) never passes
+FUSE_PARALLEL_DIROPS to the kernel (libfuse#861, fixed in later releases).
 ``mounted()`` runs it for a ``with`` block. Needs root (or fusermount3), /dev/fuse, libfuse3
 (Debian: libfuse3-3) and mfusepy.
 """
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
+import itertools
 import os
 import subprocess
 import sys
@@ -31,6 +37,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# libfuse 3's flags (fuse_common.h, fuse.h): the kernel asks for READDIRPLUS only in a folder's first
+# listing unless READDIRPLUS_AUTO is off; a readdir asked for PLUS answers with FILL_DIR_PLUS entries.
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+FUSE_READDIR_PLUS = 1
+FUSE_FILL_DIR_PLUS = 2
 STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime", "st_mtime", "st_ctime")
 
 
@@ -39,6 +50,8 @@ def serve(backing: str, mountpoint: str, delay_s: float, refuse_flock: bool, log
 
     log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 (open for the life of the mount)
     log_lock = threading.Lock()
+    handles = itertools.count(1)
+    listings: dict[int, list[tuple[str, dict[str, Any], int]]] = {}
 
     def real(path: str) -> str:
         return os.path.join(backing, path.lstrip("/"))
@@ -57,10 +70,7 @@ def serve(backing: str, mountpoint: str, delay_s: float, refuse_flock: bool, log
 
         def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
             wait()
-            st = os.fstat(fh) if fh is not None else os.lstat(real(path))
-            attrs = {k: getattr(st, k) for k in STAT_FIELDS}
-            attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
-            return attrs
+            return stat_dict(os.fstat(fh) if fh is not None else os.lstat(real(path)))
 
         def access(self, path: str, amode: int) -> int:
             wait()
@@ -68,16 +78,29 @@ def serve(backing: str, mountpoint: str, delay_s: float, refuse_flock: bool, log
                 raise mfusepy.FuseOSError(errno.EACCES)
             return 0
 
+        def init_with_config(self, conn: Any, config: Any) -> None:
+            if conn is not None:  # every listing with attributes, not a folder's first chunk alone
+                conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+
         def opendir(self, path: str) -> int:
             wait()
-            return 0
+            return next(handles)
 
-        def readdir(self, path: str, fh: int) -> list[str]:
+        def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, Any], int]]:
+            """The folder's entries with their attributes, read once per opening of the folder; every
+            call (a chunk of the listing) waits as a request to a server does."""
             wait()
-            return [".", "..", *os.listdir(real(path))]
+            if fh not in listings:
+                folder = real(path)
+                entries = [(".", stat_dict(os.lstat(folder)), 0), ("..", stat_dict(os.lstat(os.path.dirname(folder))), 0)]
+                with os.scandir(folder) as found:
+                    entries += [(entry.name, stat_dict(entry.stat(follow_symlinks=False)), 0) for entry in found]
+                listings[fh] = entries
+            return listings[fh]
 
         def releasedir(self, path: str, fh: int) -> int:
             wait()
+            listings.pop(fh, None)
             return 0
 
         def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
@@ -189,8 +212,35 @@ def serve(backing: str, mountpoint: str, delay_s: float, refuse_flock: bool, log
             def flock(self, path: str, fh: int, op: int) -> int:
                 raise mfusepy.FuseOSError(errno.ENOLCK)
 
+    class PlusFUSE(mfusepy.FUSE):
+        """mfusepy's FUSE, answering READDIRPLUS with each entry's attributes (mfusepy passes on the
+        mode alone, which gives the kernel no entry to keep)."""
+
+        def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+            if not flags & FUSE_READDIR_PLUS:
+                return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
+            # With offsets: libfuse passes a listing given all at once (offset 0) to the kernel
+            # without its entries' attributes.
+            if offset == 0:  # the folder read anew: a first listing, or a rewind
+                listings.pop(fip.contents.fh, None)
+            entries = self.operations.readdir((path or b"/").decode(), fip.contents.fh)
+            st = mfusepy.c_stat()
+            for index in range(offset, len(entries)):
+                name, attrs, _ = entries[index]
+                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+                mfusepy.set_st_attrs(st, attrs, use_ns=True)
+                if filler(buf, name.encode(), st, index + 1, FUSE_FILL_DIR_PLUS) != 0:
+                    break  # the kernel's buffer is full: it asks again from this offset
+            return 0
+
     # Many threads, as many requests in flight as a network filesystem client would have.
-    mfusepy.FUSE(LoopFS(), mountpoint, foreground=True, allow_other=True, max_threads=64)
+    PlusFUSE(LoopFS(), mountpoint, foreground=True, allow_other=True, max_threads=64)
+
+
+def stat_dict(st: os.stat_result) -> dict[str, Any]:
+    attrs = {k: getattr(st, k) for k in STAT_FIELDS}
+    attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
+    return attrs
 
 
 def fuse_unavailable() -> str | None:
