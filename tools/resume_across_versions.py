@@ -12,7 +12,6 @@ changed a stage the old version had finished, or did not finish the run.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -64,8 +63,8 @@ def main() -> int:
     print(f"{old_commit}: starting the run ({work})")
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config_path)], cwd=old, start_new_session=True,
                               env={**os.environ, "PYTHONPATH": str(old)}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    train = ledger / "iter_001" / "train.json"
-    while not (train.exists() and json.loads(train.read_text()).get("status") == "done"):
+    # Read as this version reads the old one's records (a JSON file, or a file of versions).
+    while Ledger(ledger.parent).read("iter_001/train").get("status") != "done":
         if driver.poll() is not None:
             print(f"{old_commit}: the driver ended before iteration 1's training was done (exit {driver.returncode})")
             return 1
