@@ -288,15 +288,6 @@ def _map(function: Callable[[T], U], items: list[T]) -> list[U]:
         return list(pool.map(function, items))
 
 
-def _names(folder: str) -> list[str]:
-    """The names in ``folder``; none if there is no such folder."""
-    try:
-        with os.scandir(folder) as entries:
-            return [entry.name for entry in entries]
-    except FileNotFoundError:
-        return []
-
-
 def _note_marker(newest: dict[str, int], marker: str) -> None:
     """Count ``marker`` (``<name>@<version>``) in ``newest``, the highest version seen per record:
     a marker lost to a crash leaves an older one behind (module docstring)."""
@@ -391,11 +382,11 @@ class Ledger:
                         _note_marker(newest, name[1:])
         except FileNotFoundError:
             return {}
-        markers = f"{folder}/{MARKERS}"
-        # The buckets at once: on a network filesystem each listing waits on the server.
-        for names in _map(_names, [f"{markers}/{bucket}" for bucket in _names(markers)]):
-            for marker in names:
-                _note_marker(newest, marker)
+        with contextlib.suppress(FileNotFoundError), os.scandir(f"{folder}/{MARKERS}") as buckets:
+            for bucket in buckets:
+                with os.scandir(bucket.path) as markers:
+                    for marker in markers:
+                        _note_marker(newest, marker.name)
         snapshot = _load_snapshot(folder)
         # A record without markers was last written before markers existed: its snapshot copy holds.
         records = {n: snapshot[n] for n in files if n in snapshot}
