@@ -57,6 +57,11 @@ def make_executor(
             options[name] = value
     if resources.gpus_per_task:
         options["gpus_per_task"] = resources.gpus_per_task
+    if resources.nodes * resources.tasks_per_node > 1:
+        # A task that dies (a rank that could not open the rendezvous, an exception on one rank)
+        # leaves the others waiting in a collective until the time limit, and the driver's retry
+        # pending behind them: SLURM ends the whole step when one task fails.
+        options["srun_args"] = ["--kill-on-bad-exit=1"]
     if resources.mem_gb is not None:
         options["mem"] = f"{int(resources.mem_gb * 1024)}M"
     if resources.cpus_per_task:

@@ -1,15 +1,20 @@
 """GRPO on the real SLURM cluster: two processes (gloo) stopping together on the pre-timeout signal
-and resuming at the same step; seed 002's speaker trained against the listener service of the run."""
+and resuming at the same step; a rank that dies ending its job at once; seed 002's speaker trained
+against the listener service of the run."""
 
 from __future__ import annotations
 
 import json
+import random
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from jobs.training.sft import RENDEZVOUS_PORTS
 from state import Ledger
 from tests.conftest import ROOT, run_cli, small_config, write_config
 from tests.test_services import kill_service_mid_scoring, wait_until
@@ -60,6 +65,43 @@ def test_two_process_grpo_stops_together_on_the_pre_timeout_signal_and_resumes_a
     assert sorted(p.name for p in checkpoint.glob("rng_state*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
     tasks = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "--format=JobID,NTasks"], capture_output=True, text=True, check=True).stdout.split()
     assert f"{job_id}.0|2" in tasks, tasks
+
+
+def test_a_rank_that_cannot_open_the_rendezvous_ends_the_job_at_once_and_the_retry_trains(
+    slurm_cluster: str, tiny_assets: Path, tmp_path: Path
+) -> None:
+    """Something else listens on the port the training job's rank 0 would meet its peer on: rank 0
+    fails (EADDRINUSE) and, without SLURM ending the step, rank 1 would wait for it until the time
+    limit while the driver's retry pends behind it."""
+    # Job ids are dealt in order and the tests submit one at a time: the run's first job is the next.
+    probe = subprocess.run(["sbatch", "--parsable", "--output=/dev/null", "--wrap=true"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    first_job = str(int(probe.split(";")[0]) + 1)
+    runs = tmp_path / "runs"
+    timeout_min = 10
+    config = write_config(tmp_path / "grpo_port.yaml", small_config(
+        tiny_assets, runs, method="grpo", num_iterations=1, data={"heldout": None}, export_dir=str(tmp_path / "models"),
+        grpo={**GRPO, "max_steps": 2},
+        executor={**SLURM_EXECUTOR, "train": {"timeout_min": timeout_min, "tasks_per_node": 2, "cpus_per_task": 1}},
+    ))
+    started = time.monotonic()
+    with socket.create_server(("0.0.0.0", random.Random(first_job).randint(*RENDEZVOUS_PORTS))):
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: Ledger(runs / "small").read("iter_001/train").get("attempts", 0) >= 2, "a second attempt",
+                   lambda: driver.poll() is None)
+    output, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, output
+    assert time.monotonic() - started < timeout_min * 60 / 2, "the failed job waited for its time limit"
+
+    record = Ledger(runs / "small").read("iter_001/train")
+    assert record["status"] == "done" and record["attempts"] == 2 and record["job_id"] != first_job
+    assert record["metrics"]["world_size"] == 2
+    state, elapsed = subprocess.run(["sacct", "-X", "-n", "-P", "-j", first_job, "--format=State,ElapsedRaw"],
+                                    capture_output=True, text=True, check=True).stdout.split()[0].split("|")
+    assert state == "FAILED" and int(elapsed) < 120, (state, elapsed)
+    logs = runs / "small" / "submitit" / "iter_001" / "train"
+    assert "EADDRINUSE" in next(logs.glob(f"*/{first_job}_0_log.err")).read_text()
 
 
 def test_seed_002_speaker_trained_with_grpo_against_the_listener_service_on_slurm(

@@ -13,15 +13,16 @@ scaled by it (jobs.training.weighted; replay examples weigh 1.0).
 
 Distributed: a job of several tasks (``executor.train.tasks_per_node``, ``nodes``) runs one process
 per task; rank, world size and the rendezvous (first node, a port derived from the job id so that
-two jobs on one node do not collide) come from the SLURM environment through submitit, or from
-torchrun when that launched the processes. On CPU the ranks talk over gloo. Rank 0 alone reports
-to the ledger and writes the model.
+two jobs on one node do not collide, below the ports Linux gives outgoing connections) come from
+the SLURM environment through submitit, or from torchrun when that launched the processes. On CPU
+the ranks talk over gloo. Rank 0 alone reports to the ledger and writes the model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 from pathlib import Path
@@ -35,6 +36,8 @@ from state import atomic_write_json
 
 # What the ledger keeps of each logged step.
 STEP_LOG_KEYS = ("step", "loss", "learning_rate", "tokens_per_s", "samples_per_s", "peak_memory_mib")
+# Where a job's ranks meet: the same port on every node of the job, below the ephemeral range.
+RENDEZVOUS_PORTS = (20000, 32767)
 
 
 def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: str | None,
@@ -277,8 +280,13 @@ def distributed_rank() -> int:
         except RuntimeError:  # not in a job: a direct call
             return 0
         if job.num_tasks > 1:
+            # submitit derives the port from the job id in 20000-60000, which overlaps Linux's
+            # ephemeral ports (32768-60999): any outgoing connection on the node may hold it, and
+            # rank 0 then cannot listen (EADDRINUSE). Below that range only listeners collide.
+            os.environ.setdefault("MASTER_PORT", str(random.Random(job.job_id).randint(*RENDEZVOUS_PORTS)))
             # Each process picks its device from LOCAL_RANK; hiding the others would break that.
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            # (overwrite: submitit reads MASTER_PORT, then refuses to export what is already set.)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     return int(os.environ.get("RANK", "0"))
 
 
