@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import submitit
@@ -96,7 +96,27 @@ def sacct_text(job_ids: Iterable[str], fields: Sequence[str], *options: str) -> 
 
 def sacct(job_ids: Iterable[str]) -> dict[str, JobInfo]:
     """SLURM's accounting for these jobs (array tasks included), in one call."""
-    return parse_sacct(sacct_text(job_ids, SACCT_FIELDS))
+    infos = parse_sacct(sacct_text(job_ids, SACCT_FIELDS))
+    # The accounting database learns why a job was cancelled a moment after it learns that it was
+    # (seen here: CANCELLED with reason None for ~1 s, then Dependency): a job cancelled because a
+    # job it depended on failed would then look cancelled by hand. slurmctld knows at once.
+    unexplained = [job_id for job_id, info in infos.items() if info.state == "CANCELLED" and info.reason in (None, "None")]
+    for job_id, reason in controller_reasons(unexplained).items():
+        infos[job_id] = replace(infos[job_id], reason=reason)
+    return infos
+
+
+def controller_reasons(job_ids: list[str]) -> dict[str, str]:
+    """slurmctld's reason for each of these jobs it still holds (MinJobAge after they end), in one call."""
+    if not job_ids:
+        return {}
+    command = ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%r"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}  # sacct's word stands
+    rows = (line.split("|", 1) for line in result.stdout.splitlines() if "|" in line)
+    return {job_id: reason for job_id, reason in rows if job_id in job_ids and reason != "None"}
 
 
 def _local_info(pid: int) -> JobInfo:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.driver import NEVER_SATISFIED
+from pipeline.watch import JobWatcher
 from tests.conftest import (
     ROOT,
     ledger_record,
@@ -300,6 +302,35 @@ def test_detached_chain_whose_filter_fails_cancels_what_waits_on_it(
     train = ledger_record(run_dir, "iter_001/train")
     assert train["status"] == "planned" and train["attempts"] == 0 and "never ran" in train["note"]
     assert sacct_rows(train["job_ids"][0]) == [f"{train['job_ids'][0]}|CANCELLED|0:0"]
+
+
+def test_a_job_cancelled_because_its_dependency_failed_is_told_so_at_once(
+    slurm_cluster: str, tmp_path: Path
+) -> None:
+    """sacct learns that a job was cancelled a moment before it learns why (CANCELLED, reason None,
+    then Dependency): a poll in between took the chain's train job, cancelled because its filter
+    failed, for a job killed from outside, and counted it as a failed attempt."""
+
+    def sbatch(*options: str) -> str:
+        return subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/%j.out", *options],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    failing = sbatch("--wrap=sleep 1; exit 3")
+    waiting = sbatch(f"--dependency=afterok:{failing}", "--kill-on-invalid-dep=yes", "--wrap=true")
+    watcher, seen = JobWatcher("slurm"), []
+    deadline = time.monotonic() + 120
+    # Until the accounting database has the reason too, as fast as sacct answers.
+    while "Dependency" not in sacct_rows_with_reason(waiting):
+        assert time.monotonic() < deadline, "sacct never gave the reason"
+        info = watcher.poll([waiting])[waiting]
+        if info.state == "CANCELLED":
+            seen.append(info.reason)
+    assert seen and all(reason in NEVER_SATISFIED for reason in seen), seen
+
+
+def sacct_rows_with_reason(job_id: str) -> str:
+    return subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "--format=State,Reason"],
+                          capture_output=True, text=True, check=True).stdout
 
 
 def test_two_process_training_stops_together_on_the_pre_timeout_signal_and_resumes(
