@@ -6,7 +6,8 @@ only answers "is it still alive, and if not, how did it end?" so that a job kill
 also answers for jobs an earlier driver process submitted, which lets a rerun reattach to them.
 
 On SLURM that is a single ``sacct`` call per poll for every job of the run (per-job polling is
-what overloads controllers' RPC limits on shared clusters).
+what overloads controllers' RPC limits on shared clusters), and one ``squeue`` call for those of
+them sacct shows cancelled without a reason yet.
 """
 
 from __future__ import annotations
