@@ -116,8 +116,9 @@ def controller_reasons(job_ids: list[str]) -> dict[str, str]:
         result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return {}  # sacct's word stands
+    asked = set(job_ids)
     rows = (line.split("|", 1) for line in result.stdout.splitlines() if "|" in line)
-    return {job_id: reason for job_id, reason in rows if job_id in job_ids and reason != "None"}
+    return {job_id: reason for job_id, reason in rows if job_id in asked and reason != "None"}
 
 
 def _local_info(pid: int) -> JobInfo:

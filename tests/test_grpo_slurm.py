@@ -5,7 +5,6 @@ against the listener service of the run."""
 from __future__ import annotations
 
 import json
-import random
 import socket
 import subprocess
 import sys
@@ -14,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs.training.sft import RENDEZVOUS_PORTS
+from jobs.training.sft import rendezvous_port
 from state import Ledger
 from tests.conftest import ROOT, run_cli, small_config, write_config
 from tests.test_services import kill_service_mid_scoring, wait_until
-from tests.test_slurm import SLURM_EXECUTOR
+from tests.test_slurm import SLURM_EXECUTOR, sacct_rows
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +84,7 @@ def test_a_rank_that_cannot_open_the_rendezvous_ends_the_job_at_once_and_the_ret
         executor={**SLURM_EXECUTOR, "train": {"timeout_min": timeout_min, "tasks_per_node": 2, "cpus_per_task": 1}},
     ))
     started = time.monotonic()
-    with socket.create_server(("0.0.0.0", random.Random(first_job).randint(*RENDEZVOUS_PORTS))):
+    with socket.create_server(("0.0.0.0", rendezvous_port(first_job))):
         driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_until(lambda: Ledger(runs / "small").read("iter_001/train").get("attempts", 0) >= 2, "a second attempt",
@@ -97,8 +96,7 @@ def test_a_rank_that_cannot_open_the_rendezvous_ends_the_job_at_once_and_the_ret
     record = Ledger(runs / "small").read("iter_001/train")
     assert record["status"] == "done" and record["attempts"] == 2 and record["job_id"] != first_job
     assert record["metrics"]["world_size"] == 2
-    state, elapsed = subprocess.run(["sacct", "-X", "-n", "-P", "-j", first_job, "--format=State,ElapsedRaw"],
-                                    capture_output=True, text=True, check=True).stdout.split()[0].split("|")
+    state, elapsed = sacct_rows(first_job, "State,ElapsedRaw")[0].split("|")
     assert state == "FAILED" and int(elapsed) < 120, (state, elapsed)
     logs = runs / "small" / "submitit" / "iter_001" / "train"
     assert "EADDRINUSE" in next(logs.glob(f"*/{first_job}_0_log.err")).read_text()

@@ -36,8 +36,6 @@ from state import atomic_write_json
 
 # What the ledger keeps of each logged step.
 STEP_LOG_KEYS = ("step", "loss", "learning_rate", "tokens_per_s", "samples_per_s", "peak_memory_mib")
-# Where a job's ranks meet: the same port on every node of the job, below the ephemeral range.
-RENDEZVOUS_PORTS = (20000, 32767)
 
 
 def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: str | None,
@@ -257,6 +255,16 @@ def write_card(output: Path, card: dict[str, Any], config: TrainConfig) -> None:
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
 
 
+def rendezvous_port(job_id: str) -> int:
+    """The port a job's ranks meet on: the same on every node of the job, derived from its id.
+
+    submitit derives one in 20000-60000, which overlaps Linux's ephemeral ports (32768-60999): any
+    outgoing connection on the node may hold it, and rank 0 then cannot listen (EADDRINUSE). Below
+    that range only listeners collide.
+    """
+    return random.Random(job_id).randint(20000, 32767)
+
+
 def rendezvous() -> str:
     """Where the ranks meet (MASTER_ADDR:MASTER_PORT), with the address that name has on this node."""
     address, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
@@ -280,10 +288,7 @@ def distributed_rank() -> int:
         except RuntimeError:  # not in a job: a direct call
             return 0
         if job.num_tasks > 1:
-            # submitit derives the port from the job id in 20000-60000, which overlaps Linux's
-            # ephemeral ports (32768-60999): any outgoing connection on the node may hold it, and
-            # rank 0 then cannot listen (EADDRINUSE). Below that range only listeners collide.
-            os.environ.setdefault("MASTER_PORT", str(random.Random(job.job_id).randint(*RENDEZVOUS_PORTS)))
+            os.environ.setdefault("MASTER_PORT", str(rendezvous_port(job.job_id)))
             # Each process picks its device from LOCAL_RANK; hiding the others would break that.
             # (overwrite: submitit reads MASTER_PORT, then refuses to export what is already set.)
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
