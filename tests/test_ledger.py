@@ -37,6 +37,33 @@ def test_64_processes_lose_no_update(tmp_path: Path) -> None:
     assert not list(ledger.root.rglob("*.tmp")), "no temp file may be left behind"
 
 
+
+def _bump_one(run_dir: str, updates: int) -> None:
+    ledger = Ledger(run_dir)
+    for _ in range(updates):
+        ledger.update(STAGE, mutate=lambda r: r.__setitem__("count", r.get("count", 0) + 1))
+
+
+def test_writers_waiting_on_a_record_whose_file_is_written_anew_lose_no_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A writer locks the record's file itself; a file grown past its limit is replaced by a new one
+    # while others wait on the old one's lock: each must notice and lock the new file.
+    monkeypatch.setattr(state.ledger, "COMPACT_AT", 600)
+    workers, updates = 16, 25
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_bump_one, args=(str(tmp_path), updates)) for _ in range(workers)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    ledger = Ledger(tmp_path)
+    assert ledger.read(STAGE)["count"] == workers * updates
+    versions = [json.loads(line)["_version"] for line in (ledger.root / f"{STAGE}.jsonl").read_bytes().splitlines()]
+    assert versions[-1] == workers * updates and versions[0] > 1, "the file was written anew"
+
+
 def test_status_timestamps_and_missing_records(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     assert ledger.read("iter_001/filter") == {}
