@@ -1,6 +1,7 @@
 import json
 import multiprocessing
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,22 +21,26 @@ def _bump(run_dir: str, worker: int, updates: int) -> None:
         ledger.update(f"{STAGE}/shard_{worker:05d}", {"last": i}, lambda r: r.__setitem__("n", r.get("n", 0) + 1))
 
 
-def test_64_processes_lose_no_update(tmp_path: Path) -> None:
-    workers, updates = 64, 8
+def _at_once(target: Callable[..., None], args: list[tuple]) -> None:
+    """``target(*a)`` for each ``a`` of ``args``, each in a process of its own, all at once."""
     context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=_bump, args=(str(tmp_path), w, updates)) for w in range(workers)]
+    processes = [context.Process(target=target, args=a) for a in args]
     for p in processes:
         p.start()
     for p in processes:
         p.join(timeout=300)
         assert p.exitcode == 0
+
+
+def test_64_processes_lose_no_update(tmp_path: Path) -> None:
+    workers, updates = 64, 8
+    _at_once(_bump, [(str(tmp_path), w, updates) for w in range(workers)])
     ledger = Ledger(tmp_path)
     assert ledger.read(STAGE)["count"] == workers * updates
     shards = ledger.children(STAGE)
     assert len(shards) == workers
     assert all(r["n"] == updates and r["last"] == updates - 1 for r in shards.values())
     assert not list(ledger.root.rglob("*.tmp")), "no temp file may be left behind"
-
 
 
 def _bump_one(run_dir: str, updates: int) -> None:
@@ -51,13 +56,7 @@ def test_writers_waiting_on_a_record_whose_file_is_written_anew_lose_no_update(
     # while others wait on the old one's lock: each must notice and lock the new file.
     monkeypatch.setattr(state.ledger, "COMPACT_AT", 600)
     workers, updates = 16, 25
-    context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=_bump_one, args=(str(tmp_path), updates)) for _ in range(workers)]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    _at_once(_bump_one, [(str(tmp_path), updates)] * workers)
     ledger = Ledger(tmp_path)
     assert ledger.read(STAGE)["count"] == workers * updates
     versions = [json.loads(line)["_version"] for line in (ledger.root / f"{STAGE}.jsonl").read_bytes().splitlines()]
