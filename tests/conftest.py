@@ -99,6 +99,18 @@ def ledger_record(run_dir: Path, key: str) -> dict[str, Any]:
     return Ledger(run_dir).read(key)
 
 
+def slurm_queue() -> str:
+    """What a test that waited in vain needs to say: each queued job's state and reason."""
+    if "SLURM_CONF" not in os.environ:
+        return "no cluster"
+    try:
+        result = subprocess.run(["squeue", "-h", "-o", "%i %j %T %r %M"], capture_output=True, text=True, check=False,
+                                timeout=60)
+    except subprocess.TimeoutExpired:
+        return "squeue did not answer"
+    return "; ".join((result.stdout or result.stderr).strip().splitlines()) or "empty"
+
+
 def wait_for_lines(path: Path, count: int, running: Callable[[], bool], timeout_s: float = 300) -> None:
     """Until ``path`` (a shard's partial output) holds ``count`` items, while ``running()`` says the writer runs."""
     deadline = time.monotonic() + timeout_s

@@ -26,7 +26,7 @@ from jobs.scoring.rewards import RewardContext, RewardSet
 from jobs.services.reward_server import RewardServer
 from jobs.specs import RewardConfig, RewardServiceConfig, ServiceRef
 from state import Ledger, atomic_write_json
-from tests.conftest import ROOT, run_cli, small_config, write_config
+from tests.conftest import ROOT, run_cli, slurm_queue, small_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -63,18 +63,6 @@ def wait_until(condition: Any, what: str, running: Any, timeout_s: float = 600) 
         assert running(), f"the driver ended before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}; SLURM's queue: {slurm_queue()}"
         time.sleep(0.2)
-
-
-def slurm_queue() -> str:
-    """What a test that waited in vain needs to say: each queued job's state and reason."""
-    if "SLURM_CONF" not in os.environ:
-        return "no cluster"
-    try:
-        result = subprocess.run(["squeue", "-h", "-o", "%i %j %T %r %M"], capture_output=True, text=True, check=False,
-                                timeout=60)
-    except subprocess.TimeoutExpired:
-        return "squeue did not answer"
-    return "; ".join((result.stdout or result.stderr).strip().splitlines()) or "empty"
 
 
 def served_requests(url: str) -> int:
