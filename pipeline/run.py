@@ -2,7 +2,7 @@
 
 Attached (the default), this process drives the run and waits for its jobs. ``--detach``
 (SLURM only) submits the current iteration as a dependency chain and exits: jobs on the
-cluster drive the rest (pipeline/detach.py).
+cluster drive the rest (pipeline/loop/detach.py).
 
 Everything the user gave is checked before anything is written or submitted: a bad config,
 bad data or a changed config for an existing run gives one line and exit code 2.
@@ -18,8 +18,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from jobs.data import load_problems, write_jsonl
-from jobs.prompts import check_backend_takes, check_media
+from jobs.problems.data import load_problems, write_jsonl
+from jobs.problems.prompts import check_backend_takes, check_media
 from pipeline.config import (
     RunConfig,
     differences,
@@ -27,15 +27,19 @@ from pipeline.config import (
     load_config,
     with_defaults,
 )
-from pipeline.detach import advance_in_flight, submit_chain
-from pipeline.driver import Driver, StageFailed, job_name
-from pipeline.executors import require_scheduler, sbatch_script
-from pipeline.hacking import RunStopped
+from pipeline.console import console as make_console
 from pipeline.layout import RunLayout
-from pipeline.plan import Planner
-from pipeline.services import service_plan
-from pipeline.status import console as make_console
-from pipeline.status import summarize
+from pipeline.loop.detach import advance_in_flight, submit_chain
+from pipeline.loop.driver import Driver
+from pipeline.loop.hacking import RunStopped
+from pipeline.loop.services import service_plan
+from pipeline.loop.summary import summarize
+from pipeline.planning.planner import Planner
+from pipeline.planning.stage import StageFailed
+from pipeline.rules import check_config
+from pipeline.scheduling.executors import require_scheduler, sbatch_script
+from pipeline.scheduling.submitter import job_name
+from pipeline.views.tables import iteration_table
 from state import InputError, Ledger, atomic_write_bytes
 from state.ledger import now
 
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     console = make_console()
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, check=check_config)
         require_scheduler(config.executor.cluster)
         train = load_problems(config.data.train)
         heldout = load_problems(config.data.heldout) if config.data.heldout else []
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(config, planner, len(heldout), console)
         return 0
 
-    driver = Driver(config, planner, console)
+    driver = Driver(config, planner, console, on_iteration_done=lambda summary: console.print(iteration_table(summary)))
     detached = advance_in_flight(driver) if resuming else None
     if detached and not args.detach:
         print(f"error: run {config.run_name!r} is detached: its advance job {detached} is queued; follow it with"

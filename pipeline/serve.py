@@ -18,10 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.specs import VllmServiceConfig
+from jobs.vllm.config import VllmServiceConfig
 from pipeline.config import load_config
-from pipeline.plan import Planner
-from pipeline.services import service_plan
+from pipeline.loop.services import service_plan
+from pipeline.planning.stage import RunContext
+from pipeline.rules import check_config
 from state import InputError
 
 SERVICE = "vllm"
@@ -35,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     overrides = [*args.overrides, *([f"services.{SERVICE}.model={args.model}"] if args.model else [])]
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, check=check_config)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return InputError.exit_code
     if config.services.vllm is None:
         config.services.vllm = VllmServiceConfig()
-    (task,) = service_plan(Planner(config, config.run_dir, num_train=0), SERVICE, consumers=[]).tasks
+    (task,) = service_plan(RunContext(config, config.run_dir, num_train=0), SERVICE, consumers=[]).tasks
     # Under SLURM the servers listen on the node's address, for generation shards on other nodes.
     task.function(dataclasses.replace(task.spec, loopback="SLURM_JOB_ID" not in os.environ))
     return 0

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random-init tiny model + addition problems (no warm start: tests need speed, not skill)."""
-    from jobs.demo import build
+    from tools.demo import build
 
     out = tmp_path_factory.mktemp("assets")
     build(out, with_warm_start=False)
@@ -29,8 +29,8 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reward_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random listener and classifier (jobs.demo build-reward-models), and seed 002's games."""
-    from jobs.demo import build_reward_models
+    """The tiny random listener and classifier (tools.demo build-reward-models), and seed 002's games."""
+    from tools.demo import build_reward_models
 
     out = tmp_path_factory.mktemp("reward_models")
     build_reward_models(out)

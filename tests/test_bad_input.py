@@ -105,7 +105,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def _problem(i: int, **extra) -> str:
-    # A problem with a clip says where it goes (jobs.data refuses a sound without its <sound> tag).
+    # A problem with a clip says where it goes (jobs.problems.data refuses a sound without its <sound> tag).
     tag = "<sound> " if "sound" in extra else ""
     return json.dumps({"id": f"p{i}", "question": f"{tag}{i}+1=?", "answer": str(i + 1), **extra})
 
@@ -165,7 +165,7 @@ def test_media_where_the_backend_cannot_take_them(tiny_assets: Path, tmp_path: P
 
 
 def test_seed_formats_load(tmp_path: Path) -> None:
-    from jobs.data import load_problems
+    from jobs.problems.data import load_problems
 
     path = tmp_path / "mixed.json"
     path.write_text(
@@ -183,7 +183,7 @@ def test_seed_formats_load(tmp_path: Path) -> None:
 
 
 def test_unicode_line_separators_inside_strings_do_not_end_a_jsonl_line(tmp_path: Path) -> None:
-    from jobs.data import load_problems
+    from jobs.problems.data import load_problems
 
     path = tmp_path / "scraped.jsonl"
     # ensure_ascii=False writes U+2028, U+0085 and U+001C... as they are; only "\n" ends a JSONL line.

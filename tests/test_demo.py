@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_build_warm_starts_a_base_model(tmp_path: Path) -> None:
     assets = tmp_path / "demo_assets"
-    result = run_cli("-m", "jobs.demo", "build", str(assets))
+    result = run_cli("-m", "tools.demo", "build", str(assets))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "warm-started base model" in result.stdout + result.stderr
     for name in ("train.jsonl", "heldout.jsonl", "base_model/config.json", "base_model/model.safetensors"):

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from jobs.filter import main
+from jobs.scoring.config import FilterConfig, RewardConfig, RewardFilterConfig
+from jobs.scoring.filter_cli import main
 from jobs.scoring.filtering import filter_generations
 from jobs.scoring.learning_zone import categorize, category_ranges, keep_count
-from jobs.specs import FilterConfig, RewardConfig, RewardFilterConfig
 from state import InputError
 from tests.conftest import run_cli
 
@@ -237,7 +237,7 @@ def test_a_verifier_failing_in_a_worker_fails_the_filter_instead_of_hanging(tmp_
 import signal, sys
 from pathlib import Path
 from jobs.scoring.filtering import filter_generations
-from jobs.specs import FilterConfig
+from jobs.scoring.config import FilterConfig
 signal.signal(signal.SIGTERM, lambda *_: None)
 paths = [Path(p) for p in sys.argv[1:]]
 filter_generations(paths, paths[0].parent / "out" / "f.json", FilterConfig(verifier="json:loads"), 42, 16, workers=2)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs.data import read_jsonl
 from jobs.generation import generate
+from jobs.generation.config import GenerateConfig
 from jobs.generation.generate import generate_shard, partial_path
-from jobs.specs import GenerateConfig, GenerateShardSpec, JobTarget
+from jobs.problems.data import read_jsonl
+from jobs.specs import GenerateShardSpec, JobTarget
 from state import Ledger
 
 

@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 import torch
 
+from jobs.scoring.config import RewardConfig
 from jobs.scoring.reward_functions import completion_text
-from jobs.specs import GrpoConfig, GrpoSpec, JobTarget, RewardConfig, TrainConfig
+from jobs.specs import GrpoSpec, JobTarget
+from jobs.training.config import GrpoConfig, TrainConfig
 from jobs.training.grpo import STALLED_EXIT, run
 from state import Ledger
 from tests.conftest import ROOT, read_json

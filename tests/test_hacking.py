@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.hacking import describe, hacking_flags, reward_rise
+from pipeline.loop.hacking import describe, hacking_flags, reward_rise
 
 
 def iteration(number: int, heldout: float | None, format_means: list[float], correctness_means: list[float]) -> dict:

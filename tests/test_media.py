@@ -1,6 +1,6 @@
 """Problems with sound, images and video, without a vLLM server: the data checks (one line, exit 2,
 before anything is written), where the media go in a prompt, and SFT steps of the tiny multimodal
-models (jobs.demo) that show the media reach the model. tests/test_media_vllm.py serves the same
+models (tools.demo) that show the media reach the model. tests/test_media_vllm.py serves the same
 models and checks that generation gives them the same prompts."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs.data import load_problems
-from jobs.prompts import messages_for, template_messages
+from jobs.problems.data import load_problems
+from jobs.problems.prompts import messages_for, template_messages
 from jobs.runtime import quiet_libraries
-from jobs.specs import JobTarget, TrainConfig, TrainSpec
+from jobs.specs import JobTarget, TrainSpec
+from jobs.training.config import TrainConfig
 from jobs.training.media import (
     DecodedImages,
     MediaCollator,
@@ -36,7 +37,7 @@ def write_media(folder: Path) -> Path:
     import soundfile
     from PIL import Image
 
-    from jobs.demo import beeps
+    from tools.demo import beeps
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
@@ -157,7 +158,7 @@ def test_seed_formats_with_media_load(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def audio_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from jobs.demo import build_audio_model
+    from tools.demo import build_audio_model
 
     out = tmp_path_factory.mktemp("audio_model")
     build_audio_model(out)
@@ -166,7 +167,7 @@ def audio_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vision_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from jobs.demo import build_vision_model
+    from tools.demo import build_vision_model
 
     out = tmp_path_factory.mktemp("vision_model")
     build_vision_model(out)
@@ -285,10 +286,10 @@ def test_a_training_step_trains_the_encoders_unless_frozen(audio_model: Path, vi
 def test_build_audio_makes_a_countingqa_like_set(tmp_path: Path) -> None:
     import soundfile
 
-    from jobs.prompts import check_media
+    from jobs.problems.prompts import check_media
 
     assets = tmp_path / "audio_assets"
-    result = run_cli("-m", "jobs.demo", "build-audio", str(assets), "--no-warm-start")
+    result = run_cli("-m", "tools.demo", "build-audio", str(assets), "--no-warm-start")
     assert result.returncode == 0, result.stderr
     train, heldout = load_problems(assets / "train.json"), load_problems(assets / "heldout.json")
     assert "conversations" in json.loads((assets / "heldout.json").read_text())[0], "the held-out set in seed 001's format"

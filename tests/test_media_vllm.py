@@ -1,4 +1,4 @@
-"""Audio, image and video requests to real vLLM CPU servers of the tiny multimodal models (jobs.demo).
+"""Audio, image and video requests to real vLLM CPU servers of the tiny multimodal models (tools.demo).
 
 One server per model, started by the jobs' own code (generate.media_dir its only media folder) and
 kept for its class of tests; float32, as training computes on CPU. Each request is a problem's
@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 import torch
 
-from jobs.data import read_jsonl
 from jobs.generation import generate
-from jobs.prompts import messages_for
-from jobs.services.vllm_server import Endpoint, ServerFiles, start_servers
-from jobs.specs import GenerateConfig, GenerateShardSpec, JobTarget
+from jobs.generation.config import GenerateConfig
+from jobs.problems.data import read_jsonl
+from jobs.problems.prompts import messages_for
+from jobs.specs import GenerateShardSpec, JobTarget
+from jobs.vllm.server import Endpoint, ServerFiles, start_servers
 from tests.test_media import (
     AUDIO_PROBLEMS,
     IMAGE_PROBLEMS,
@@ -97,7 +98,7 @@ class TestAudio:
     @pytest.fixture(scope="class")
     @classmethod
     def server(cls, tmp_path_factory: pytest.TempPathFactory, media: Path) -> Iterator[tuple[Path, Endpoint]]:
-        from jobs.demo import build_audio_model
+        from tools.demo import build_audio_model
 
         yield from serve(build_audio_model, tmp_path_factory.mktemp("audio"), media)
 
@@ -109,7 +110,7 @@ class TestAudio:
     def test_a_file_outside_the_media_folder_is_refused_by_the_server_itself(self, server: tuple[Path, Endpoint], media: Path) -> None:
         outside = media.parent / "outside.wav"
         outside.write_bytes((media / "beeps1.wav").read_bytes())
-        # Past our own check (jobs.prompts refuses such a path before anything is sent).
+        # Past our own check (jobs.problems.prompts refuses such a path before anything is sent).
         messages = [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": outside.as_uri()}},
                                                  {"type": "text", "text": "How many?"}]}]
         status, reply = ask(server[1], messages)
@@ -141,7 +142,7 @@ class TestVision:
     @pytest.fixture(scope="class")
     @classmethod
     def server(cls, tmp_path_factory: pytest.TempPathFactory, media: Path) -> Iterator[tuple[Path, Endpoint]]:
-        from jobs.demo import build_vision_model
+        from tools.demo import build_vision_model
 
         yield from serve(build_vision_model, tmp_path_factory.mktemp("vision"), media)
 

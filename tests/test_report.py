@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from jobs.scoring import filtering as filter_job
-from jobs.specs import FilterConfig, FilterSpec, JobTarget
-from pipeline.status import summarize, warning_signs
+from jobs.scoring.config import FilterConfig
+from jobs.specs import FilterSpec, JobTarget
+from pipeline.views.tables import summarize, warning_signs
 from state import Ledger, Status
 from tests.conftest import run_cli, small_config, write_config
 from tests.test_filter import seed_record, write_shard

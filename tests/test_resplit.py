@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.data import read_jsonl
+from jobs.problems.data import read_jsonl
 from pipeline.config import Resplit
-from pipeline.resplit import cut, stragglers
+from pipeline.loop.resplit import cut, stragglers
 from state import Ledger
 from tests.conftest import run_cli
 from tests.test_pipeline import assert_each_problem_once

@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 
+from jobs.scoring.config import RewardConfig
 from jobs.scoring.rewards import PartialScores, RewardContext, RewardSet
 from jobs.scoring.service_reward import service_score
+from jobs.services.config import RewardServiceConfig
 from jobs.services.process import DIE_WITH_PARENT
 from jobs.services.reward_server import (
     ClassifierRequest,
@@ -30,7 +32,7 @@ from jobs.services.reward_server import (
     YesProbabilityRequest,
     load_scorer,
 )
-from jobs.specs import RewardConfig, RewardServiceConfig, ServiceRef
+from jobs.specs import ServiceRef
 from state import atomic_write_json
 
 from .conftest import ROOT, run_cli
@@ -113,7 +115,7 @@ def scored(ref: ServiceRef, prompts: list[Any], completions: list[Any], **column
 
 
 def games(count: int, seed: int) -> list[dict[str, Any]]:
-    from jobs.demo import referential_games
+    from tools.demo import referential_games
 
     return referential_games(random.Random(seed), count)
 

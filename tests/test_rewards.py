@@ -1,5 +1,5 @@
 """The seeds' rewards against a table computed by hand (tests/data/rewards/expected.yaml), through
-``python -m jobs.score``; binding errors, failures, GRPO's group statistics, the length reward
+``python -m jobs.scoring.score_cli``; binding errors, failures, GRPO's group statistics, the length reward
 across processes, and the problem fields that reach rewards as columns."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from jobs.data import load_problems
 from jobs.generation.generate import generation_record
-from jobs.score import main
+from jobs.problems.data import load_problems
+from jobs.scoring.config import RewardConfig
 from jobs.scoring.rescore import group_advantages, parse_rewards
 from jobs.scoring.reward_functions import explain_correction, length, tag_count
 from jobs.scoring.rewards import (
@@ -29,7 +29,7 @@ from jobs.scoring.rewards import (
     bind,
     known_rewards,
 )
-from jobs.specs import RewardConfig
+from jobs.scoring.score_cli import main
 from state import InputError
 
 DATA = Path(__file__).parent / "data" / "rewards"
@@ -54,7 +54,7 @@ def printed(entry: Any) -> str:
 
 def score(suite: dict[str, Any], output: Path, capsys: pytest.CaptureFixture[str], *extra: str,
           generations: Path | None = None) -> tuple[dict[str, Any], str]:
-    """jobs.score on a suite's file: the records written (by id) and what it printed."""
+    """jobs.scoring.score_cli on a suite's file: the records written (by id) and what it printed."""
     args = ["--generations", str(generations or DATA / suite["generations"]), "--rewards",
             suite["rewards"].replace("MINILM", MINILM), "--output", str(output), *suite["options"], *extra]
     assert main(args) == 0, capsys.readouterr().err

@@ -1,7 +1,7 @@
 """A reward model served as a job of the run: the driver starts it before the filter that needs it,
 keeps it alive when it dies, stops it afterwards; ReST on seed 002's listener score.
 
-Real parts: a tiny listener built offline (jobs.demo build-reward-models), its FastAPI service
+Real parts: a tiny listener built offline (tools.demo build-reward-models), its FastAPI service
 as a submitit job (local, and on the real SLURM cluster), real generation and training jobs.
 """
 
@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 
-from jobs.data import read_jsonl
+from jobs.problems.data import read_jsonl
+from jobs.scoring.config import RewardConfig
 from jobs.scoring.records import raw_outputs, read_generations, score_candidates
 from jobs.scoring.rewards import RewardContext, RewardSet
+from jobs.services.config import RewardServiceConfig
 from jobs.services.reward_server import RewardServer
-from jobs.specs import RewardConfig, RewardServiceConfig, ServiceRef
+from jobs.specs import ServiceRef
 from state import Ledger, atomic_write_json
 from tests.conftest import ROOT, run_cli, slurm_queue, small_config, write_config
 

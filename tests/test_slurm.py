@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.driver import NEVER_SATISFIED
-from pipeline.watch import JobWatcher
+from pipeline.loop.driver import NEVER_SATISFIED
+from pipeline.scheduling.watch import JobWatcher
 from tests.conftest import (
     ROOT,
     ledger_record,

@@ -27,24 +27,19 @@ from urllib.parse import urlparse
 
 import pytest
 
-from jobs.data import read_jsonl
 from jobs.generation import evaluate as eval_job
 from jobs.generation import generate
+from jobs.generation.config import EvalConfig, GenerateConfig
 from jobs.generation.generate import partial_path
-from jobs.prompts import messages_for
+from jobs.problems.data import read_jsonl
+from jobs.problems.prompts import messages_for
+from jobs.scoring.config import FilterConfig
 from jobs.services import vllm_server
 from jobs.services.process import group_members, run_api_key
-from jobs.services.vllm_args import vllm_python
-from jobs.services.vllm_server import ServerFiles, start_servers
-from jobs.specs import (
-    EvalConfig,
-    EvalSpec,
-    FilterConfig,
-    GenerateConfig,
-    GenerateShardSpec,
-    JobTarget,
-    VllmConfig,
-)
+from jobs.specs import EvalSpec, GenerateShardSpec, JobTarget
+from jobs.vllm.args import vllm_python
+from jobs.vllm.config import VllmConfig
+from jobs.vllm.server import ServerFiles, start_servers
 from state import InputError, Ledger
 from tests.conftest import ROOT, run_cli, small_config, wait_for_lines, write_config
 from tests.test_pipeline import all_records

@@ -1,6 +1,6 @@
 """Parsing of sacct's output as the real SLURM prints it (tests/test_slurm.py runs it for real)."""
 
-from pipeline.watch import JobInfo, expand_job_ids, parse_sacct
+from pipeline.scheduling.watch import JobInfo, expand_job_ids, parse_sacct
 
 
 def test_pending_array_ranges_expand_to_tasks() -> None:

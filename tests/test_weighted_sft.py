@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from jobs.specs import JobTarget, TrainConfig, TrainSpec
+from jobs.specs import JobTarget, TrainSpec
+from jobs.training.config import TrainConfig
 from jobs.training.sft import sft_examples, train_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from jobs.demo import build_model
+    from tools.demo import build_model
 
     folder = tmp_path_factory.mktemp("tiny")
     build_model(folder)

@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.cost import CostUnavailable, cost_table, run_cost
-from pipeline.status import console as make_console
-from pipeline.watch import SchedulerUnavailable
+from pipeline.console import console as make_console
+from pipeline.scheduling.watch import SchedulerUnavailable
+from pipeline.views.accounting import CostUnavailable, cost_table, run_cost
 
 
 def main(argv: list[str] | None = None) -> int:

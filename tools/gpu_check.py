@@ -12,7 +12,7 @@ Subcommands:
   check    one check (what ``run`` starts).
 
 The checks go through the project's own code paths: jobs.training.sft.run(TrainSpec) and
-jobs.training.grpo.run(GrpoSpec), on a small Qwen2 built here offline with jobs.demo's tokenizer.
+jobs.training.grpo.run(GrpoSpec), on a small Qwen2 built here offline with tools.demo's tokenizer.
 """
 
 from __future__ import annotations
@@ -243,11 +243,12 @@ def install(args: argparse.Namespace) -> int:
 
 
 def build_model(out: Path, hidden: int, layers: int) -> Path:
-    """A Qwen2 of ``hidden`` x ``layers`` with jobs.demo's byte-level tokenizer and chat template."""
+    """A Qwen2 of ``hidden`` x ``layers`` with tools.demo's byte-level tokenizer and chat template."""
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
-    from jobs.demo import build_tokenizer, qwen2_config
+    # Imported here, not at the top: on the GPU machine they load only after the carried wheels are on sys.path.
+    from tools.demo import build_tokenizer, qwen2_config
 
     tokenizer = build_tokenizer(out)
     torch.manual_seed(0)
@@ -260,7 +261,8 @@ def build_model(out: Path, hidden: int, layers: int) -> Path:
 def write_data(work: Path) -> tuple[Path, Path]:
     import random
 
-    from jobs.demo import make_problems
+    # Imported here, not at the top: on the GPU machine they load only after the carried wheels are on sys.path.
+    from tools.demo import make_problems
 
     sft = make_problems(random.Random(0), 32, "sft", worked=True)
     filtered = work / "filtered.json"
@@ -321,15 +323,11 @@ def run_check(name: str, work: Path, cpu: bool) -> dict[str, Any]:
         # One process of a distributed job, as torchrun would describe it.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    from jobs.specs import (
-        GrpoConfig,
-        GrpoSpec,
-        JobTarget,
-        RewardConfig,
-        TrainConfig,
-        TrainSpec,
-    )
+    # Imported here, not at the top: on the GPU machine they load only after the carried wheels are on sys.path.
+    from jobs.scoring.config import RewardConfig
+    from jobs.specs import GrpoSpec, JobTarget, TrainSpec  # (the comment above says why it is here)
     from jobs.training import grpo, sft
+    from jobs.training.config import GrpoConfig, TrainConfig  # (the comment above says why it is here)
 
     hidden, layers = (512, 4) if on_gpu else (128, 2)
     model = build_model(work / "model", hidden, layers)

@@ -21,16 +21,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.console import Console
 
-from pipeline.cost import CostUnavailable, cost_table, run_cost
-from pipeline.status import (
+from pipeline.loop.summary import summarize
+from pipeline.scheduling.watch import SchedulerUnavailable
+from pipeline.views.accounting import CostUnavailable, cost_table, run_cost
+from pipeline.views.tables import (
     CATEGORY_ROWS,
     distribution_table,
     hacking_lines,
     iteration_table,
-    summarize,
     warning_signs,
 )
-from pipeline.watch import SchedulerUnavailable
 from state import atomic_write_bytes
 
 # From hard to easy: red to green.

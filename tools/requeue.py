@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.driver import Driver
-from pipeline.status import console as make_console
+from pipeline.console import console as make_console
+from pipeline.loop.driver import Driver
 from state import InputError
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         console.print(f"would resubmit {stage.key} as one array of {len(failed)}: {names}")
         return 0
-    driver.submit(stage, failed)
+    driver.submitter.submit(stage, failed)
     records = [driver.ledger.read(task.key) for task in failed]
     for task, record in zip(failed, records, strict=True):
         console.print(f"{task.key}: attempt {record['attempts']}, job {record['job_id']}")

@@ -54,6 +54,6 @@ if [ "$TARGET" = cpu ]; then
   "$VENV/bin/python" -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 fi
 if $fresh; then
-  "$VENV/bin/python" jobs/services/vllm_launcher.py --version >/dev/null 2>&1 || { echo "vLLM in $VENV does not start" >&2; exit 1; }
+  "$VENV/bin/python" jobs/vllm/launcher.py --version >/dev/null 2>&1 || { echo "vLLM in $VENV does not start" >&2; exit 1; }
   echo "vLLM $(vllm_version) is ready in $VENV"
 fi

@@ -19,15 +19,15 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.status import console as make_console
-from pipeline.status import (
+from pipeline.console import console as make_console
+from pipeline.loop.summary import summarize
+from pipeline.scheduling.watch import job_rows
+from pipeline.views.tables import (
     hacking_lines,
     iteration_table,
     services_table,
     stage_table,
-    summarize,
 )
-from pipeline.watch import job_rows
 
 COLUMNS = ("iteration", "task", "status", "attempts", "job_id", "scheduler_state", "reason", "node", "elapsed", "exit_code")
 

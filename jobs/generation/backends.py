@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from jobs.generation.config import GenerateConfig
 from jobs.generation.protocol import (
     Backend,
     Completion,
@@ -14,12 +15,11 @@ from jobs.generation.protocol import (
     Request,
     Sampling,
 )
-from jobs.prompts import check_backend_takes
+from jobs.problems.prompts import check_backend_takes
 from jobs.runtime import pick_device
-from jobs.specs import GenerateConfig
 
 if TYPE_CHECKING:
-    from jobs.services.vllm_server import ServerFiles
+    from jobs.vllm.server import ServerFiles
 
 
 class TransformersBackend:
@@ -85,8 +85,9 @@ def make_backend(
     check_backend_takes(problems, config.backend, config.media_dir, "the job's problems", "its backend")
     if config.backend == "transformers":
         return TransformersBackend(model_path, config.batch_size)
+    # Imported here for import cost: only the vllm backend needs the HTTP client and servers.
     from jobs.generation.openai_client import OpenAIBackend, connect_endpoints
-    from jobs.services.vllm_server import start_servers
+    from jobs.vllm.server import start_servers  # (the comment above says why it is here)
 
     if config.endpoints:
         return OpenAIBackend(connect_endpoints(config), config)

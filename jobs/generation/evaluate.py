@@ -12,15 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jobs.data import read_jsonl
 from jobs.generation.backends import make_backend
 from jobs.generation.protocol import Outcome, Request, Sampling
-from jobs.prompts import messages_for
+from jobs.problems.data import read_jsonl
+from jobs.problems.prompts import messages_for
 from jobs.runtime import Throughput, reporting
 from jobs.scoring.answers import extract
 from jobs.scoring.verifiers import get_verifier
-from jobs.services.vllm_server import ServerFiles
 from jobs.specs import EvalSpec
+from jobs.vllm.server import ServerFiles
 from state import atomic_write_bytes
 
 

@@ -18,14 +18,14 @@ from typing import Any
 
 from filelock import FileLock
 
-from jobs.data import read_jsonl
 from jobs.generation.backends import make_backend
 from jobs.generation.protocol import Outcome, Request, Sampling
-from jobs.prompts import messages_for
+from jobs.problems.data import MEDIA_FIELDS, read_jsonl
+from jobs.problems.prompts import messages_for
 from jobs.runtime import Throughput, log, reporting, stop_if_preempted
 from jobs.scoring.answers import extract
-from jobs.services.vllm_server import ServerFiles
-from jobs.specs import MEDIA_FIELDS, GenerateShardSpec
+from jobs.specs import GenerateShardSpec
+from jobs.vllm.server import ServerFiles
 from state import atomic_write_bytes
 
 
@@ -49,7 +49,7 @@ def resume_partial(partial: Path) -> set[str]:
 
 def generation_record(problem: dict[str, Any], texts: list[tuple[str, int]]) -> dict[str, Any]:
     """One line of the seed's generations.jsonl, with the problem's other fields too (task_type,
-    duration ...: what the filter's and jobs.score's rewards read as columns)."""
+    duration ...: what the filter's and jobs.scoring.score_cli's rewards read as columns)."""
     candidates = []
     for text, num_tokens in texts:
         extracted = extract(text)

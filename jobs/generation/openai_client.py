@@ -25,10 +25,10 @@ import aiohttp
 import openai
 from orjson import loads as json_loads
 
+from jobs.generation.config import GenerateConfig
 from jobs.generation.protocol import Completion, Outcome, Request
 from jobs.runtime import stop_if_preempted
-from jobs.services.vllm_server import Endpoint
-from jobs.specs import GenerateConfig
+from jobs.vllm.server import Endpoint
 
 log = logging.getLogger("selftrain")
 # The OpenAI SDK (check_endpoint) logs every request at INFO.

@@ -39,6 +39,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from jobs.problems.data import MEDIA_FIELDS
 from jobs.runtime import reporting
 from jobs.scoring.analytics import Analytics
 from jobs.scoring.answers import (
@@ -48,6 +49,7 @@ from jobs.scoring.answers import (
     answer_rules,
     split_thinking,
 )
+from jobs.scoring.config import FilterConfig
 from jobs.scoring.learning_zone import (
     CATEGORIES,
     categorize,
@@ -57,7 +59,7 @@ from jobs.scoring.learning_zone import (
 from jobs.scoring.records import raw_outputs, read_generations, score_candidates
 from jobs.scoring.rewards import RewardContext, RewardSet
 from jobs.scoring.verifiers import Verifier, get_verifier
-from jobs.specs import MEDIA_FIELDS, FilterConfig, FilterSpec, ServiceRef
+from jobs.specs import FilterSpec, ServiceRef
 from state import InputError
 
 WRITE_BUFFER = 1 << 20

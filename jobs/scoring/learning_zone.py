@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from jobs.specs import FilterConfig
+from jobs.scoring.config import FilterConfig
 
 CATEGORIES = ("too_hard", "challenging", "learning_zone", "almost_mastered", "mastered")
 ACTIONS = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jobs.data import read_jsonl
+from jobs.problems.data import read_jsonl
 
 
 def select_problems(problems: list[dict[str, Any]], pass_rates: Path, band: tuple[float, float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Scoring generations files with a reward list (``python -m jobs.score``): per candidate each
+"""Scoring generations files with a reward list (``python -m jobs.scoring.score_cli``): per candidate each
 reward and the weighted total, per problem the group's mean, std and each candidate's advantage,
 and a summary per reward.
 
@@ -27,9 +27,9 @@ import orjson
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from jobs.scoring.config import RewardConfig
 from jobs.scoring.records import raw_outputs, read_generations, score_candidates
 from jobs.scoring.rewards import RewardSet
-from jobs.specs import RewardConfig
 from state import InputError, atomic_write_json
 
 # TRL's GRPOTrainer: advantages = (rewards - mean) / (std + 1e-4).

@@ -7,7 +7,7 @@ A reward has TRL's reward-function shape (open-r1's ``rewards.py`` too)::
 ``completions`` are strings or TRL's conversational ``[{"role": "assistant", "content": ...}]``;
 every field of the problem arrives as a column, one value per completion (``answer``, ``id``,
 ``task_type``, ``duration``, ``references``, media ...). None means "no score" (TRL leaves it out
-of the sample's sum). The same function serves the filter and ``jobs.score`` (one problem's K
+of the sample's sum). The same function serves the filter and ``jobs.scoring.score_cli`` (one problem's K
 samples per call) and TRL's GRPOTrainer (a slice of a batch per process per call).
 
 Built-in rewards (jobs.scoring.reward_functions: the seeds' formulas; jobs.scoring.service_reward:
@@ -36,8 +36,9 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from jobs.scoring.answers import DEFAULT_PATTERN
+from jobs.scoring.config import RewardConfig
 from jobs.scoring.verifiers import named_function
-from jobs.specs import RewardConfig, ServiceRef
+from jobs.specs import ServiceRef
 
 RewardFunction = Callable[..., list[float | None]]
 # The annotation of a reward's parameter that names a service of the run it calls (``services.<name>``):

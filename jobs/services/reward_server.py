@@ -69,8 +69,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.cli import add_options, section_from_options
 from jobs.runtime import pick_device
+from jobs.services.config import RewardServiceConfig
 from jobs.services.process import run_api_key
-from jobs.specs import RewardServiceConfig
 from state import InputError
 
 log = logging.getLogger("selftrain")

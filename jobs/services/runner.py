@@ -24,8 +24,9 @@ from typing import Any, Protocol
 
 from jobs.runtime import log, reporting, stop_requested
 from jobs.services.process import node_address, run_api_key
-from jobs.services.vllm_server import JobSignalled
 from jobs.specs import ServiceSpec, VllmServing
+from jobs.vllm.server import JobSignalled, ServerFiles
+from jobs.vllm.service import VllmService
 from state import Ledger, Status, atomic_write_json
 from state.ledger import now
 
@@ -49,9 +50,8 @@ class Server(Protocol):
 def make_server(spec: ServiceSpec) -> Server:
     api_key_file = Path(spec.api_key_file)
     if isinstance(spec.config, VllmServing):
-        from jobs.services.vllm_server import ServerFiles, VllmService
-
         return VllmService(spec.config, ServerFiles.of_job(Path(spec.folder), spec.api_key_file, spec.compile_cache_dir), "127.0.0.1" if spec.loopback else node_address())
+    # Imported here for import cost: the reward server loads FastAPI and torch, which a vLLM service does not need.
     from jobs.services.reward_server import RewardServer
 
     host = spec.config.host or ("127.0.0.1" if spec.loopback else node_address())

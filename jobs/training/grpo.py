@@ -29,12 +29,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from jobs.data import read_jsonl
-from jobs.prompts import messages_for
+from jobs.problems.data import MEDIA_FIELDS, read_jsonl
+from jobs.problems.prompts import messages_for
 from jobs.runtime import log, pick_device, report_status, reporting, stop_if_preempted
 from jobs.scoring.pass_rates import select_problems
 from jobs.scoring.rewards import RewardContext, RewardSet
-from jobs.specs import MEDIA_FIELDS, GrpoConfig, GrpoSpec, JobTarget
+from jobs.specs import GrpoSpec, JobTarget
+from jobs.training.config import GrpoConfig
 from jobs.training.sft import (
     distributed_rank,
     lora_config,
@@ -81,6 +82,7 @@ def rollout_options(grpo: GrpoConfig, on_gpu: bool, server: tuple[str, int] | No
     # ZeRO-3 shards the weights: vLLM needs them gathered to generate (and to receive them).
     options: dict[str, Any] = {"use_vllm": True, "vllm_mode": grpo.vllm_mode, "ds3_gather_for_generation": True}
     if server:
+        # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
         from jobs.training.rollout_server import weight_sync_port
 
         host, port = server
@@ -113,6 +115,7 @@ def train_grpo(spec: GrpoSpec, metrics: dict[str, Any], primary: bool = True, mu
     with ExitStack() as stack:
         server = None
         if spec.grpo.vllm_mode == "server" and primary:
+            # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
             from jobs.training.rollout_server import local_server, remote_server
 
             local_tasks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -125,13 +128,14 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
+    # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
     from jobs.training.callbacks import (
         CheckpointOnPreemption,
         StepMetrics,
         Watchdog,
         last_complete_checkpoint,
     )
-    from jobs.training.grpo_trainer import PolicyTrainer, TrlReward
+    from jobs.training.grpo_trainer import PolicyTrainer, TrlReward  # (the comment above says why it is here)
 
     config, grpo = spec.train, spec.grpo
     output = Path(spec.output_dir)
@@ -229,6 +233,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
 def run(spec: GrpoSpec) -> dict[str, Any]:
     place = None
     if spec.grpo.vllm_mode == "server":
+        # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
         from jobs.training.rollout_server import job_layout, serve_for_job
 
         place = job_layout()

@@ -1,8 +1,8 @@
 """SFT of a model that takes audio, images or video (one with a processor beside its tokenizer).
 
 The examples are prompt / completion chats whose prompt has ``audio`` / ``image`` / ``video`` parts
-where the problem's tags were (jobs.prompts.template_messages), and the files in that order. A
-collator reads the files as vLLM's server reads them (jobs.media) and hands them with the chat
+where the problem's tags were (jobs.problems.prompts.template_messages), and the files in that order. A
+collator reads the files as vLLM's server reads them (jobs.problems.media) and hands them with the chat
 template's text to the model's processor, so training sees the prompt that generation saw:
 
 - images only: TRL's DataCollatorForVisionLanguageModeling, given the decoded images (``images``);
@@ -29,7 +29,7 @@ from trl.data_utils import apply_chat_template
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from trl.trainer.utils import flush_left
 
-from jobs.media import SAMPLE_RATE, Video, read_image, read_sound, read_video
+from jobs.problems.media import SAMPLE_RATE, Video, read_image, read_sound, read_video
 
 # Frames per second that vLLM samples from a video for Qwen2-VL's video processor.
 VIDEO_FPS = 2

@@ -2,7 +2,7 @@
 
 The server is ``trl vllm-serve``'s: TRL's ``build_command`` (vLLM's ``serve`` with the NCCL weight
 transfer the trainer pushes its weights through, processed logprobs, dev-mode endpoints), started
-and stopped as the generation shards' servers are (jobs.services.vllm_server: a port bound by the
+and stopped as the generation shards' servers are (jobs.vllm.server: a port bound by the
 server itself, retried if lost, health wait with the log's tail, a process group stopped with the
 job and killed by the kernel if the job dies). Its log is ``<output>/rollout_server/server_0.log``.
 
@@ -39,8 +39,8 @@ from typing import Any
 
 from jobs.runtime import job_identity, log
 from jobs.services.process import ServerError, free_port
-from jobs.services.vllm_server import ServerFleet, VllmServer, visible_gpus
 from jobs.specs import GrpoSpec
+from jobs.vllm.server import ServerFleet, VllmServer, visible_gpus
 from state import Ledger, Status, atomic_write_json
 
 POLL_S = 5.0

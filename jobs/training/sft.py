@@ -28,10 +28,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from jobs.data import load_problems
-from jobs.prompts import has_media, messages_for, template_messages
+from jobs.problems.data import load_problems
+from jobs.problems.prompts import has_media, messages_for, template_messages
 from jobs.runtime import log, pick_device, reporting, stop_if_preempted
-from jobs.specs import TrainConfig, TrainSpec
+from jobs.specs import TrainSpec
+from jobs.training.config import TrainConfig
 from state import atomic_write_json
 
 # What the ledger keeps of each logged step.
@@ -43,6 +44,7 @@ def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: 
     """Prompt / completion conversations from filtered.json and the replay problems; with a ``weight``
     each when filtered.json has them (filter.category_weights; replay examples weigh 1.0). For a
     ``multimodal`` model, the chat template's parts and the media files of each (jobs.training.media)."""
+    # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
     from jobs.training.media import MEDIA
 
     samples = json.loads(Path(data_path).read_text(encoding="utf-8")) if data_path else []
@@ -108,13 +110,14 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     )
     from trl import SFTConfig, SFTTrainer
 
+    # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
     from jobs.training.callbacks import (
         CheckpointOnPreemption,
         DataOrder,
         StepMetrics,
         last_complete_checkpoint,
     )
-    from jobs.training.weighted import WEIGHT, WeightedSFTTrainer
+    from jobs.training.weighted import WEIGHT, WeightedSFTTrainer  # (the comment above says why it is here)
 
     config = spec.train
     output = Path(spec.output_dir)
@@ -136,6 +139,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     model = model_class.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization(config, on_gpu, dtype))
     collator, target_modules = None, config.target_modules
     if multimodal:
+        # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
         from jobs.training import media
 
         collator, examples = media.collator_for(processing, examples, config.max_length)

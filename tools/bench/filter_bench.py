@@ -9,7 +9,7 @@ runs each of these in a child process, ``--repeat`` times, keeping the fastest:
 
 - the floor: read every shard line by line (1 MiB buffer, as the filter) and JSON-parse it
   (orjson), nothing else;
-- the filter: ``python -m jobs.filter`` on the same shards, writing all its outputs, with one
+- the filter: ``python -m jobs.scoring.filter_cli`` on the same shards, writing all its outputs, with one
   worker per CPU (``--workers``); its count of correct candidates must equal the shards' (else the
   benchmark fails).
 
@@ -44,7 +44,7 @@ from jobs.generation.generate import generation_record
 from jobs.scoring.answers import answer_from, answer_part, answer_rules
 from jobs.scoring.filtering import available_cpus, read_generations
 from jobs.scoring.verifiers import get_verifier
-from pipeline.plan import shard_ranges
+from pipeline.planning.planner import shard_ranges
 
 GIB = 1 << 30
 WORDS = ["so", "the", "next", "sound", "is", "louder", "than", "the", "previous", "one", "and", "then", "a", "pause", "then", "two", "more", "quick", "beats"]
@@ -170,7 +170,7 @@ def measure(num_candidates: int, k: int, text_bytes: int, num_shards: int, repea
             floor_runs.append(run_child(["-c", PARSE_ONLY, *shard_args]))
             out = folder / "out"  # a fresh folder each run, as each iteration of a run has
             filter_runs.append(
-                run_child(["-m", "jobs.filter", "--generations", *shard_args, "--output", str(out / "filtered.json"),
+                run_child(["-m", "jobs.scoring.filter_cli", "--generations", *shard_args, "--output", str(out / "filtered.json"),
                            "--verifier", "multiple_choice", "--num-samples", str(k), "--workers", str(workers)])
             )
             stats = json.loads((out / "filtered_stats.json").read_text())

@@ -32,8 +32,8 @@ invocation, on the same folder (``--dir``, default the system's temporary folder
 2. One process, one update after the other: latency per update with and without fsync.
 3. Reads of a synthetic run of ``--shards`` generation shards (written by each ledger's own
    update_many: submitted, job ids, done with metrics): one driver poll (today: ``read(key)`` per
-   shard, as pipeline/driver.py's run_stage; new: ``read_many(keys)``) and the status summary
-   (pipeline/status.py ``summarize``, through each ledger; it also builds the run's plan). The new
+   shard, as pipeline/loop/driver.py's run_stage; new: ``read_many(keys)``) and the status summary
+   (pipeline/views/tables.py ``summarize``, through each ledger; it also builds the run's plan). The new
    ledger's figures without a snapshot (a run written by today's ledger, or one whose shards all
    changed since the last read), with the snapshot up to date, and after 100 shards (20 on the
    slow filesystem) were updated one by one by their jobs; each first after the page cache was
@@ -70,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import state.ledger as new_ledger
-from pipeline import status
+from pipeline.loop import summary as status
 from tools.bench.loopfs import drop_page_cache, fuse_unavailable, mounted
 
 BASELINE_REV = "8dda9fb"  # the last commit whose ledger took one lock per run
@@ -264,7 +264,7 @@ def synthetic_run(name: str, run_dir: Path, shards: int) -> list[str]:
 
 @contextlib.contextmanager
 def ledger_class(name: str) -> Iterator[None]:
-    """pipeline/status.py reading through ``name``'s ledger."""
+    """pipeline/views/tables.py reading through ``name``'s ledger."""
     previous = status.Ledger
     status.Ledger = IMPLEMENTATIONS[name].Ledger
     try:

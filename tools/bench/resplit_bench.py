@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
-from jobs.data import read_jsonl
-from jobs.demo import build
+from jobs.problems.data import read_jsonl
 from state import Ledger
+from tools.demo import build
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOW_SHARD = 1

@@ -33,13 +33,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from jobs.demo import COLORS, SHAPES, build_tokenizer, qwen2_config
 from jobs.scoring.rewards import RewardContext
 from jobs.scoring.service_reward import DEFAULT_QUESTION, service_score
+from jobs.services.config import RewardServiceConfig
 from jobs.services.process import DIE_WITH_PARENT
 from jobs.services.reward_server import YesProbabilityRequest, load_scorer
-from jobs.specs import RewardServiceConfig, ServiceRef
+from jobs.specs import ServiceRef
 from state import atomic_write_json
+from tools.demo import COLORS, SHAPES, build_tokenizer, qwen2_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -30,14 +30,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from jobs.data import read_jsonl
-from jobs.demo import build
+from jobs.generation.config import GenerateConfig
 from jobs.generation.openai_client import OpenAIBackend
 from jobs.generation.protocol import Outcome, Request, Sampling
-from jobs.prompts import messages_for
-from jobs.services.vllm_args import vllm_command
-from jobs.services.vllm_server import ServerFiles, start_servers
-from jobs.specs import GenerateConfig, VllmConfig
+from jobs.problems.data import read_jsonl
+from jobs.problems.prompts import messages_for
+from jobs.vllm.args import vllm_command
+from jobs.vllm.config import VllmConfig
+from jobs.vllm.server import ServerFiles, start_servers
+from tools.demo import build
 
 log = logging.getLogger("selftrain")
 

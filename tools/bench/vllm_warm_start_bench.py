@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.demo import build
-from jobs.services.vllm_server import ServerFiles, start_servers
-from jobs.specs import GenerateConfig, VllmConfig
+from jobs.generation.config import GenerateConfig
+from jobs.vllm.config import VllmConfig
+from jobs.vllm.server import ServerFiles, start_servers
+from tools.demo import build
 
 
 def start_seconds(model: str, config: GenerateConfig, files: ServerFiles) -> tuple[float, str | None]:

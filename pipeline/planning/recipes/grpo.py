@@ -1,0 +1,40 @@
+"""GRPO (seeds 001-004's train_grpo.py): TRL's GRPOTrainer from the last policy with the reward
+registry, then the held-out evaluation.
+
+    [generate (array) -> filter ->] train (GRPO) -> eval
+
+With ``grpo.pass_rate_band`` the iteration first measures every problem's pass rate with the policy
+it starts from (K samples each, judged as the filter judges them) and trains only on the problems
+inside the band: those all samples solve or none does would give groups of zero variance.
+"""
+
+from __future__ import annotations
+
+from pipeline.planning.stage import RunContext, StagePlan
+from pipeline.planning.stages import (
+    eval_stage,
+    filter_stage,
+    generate_stage,
+    grpo_train_stage,
+)
+
+
+class Grpo:
+    stage_names = ("generate", "filter", "train", "eval")
+    sections = ("generate", "filter", "grpo", "train", "eval")
+
+    def __init__(self, run: RunContext):
+        self.run = run
+
+    def stages(self, iteration: int) -> list[StagePlan]:
+        stages = []
+        pass_rates = None
+        if self.run.config.grpo.pass_rate_band is not None:
+            generate = generate_stage(self.run, iteration)
+            pass_rates = filter_stage(self.run, iteration, generate)
+            stages += [generate, pass_rates]
+        stages.append(grpo_train_stage(self.run, iteration, pass_rates))
+        if self.run.config.data.heldout:
+            stages.append(eval_stage(self.run, iteration))
+        return stages
+

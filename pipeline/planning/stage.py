@@ -1,0 +1,105 @@
+"""What a run runs, as data: a stage of one iteration (``StagePlan``), each a list of tasks (ledger
+record, job function, spec), and what stage builders read of the run (``RunContext``).
+
+A stage is data: the driver, the detached chain, status, report and requeue read these fields
+and never branch on a stage's name.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from jobs.specs import JobTarget
+from pipeline.config import RunConfig
+from pipeline.layout import BASELINE, RunLayout
+from pipeline.loop.resplit import Resplit
+from pipeline.scheduling.executors import Resources
+
+
+class StageFailed(Exception):
+    """A stage's tasks (or a service it needs) failed ``executor.max_attempts`` times; the message says which and why."""
+
+
+def shard_ranges(num_problems: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal slices; never an empty shard."""
+    num_shards = min(num_shards, num_problems)
+    bounds = [round(i * num_problems / num_shards) for i in range(num_shards + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+@dataclass
+class Task:
+    """One job to run: the ledger record it owns, the function and its spec."""
+
+    key: str
+    function: Callable[[Any], dict[str, Any]]
+    spec: Any
+
+
+@dataclass
+class StagePlan:
+    """One stage of one iteration, as its recipe describes it."""
+
+    key: str  # its ledger record, "iter_001/generate"
+    name: str  # its kind, "generate": its column in status tables and its resources section
+    iteration: int  # 0: the base model's evaluation
+    tasks: list[Task]
+    resources: Resources
+    # In a detached chain: afterok waits for the stage before it to succeed; afterany starts however
+    # it ended, and first resubmits what failed of it (pipeline/loop/detach.py).
+    after: Literal["afterok", "afterany"] = "afterok"
+    # Services of the run (config ``services``) that must serve while it runs.
+    services: tuple[str, ...] = ()
+    # An array stage's record sums up its tasks: its metrics from theirs.
+    totals: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+    # Metrics of its record that are the iteration's (status tables, report).
+    reports: tuple[str, ...] = ()
+    # Stragglers of its tasks may be stopped and the rest of their items split (pipeline/loop/resplit.py):
+    # ``split(task key)`` closes a stopped task on what it finished: (kept, rest) item indices.
+    resplit: Resplit | None = None
+    split: Callable[[str], tuple[list[int], list[int]]] | None = None
+    # For --dry-run: what it submits and where it writes.
+    jobs_text: str = "1"
+    writes: str = ""
+    detail: str = ""
+
+    @property
+    def is_array(self) -> bool:
+        """A one-job stage's record is its job's record; an array stage's record sums up its tasks."""
+        return [t.key for t in self.tasks] != [self.key]
+
+    @property
+    def label(self) -> str:
+        return f"iteration {self.iteration}: {self.name}" if self.iteration else f"{BASELINE}: {self.name} of the base model"
+
+
+class RunContext:
+    """What stage builders read of a run: its config, its layout, the size of its training set."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, num_train: int | None = None):
+        self.config = config
+        self.layout = RunLayout(run_dir)
+        self.run_dir = self.layout.run_dir
+        self._num_train = num_train
+
+    @cached_property
+    def num_train(self) -> int:
+        """Problems in the run's frozen training set (counted from the file when not given)."""
+        if self._num_train is not None:
+            return self._num_train
+        with open(self.layout.train_problems, "rb") as f:
+            return sum(1 for line in f if line.strip())
+
+    def target(self, key: str) -> JobTarget:
+        return JobTarget(str(self.run_dir), key)
+
+    def model_after(self, iteration: int) -> str:
+        """The model that iteration ``iteration`` produced (0: the base model)."""
+        if iteration == 0:
+            return str(Path(self.config.model.path).resolve())
+        return str(self.layout.trained_model(iteration))

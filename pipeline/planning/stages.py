@@ -1,0 +1,226 @@
+"""The stages recipes are made of: generation shards, the filter, training, the held-out evaluation.
+
+Each builder returns a StagePlan for one iteration: its tasks with their specs (every path from the
+run's layout), its resources (``executor.<stage name>``, else the default here), how it waits in
+a detached chain, the services it needs, and how its metrics add up.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from jobs.generation import evaluate as eval_job
+from jobs.generation import generate as generate_job
+from jobs.scoring import filtering as filter_job
+from jobs.scoring.rewards import services_used
+from jobs.specs import (
+    EvalSpec,
+    ExportSpec,
+    FilterSpec,
+    GenerateShardSpec,
+    GrpoSpec,
+    ServiceRef,
+    TrainSpec,
+)
+from jobs.training import export as export_job
+from jobs.training import grpo as grpo_job
+from jobs.training import sft as train_job
+from pipeline.config import RunConfig
+from pipeline.loop.resplit import split_parts
+from pipeline.planning.stage import RunContext, StagePlan, Task, shard_ranges
+from pipeline.scheduling.executors import Resources
+
+# What each stage asks for when the config does not say (executor.<stage>).
+DEFAULT_RESOURCES = {
+    "generate": Resources(),
+    "filter": Resources(timeout_min=60),
+    "train": Resources(),
+    "eval": Resources(timeout_min=60),
+    "export": Resources(timeout_min=30, cpus_per_task=1),
+    # The detached chain's small CPU job that submits the next chain (pipeline/loop/detach.py).
+    "advance": Resources(timeout_min=10, cpus_per_task=1),
+}
+EXPORT = "export"
+ADVANCE = "advance"
+GRPO_REPORTS = ("final_reward", "reward_failures", "selection", "final_loss")
+FILTER_REPORTS = ("mean_correct_rate", "categories", "filtered_samples", "total_problems", "total_candidates",
+                  "overall_accuracy", "correct_count_histogram", "correct_rate_buckets", "reward_failures")
+
+
+def stage_resources(config: RunConfig, name: str) -> Resources:
+    """What stage ``name``'s jobs ask for: ``executor.<name>``, else its default."""
+    return config.executor.resources(name, DEFAULT_RESOURCES[name])
+
+
+def service_refs(run: RunContext, names: set[str]) -> dict[str, ServiceRef]:
+    """How jobs reach the run's services ``names`` (config ``services.<name>``)."""
+    return {
+        name: ServiceRef(name, str(run.layout.service_endpoint(name)), str(run.layout.api_key),
+                         getattr(run.config.services, name))
+        for name in sorted(names)
+    }
+
+
+def shard_totals(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """A generation stage's record: its shards' problems, tokens and failed items added up."""
+    return {
+        "problems_generated": sum(m.get("problems", 0) for m in metrics),
+        "generated_tokens": sum(m.get("generated_tokens", 0) for m in metrics),
+        # Problems whose requests still failed after retries: in the shards with their error, left out by filter.
+        "failed_items": sum(m.get("failed_items", 0) for m in metrics),
+    }
+
+
+def generate_stage(run: RunContext, iteration: int) -> StagePlan:
+    """An array of shards over the training set; a re-split straggler's rest (recorded in the stage's
+    ledger record, pipeline/loop/resplit.py) adds tasks of its own."""
+    config, layout = run.config, run.layout
+    key = f"{layout.stage_dir(iteration, 'generate').relative_to(layout.run_dir)}"
+    ranges = shard_ranges(run.num_train, config.generate.num_shards)
+    model = run.model_after(iteration - 1)  # once: thousands of shards, one model
+    resources = stage_resources(config, "generate")
+    policy = resources.resplit_policy() if config.executor.cluster != "debug" else None
+    # Shard name -> (start, stop, indices): the array's shards, then the parts of re-split stragglers.
+    shards: dict[str, tuple[int, int, list[int] | None]] = {
+        f"shard_{index:05d}": (start, stop, None) for index, (start, stop) in enumerate(ranges)
+    }
+    shards.update({name: (parts[0], parts[-1] + 1, parts) for name, parts in split_parts(run.run_dir, key).items()})
+    # Paths once for all shards: every status and poll of a 10,000-shard stage builds this plan.
+    outputs = layout.shard_outputs(iteration, "generate", shards)
+    problems_path, api_key_path, compile_cache_dir = (str(p) for p in (layout.train_problems, layout.api_key, layout.compile_caches))
+    tasks = [
+        Task(f"{key}/{name}", generate_job.run, GenerateShardSpec(
+            target=run.target(f"{key}/{name}"),
+            problems_path=problems_path,
+            start=start,
+            stop=stop,
+            model_path=model,
+            output_path=outputs[name],
+            generate=config.generate,
+            seed=config.seed + iteration,
+            api_key_path=api_key_path,
+            compile_cache_dir=compile_cache_dir,
+            indices=indices,
+            progress_every_s=policy.progress_every_s if policy else 0.0,
+        ))
+        for name, (start, stop, indices) in shards.items()
+    ]
+    specs = {t.key: t.spec for t in tasks}
+    sizes = [b - a for a, b in ranges]
+    return StagePlan(
+        key, "generate", iteration, tasks, resources, totals=shard_totals,
+        jobs_text=f"array of {len(sizes)} (problems per shard {min(sizes)}-{max(sizes)})",
+        writes=str(layout.stage_dir(iteration, "generate")),
+        resplit=policy, split=lambda task_key: generate_job.close_early(specs[task_key]),
+    )
+
+
+def filter_stage(run: RunContext, iteration: int, generations: StagePlan) -> StagePlan:
+    """Judges and filters the shards of ``generations``; waits for them with afterany (it resubmits
+    failed shards itself in a detached chain)."""
+    config, layout = run.config, run.layout
+    output = layout.stage_dir(iteration, "filter")
+    key = str(output.relative_to(layout.run_dir))
+    services = services_used(config.filter.reward.rewards) if config.filter.reward else set()
+    spec = FilterSpec(
+        target=run.target(key),
+        shard_paths=[t.spec.output_path for t in generations.tasks],
+        num_problems=run.num_train,
+        output_dir=str(output),
+        filter=config.filter,
+        num_samples=config.generate.num_samples,
+        seed=config.seed,
+        services=service_refs(run, services),
+    )
+    return StagePlan(key, "filter", iteration, [Task(key, filter_job.run, spec)], stage_resources(config, "filter"),
+                     after="afterany", services=tuple(sorted(services)), reports=FILTER_REPORTS, writes=str(output))
+
+
+def train_stage(run: RunContext, iteration: int, data: StagePlan) -> StagePlan:
+    """SFT on what ``data`` (the filter) kept."""
+    config, layout = run.config, run.layout
+    output = layout.stage_dir(iteration, "train")
+    key = str(output.relative_to(layout.run_dir))
+    spec = TrainSpec(
+        target=run.target(key),
+        data_path=str(layout.stage_dir(iteration, data.name) / "filtered.json"),
+        init_model=run.model_after(iteration - 1 if config.train.init_from == "previous" else 0),
+        base_model=run.model_after(0),
+        iteration=iteration,
+        output_dir=str(output),
+        learning_rate=config.train.learning_rates[iteration - 1],
+        train=config.train,
+        system_prompt=config.generate.system_prompt,
+        seed=config.seed + iteration,
+        media_dir=config.generate.media_dir,
+    )
+    deepspeed = config.train.deepspeed_json()
+    detail = f"lr {spec.learning_rate:g}, {config.train.strategy}" + (f" ({deepspeed})" if deepspeed else "")
+    return StagePlan(key, "train", iteration, [Task(key, train_job.run, spec)], stage_resources(config, "train"),
+                     reports=("final_loss",), writes=str(output), detail=detail)
+
+
+def eval_stage(run: RunContext, iteration: int) -> StagePlan:
+    """Held-out accuracy of iteration ``iteration``'s model (0: the base model)."""
+    config, layout = run.config, run.layout
+    output = layout.stage_dir(iteration, "eval")
+    key = str(output.relative_to(layout.run_dir))
+    spec = EvalSpec(
+        target=run.target(key),
+        problems_path=str(layout.heldout_problems),
+        model_path=run.model_after(iteration),
+        output_dir=str(output),
+        eval=config.eval,
+        filter=config.filter,
+        generate=config.generate,
+        seed=config.seed,
+        api_key_path=str(layout.api_key),
+        compile_cache_dir=str(layout.compile_caches),
+    )
+    return StagePlan(key, "eval", iteration, [Task(key, eval_job.run, spec)], stage_resources(config, "eval"),
+                     reports=("heldout_accuracy",), writes=str(output))
+
+
+def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | None) -> StagePlan:
+    """GRPO with TRL's GRPOTrainer from the last policy; with ``pass_rates`` (the filter of this
+    iteration's generations), only on the problems whose pass rate lies in grpo.pass_rate_band."""
+    config, layout = run.config, run.layout
+    output = layout.stage_dir(iteration, "train")
+    key = str(output.relative_to(layout.run_dir))
+    grpo = config.grpo
+    services = services_used(grpo.rewards)
+    earlier = sum(1 for i in range(1, iteration) if config.method_of(i) == "grpo")
+    spec = GrpoSpec(
+        target=run.target(key),
+        problems_path=str(layout.train_problems),
+        init_model=run.model_after(iteration - 1 if config.train.init_from == "previous" else 0),
+        base_model=run.model_after(0),
+        iteration=iteration,
+        output_dir=str(output),
+        learning_rate=grpo.learning_rate(earlier),
+        grpo=grpo,
+        train=config.train,
+        system_prompt=config.generate.system_prompt,
+        verifier=config.filter.verifier,
+        answer_pattern=config.filter.answer_pattern,
+        services=service_refs(run, services),
+        seed=config.seed + iteration,
+        pass_rates_path=str(layout.stage_dir(iteration, pass_rates.name) / "filtered_pass_rates.jsonl") if pass_rates else None,
+    )
+    detail = f"GRPO, lr {spec.learning_rate:g}, {grpo.num_generations} generations, {grpo.max_steps} steps, {config.train.strategy}"
+    return StagePlan(key, "train", iteration, [Task(key, grpo_job.run, spec)], stage_resources(config, "train"),
+                     services=tuple(sorted(services)), reports=GRPO_REPORTS, writes=str(output), detail=detail)
+
+
+def export_stage(run: RunContext) -> StagePlan:
+    """The run's final model, also under export_dir as the seeds name their models."""
+    config = run.config
+    last = config.num_iterations
+    model_name = re.sub(r"[^A-Za-z0-9]+", "_", Path(config.model.path).resolve().name).strip("_") or "model"
+    spec = ExportSpec(target=run.target(EXPORT), model_path=run.model_after(last),
+                      export_dir=str(Path(config.export_dir).resolve()), method=config.method_of(last),
+                      model_name=model_name, run_dir=str(run.run_dir), iteration=last)
+    return StagePlan(EXPORT, EXPORT, last, [Task(EXPORT, export_job.run, spec)], stage_resources(config, EXPORT),
+                     writes=f"{spec.export_dir}/{spec.method}_{model_name}_<time>")

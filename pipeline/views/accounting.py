@@ -1,0 +1,177 @@
+"""What a run cost, per iteration and stage, from SLURM's accounting.
+
+Every job the ledger recorded for a task (every attempt: ``job_ids``) is looked up in one ``sacct``
+call, requeued runs of a job included (``--duplicates``): GPU-seconds are elapsed x allocated GPUs
+(``AllocTRES`` gres/gpu), CPU-seconds are sacct's own ``CPUTimeRAW`` (elapsed x allocated CPUs),
+queue wait is start - submit. Stages whose jobs start vLLM servers (generation shards, evaluation)
+also say what share of their working time went to starting servers rather than generating, from
+the ``server_start_s`` and ``seconds`` their tasks report.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from pipeline.loop.services import configured, service_key
+from pipeline.loop.summary import run_planner
+from pipeline.scheduling.watch import sacct_text
+from state import Ledger
+
+FIELDS = ("JobID", "State", "Submit", "Start", "ElapsedRaw", "AllocTRES", "CPUTimeRAW")
+
+
+class CostUnavailable(RuntimeError):
+    """The run's costs cannot be counted (not a SLURM run)."""
+
+
+@dataclass
+class StageCost:
+    iteration: int | None  # None: the run's services
+    stage: str
+    job_ids: list[str] = field(default_factory=list)
+    runs: int = 0  # sacct rows: a requeued job runs more than once
+    gpu_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    queue_wait_seconds: float = 0.0
+    max_queue_wait_seconds: float = 0.0
+    server_start_seconds: float | None = None
+    generation_seconds: float | None = None
+
+    @property
+    def server_start_share(self) -> float | None:
+        working = (self.server_start_seconds or 0.0) + (self.generation_seconds or 0.0)
+        return self.server_start_seconds / working if self.server_start_seconds is not None and working else None
+
+    def add_run(self, row: dict[str, str]) -> None:
+        elapsed = int(row["ElapsedRaw"] or 0)
+        self.runs += 1
+        self.gpu_seconds += elapsed * allocated_gpus(row["AllocTRES"])
+        self.cpu_seconds += int(row["CPUTimeRAW"] or 0)
+        wait = queue_wait(row["Submit"], row["Start"])
+        self.queue_wait_seconds += wait
+        self.max_queue_wait_seconds = max(self.max_queue_wait_seconds, wait)
+
+    def add_servers(self, metrics: dict[str, Any]) -> None:
+        if metrics.get("server_start_s") is None:
+            return
+        self.server_start_seconds = (self.server_start_seconds or 0.0) + metrics["server_start_s"]
+        self.generation_seconds = (self.generation_seconds or 0.0) + (metrics.get("seconds") or 0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "gpu_hours": self.gpu_seconds / 3600, "cpu_hours": self.cpu_seconds / 3600,
+                "server_start_share": self.server_start_share}
+
+
+def allocated_gpus(tres: str) -> int:
+    """``billing=2,cpu=2,gres/gpu=4,mem=8G,node=1`` -> 4. SLURM lists typed GPUs (``gres/gpu:h100=4``)
+    beside the untyped total; the typed ones count only where no total is given."""
+    total = re.search(r"(?:^|,)gres/gpu=(\d+)", tres)
+    if total:
+        return int(total.group(1))
+    return sum(int(n) for n in re.findall(r"gres/gpu:[^=,]+=(\d+)", tres))
+
+
+def queue_wait(submit: str, start: str) -> float:
+    try:
+        return max(0.0, (datetime.fromisoformat(start) - datetime.fromisoformat(submit)).total_seconds())
+    except ValueError:  # "Unknown" / "None": not started
+        return 0.0
+
+
+def _groups(run_dir: Path) -> list[tuple[StageCost, list[dict[str, Any]]]]:
+    """Each stage of the run (and each service) with its tasks' ledger records."""
+    planner = run_planner(run_dir)
+    if planner.config.executor.cluster != "slurm":
+        raise CostUnavailable(
+            f"{run_dir} ran on executor.cluster={planner.config.executor.cluster}: GPU- and CPU-hours come from "
+            "SLURM's accounting (sacct), which only a SLURM run has"
+        )
+    ledger = Ledger(run_dir)
+    groups = []
+    for stage in planner.stages():
+        records = ledger.read_many(task.key for task in stage.tasks)
+        groups.append((StageCost(stage.iteration, stage.name), list(records.values())))
+    for name in configured(planner.config):
+        groups.append((StageCost(None, f"service {name}"), [ledger.read(service_key(name))]))
+    return groups
+
+
+def run_cost(run_dir: Path | str) -> dict[str, Any]:
+    """The run's costs per stage, per iteration and in all, from one sacct call."""
+    groups = _groups(Path(run_dir))
+    owner: dict[str, StageCost] = {}
+    for cost, records in groups:
+        for record in records:
+            cost.job_ids += record.get("job_ids", [])
+            cost.add_servers(record.get("metrics") or {})
+        owner.update(dict.fromkeys(cost.job_ids, cost))
+    for row in accounting(owner):
+        cost = owner.get(row["JobID"])
+        if cost is not None:
+            cost.add_run(row)
+    stages = [cost for cost, _ in groups if cost.job_ids]
+    return {
+        "run_dir": str(Path(run_dir).resolve()),
+        "stages": [cost.as_dict() for cost in stages],
+        "iterations": [_sum(i, [c for c in stages if c.iteration == i]).as_dict()
+                       for i in sorted({c.iteration for c in stages if c.iteration is not None})],
+        "total": _sum(None, stages).as_dict(),
+    }
+
+
+def accounting(job_ids: Iterable[str]) -> list[dict[str, str]]:
+    """sacct's rows for these jobs, every run of a requeued job included."""
+    text = sacct_text(list(job_ids), FIELDS, "--duplicates")
+    return [dict(zip(FIELDS, line.split("|"), strict=True)) for line in text.splitlines() if line.count("|") == len(FIELDS) - 1]
+
+
+def _sum(iteration: int | None, costs: list[StageCost]) -> StageCost:
+    total = StageCost(iteration, "all")
+    for cost in costs:
+        total.job_ids += cost.job_ids
+        total.runs += cost.runs
+        total.gpu_seconds += cost.gpu_seconds
+        total.cpu_seconds += cost.cpu_seconds
+        total.queue_wait_seconds += cost.queue_wait_seconds
+        total.max_queue_wait_seconds = max(total.max_queue_wait_seconds, cost.max_queue_wait_seconds)
+        if cost.server_start_seconds is not None:
+            total.add_servers({"server_start_s": cost.server_start_seconds, "seconds": cost.generation_seconds})
+    return total
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.4f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f} %"
+
+
+def cost_table(cost: dict[str, Any]) -> Table:
+    table = Table(title=f"cost of {cost['run_dir']} (SLURM accounting)")
+    for column in ("iteration", "stage", "jobs", "runs", "GPU-h", "CPU-h", "queue wait s (sum / max)", "server start share"):
+        table.add_column(column, justify="left" if column in ("iteration", "stage") else "right")
+    iterations = {row["iteration"]: row for row in cost["iterations"]}
+    rows = cost["stages"]
+    for index, row in enumerate(rows):
+        table.add_row(*_cells(row))
+        following = rows[index + 1]["iteration"] if index + 1 < len(rows) else object()
+        if row["iteration"] in iterations and following != row["iteration"]:
+            table.add_row(*_cells(iterations[row["iteration"]]), style="bold", end_section=True)
+    table.add_row(*_cells({**cost["total"], "iteration": "run"}), style="bold")
+    return table
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    iteration = row["iteration"]
+    label = "services" if iteration is None else ("baseline" if iteration == 0 else str(iteration))
+    return [label, row["stage"], str(len(row["job_ids"])), str(row["runs"]), _hours(row["gpu_seconds"]),
+            _hours(row["cpu_seconds"]), f"{row['queue_wait_seconds']:.0f} / {row['max_queue_wait_seconds']:.0f}",
+            _share(row["server_start_share"])]
