@@ -50,7 +50,6 @@ def small_config(assets: Path, runs_dir: Path, **sections: Any) -> dict[str, Any
         # Beside the runs, never in the checkout (the default, models/, is relative to where it runs).
         "export_dir": str(runs_dir.parent / "models"),
         "num_iterations": 2,
-        "learning_rates": [1e-3, 5e-4],
         "model": {"path": str(assets / "random_init")},
         "data": {"train": str(train), "heldout": str(heldout)},
         "generate": {"num_samples": 2, "max_tokens": 12, "batch_size": 4, "num_shards": 3},
@@ -58,11 +57,13 @@ def small_config(assets: Path, runs_dir: Path, **sections: Any) -> dict[str, Any
         "train": {
             "method": "lora", "lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
             "max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
-            "replay_data": str(assets / "warmstart.jsonl"), "logging_steps": 1,
+            "replay_data": str(assets / "warmstart.jsonl"), "logging_steps": 1, "learning_rates": [1e-3, 5e-4],
         },
         "eval": {"max_tokens": 12, "batch_size": 8},
         "executor": {"cluster": "local", "poll_interval_s": 0.3, "max_poll_interval_s": 1.0, "generate": {"cpus_per_task": 1}},
     }
+    if "learning_rates" in sections:  # ReST's, one per iteration: a key of train
+        config["train"]["learning_rates"] = sections.pop("learning_rates")
     for section, values in sections.items():
         if isinstance(values, dict):
             config.setdefault(section, {}).update(values)

@@ -429,9 +429,15 @@ def greedy_accuracy(model_dir: Path, problems: list[dict[str, Any]], media_dir: 
 
     # Imported here for import cost: the training and evaluation stack loads only for the builds that use it.
     from jobs.problems.media import read_sound
-    from jobs.problems.prompts import template_messages  # (the comment above says why it is here)
+
+    # (as above)
+    from jobs.problems.prompts import template_messages
+
+    # (as above)
     from jobs.scoring.answers import extract
-    from jobs.scoring.verifiers import get_verifier  # (the comment above says why it is here)
+
+    # (as above)
+    from jobs.scoring.verifiers import get_verifier
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForMultimodalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

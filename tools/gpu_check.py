@@ -325,9 +325,15 @@ def run_check(name: str, work: Path, cpu: bool) -> dict[str, Any]:
                           MASTER_PORT=str(free_port()))
     # Imported here, not at the top: on the GPU machine they load only after the carried wheels are on sys.path.
     from jobs.scoring.config import RewardConfig
-    from jobs.specs import GrpoSpec, JobTarget, TrainSpec  # (the comment above says why it is here)
+
+    # (as above)
+    from jobs.specs import GrpoSpec, JobTarget, TrainSpec
+
+    # (as above)
     from jobs.training import grpo, sft
-    from jobs.training.config import GrpoConfig, TrainConfig  # (the comment above says why it is here)
+
+    # (as above)
+    from jobs.training.config import GrpoConfig, TrainConfig
 
     hidden, layers = (512, 4) if on_gpu else (128, 2)
     model = build_model(work / "model", hidden, layers)

@@ -87,7 +87,9 @@ def make_backend(
         return TransformersBackend(model_path, config.batch_size)
     # Imported here for import cost: only the vllm backend needs the HTTP client and servers.
     from jobs.generation.openai_client import OpenAIBackend, connect_endpoints
-    from jobs.vllm.server import start_servers  # (the comment above says why it is here)
+
+    # (as above)
+    from jobs.vllm.server import start_servers
 
     if config.endpoints:
         return OpenAIBackend(connect_endpoints(config), config)

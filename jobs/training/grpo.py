@@ -135,7 +135,9 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         Watchdog,
         last_complete_checkpoint,
     )
-    from jobs.training.grpo_trainer import PolicyTrainer, TrlReward  # (the comment above says why it is here)
+
+    # (as above)
+    from jobs.training.grpo_trainer import PolicyTrainer, TrlReward
 
     config, grpo = spec.train, spec.grpo
     output = Path(spec.output_dir)
@@ -166,7 +168,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         gradient_accumulation_steps=grpo.gradient_accumulation_steps,
         steps_per_generation=grpo.steps_per_generation,
         num_generations=grpo.num_generations,
-        num_iterations=grpo.num_iterations,
+        num_iterations=grpo.passes_per_generation,
         beta=grpo.beta,
         temperature=grpo.temperature,
         loss_type=grpo.loss_type,

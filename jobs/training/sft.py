@@ -117,7 +117,9 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         StepMetrics,
         last_complete_checkpoint,
     )
-    from jobs.training.weighted import WEIGHT, WeightedSFTTrainer  # (the comment above says why it is here)
+
+    # (as above)
+    from jobs.training.weighted import WEIGHT, WeightedSFTTrainer
 
     config = spec.train
     output = Path(spec.output_dir)

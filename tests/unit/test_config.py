@@ -1,0 +1,169 @@
+"""The config's rules, in process: each section's own rules, the rules spanning sections
+(pipeline.rules), renamed keys and the normalization of a run's stored config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from jobs.scoring.config import FilterConfig
+from jobs.training.config import GrpoConfig, TrainConfig
+from pipeline.config import (
+    differences,
+    dump_yaml,
+    load_config,
+    read_run_config,
+    with_defaults,
+)
+from pipeline.rules import check_config
+from state import InputError
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def assets(tmp_path: Path) -> Path:
+    """The files a small config names (their contents are never read by the rules)."""
+    folder = tmp_path / "assets"
+    (folder / "random_init").mkdir(parents=True)
+    for name in ("train.jsonl", "heldout.jsonl", "warmstart.jsonl"):
+        (folder / name).write_text('{"id": "p1", "question": "1+1=?", "answer": "2"}\n')
+    return folder
+
+
+def load(tmp_path: Path, assets: Path, overrides: list[str] = (), **change: Any):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(small_config(assets, tmp_path / "runs", **change)))
+    return path, load_config(path, list(overrides), check=check_config)
+
+
+# (change to the config, override args, expected words in the error line)
+CASES = [
+    ({"generate": {"num_sampels": 8}}, [], ["generate.num_sampels: unknown key", "generate.num_samples"]),
+    ({"generate": {"num_samples": "lots"}}, [], ["generate.num_samples", "valid integer", "'lots'"]),
+    ({"filter": {"top_k": 0}}, [], ["filter.top_k", "greater than or equal to 1"]),
+    ({"generate": {"temperature": -0.5}}, [], ["generate.temperature", "greater than or equal to 0"]),
+    ({"learning_rates": [1e-3]}, [], ["train.learning_rates: has 1 entries but ReST iteration 2 needs one", "num_iterations is 2"]),
+    ({"filter": {"strategy": "best_of"}}, [], ["filter.strategy", "'best_of'"]),
+    ({"model": {"path": "/nonexistent/model"}}, [], ["model.path", "/nonexistent/model"]),
+    ({"filter": {"verifier": "nosuchmodule:fn"}}, [], ["filter.verifier", "nosuchmodule"]),
+    ({"filter": {"answer_pattern": "ANSWER: ([0-9]+"}}, [], ["filter.answer_pattern", "not a valid regular expression"]),
+    ({"filter": {"zone_bounds": [0.5, 0.25, 0.9]}}, [], ["filter.zone_bounds: must rise within (0, 1]", "[0.5, 0.25, 0.9]"]),
+    # Values reach #SBATCH lines and paths: nothing may smuggle in a shell command.
+    ({"executor": {"generate": {"partition": "gpu\ntouch /tmp/pwned"}}}, [], ["executor.generate.partition", "line breaks"]),
+    ({"executor": {"train": {"extra_sbatch": {"x\necho": "1"}}}}, [], ["executor.train.extra_sbatch", "sbatch option name"]),
+    ({"run_name": "demo$(touch /tmp/pwned)"}, [], ["run_name: may hold only letters"]),
+    ({"generate": {"backend": "vllm", "media_dir": "/nonexistent/media"}}, [], ["generate.media_dir: /nonexistent/media is not a folder"]),
+    ({"generate": {"endpoints": ["http://127.0.0.1:8000"]}}, [], ["generate.endpoints: used by generate.backend: vllm only"]),
+    ({"generate": {"backend": "vllm", "vllm": {"lora": True}}, "train": {"method": "full"}}, [],
+     ["generate.vllm.lora: serves each iteration's LoRA adapter, but train.method is full"]),
+    # Training combinations that cannot work (the small config trains with QLoRA settings, no GPU).
+    ({"train": {"strategy": "zero3"}}, [], ["train.strategy: zero3 shards the weights", "QLoRA", "load_in_4bit: false"]),
+    ({"train": {"strategy": "zero2"}}, [], ["train.strategy: zero2 (DeepSpeed) needs a GPU per process", "gpus_per_task"]),
+    ({"train": {"strategy": "zero2"}, "executor": {"train": {"gpus_per_task": 1}}}, [],
+     ["train.strategy: zero2 needs DeepSpeed, which is not installed"]),
+    ({"train": {"strategy": "fsdp"}}, [], ["train.strategy", "'fsdp'"]),
+    ({"train": {"deepspeed_config": "configs/deepspeed/zero2.json"}}, [], ["train.deepspeed_config: only read with a DeepSpeed strategy"]),
+    ({"train": {"strategy": "zero2", "deepspeed_config": "README.md"}}, [], ["train.deepspeed_config: README.md:1: not valid JSON"]),
+    ({"train": {"report_to": ["wandb"]}}, [], ["train.report_to: wandb is not installed here (pip install wandb)"]),
+    ({"train": {"save_merged": False}}, [], ["train.save_merged", "train.method: lora"]),
+    # Rewards and services.
+    ({"filter": {"reward": {"rewards": [{"name": "nosuch"}]}}}, [],
+     ["filter.reward.rewards[0]: unknown reward 'nosuch'", "correctness", "tag_count", "package.module:function"]),
+    ({"filter": {"reward": {"rewards": [{"name": "correctness", "weight": "heavy"}]}}}, [],
+     ["filter.reward.rewards[0].weight", "valid number", "'heavy'"]),
+    ({"filter": {"reward": {"rewards": [{"name": "tag_count", "tags": 5}]}}}, [],
+     ["filter.reward.rewards[0]: parameter 'tags' of reward 'tag_count'", "(got 5)"]),
+    ({"filter": {"reward": {"rewards": [{"name": "tag_count", "tag": ["a"]}]}}}, [],
+     ["filter.reward.rewards[0]: reward 'tag_count' has no parameter 'tag'", "tags"]),
+    ({"filter": {"reward": {"rewards": [{"name": "service_score"}]}}}, [],
+     ["filter.reward.rewards[0]: reward 'service_score' calls the service 'reward', but services.reward is not configured"]),
+    ({"services": {"reward": {"model": "/nonexistent/listener", "kind": "yes_probability"}}}, [],
+     ["services.reward.model: /nonexistent/listener is not a folder"]),
+    ({"services": {"reward": {"model": "m", "kind": "judge"}}}, [], ["services.reward.kind", "'judge'"]),
+    ({"filter": {"category_weights": {"learning_zon": 1.5}}}, [], ["filter.category_weights", "learning_zon"]),
+    ({"executor": {"genrate": {"cpus_per_task": 2}}}, [], ["executor.genrate: no stage or service of that name", "executor.generate"]),
+    # GRPO.
+    ({"method": "grpo", "grpo": {"num_generations": 1}}, [], ["grpo.num_generations", "greater than or equal to 2"]),
+    ({"method": "grpo", "grpo": {"num_generations": 4, "batch_size": 3}}, [],
+     ["grpo.batch_size: the generation batch", "= 3) must be a multiple of grpo.num_generations (4)"]),
+    ({"method": "grpo", "grpo": {"beta": -0.1}}, [], ["grpo.beta", "greater than or equal to 0"]),
+    ({"method": "grpo", "grpo": {"rewards": [{"name": "corectness"}]}}, [], ["grpo.rewards[0]", "corectness", "correctness"]),
+    ({"method": "grpo", "grpo": {"vllm_mode": "server"}, "executor": {"train": {"gpus_per_task": 1}}}, [],
+     ["grpo.vllm_mode: server on a one-node job", "none is left to train on"]),
+    ({"method": "grpo", "grpo": {"pass_rate_band": [0.2, 1.5]}}, [], ["grpo.pass_rate_band", "1.5"]),
+    ({"method": "grpo", "grpo": {"pass_rate_band": [0.8, 0.2]}}, [], ["grpo.pass_rate_band: the low bound is above the high one"]),
+    ({"schedule": ["rest", "ppo"]}, [], ["schedule", "'ppo'"]),
+    ({"schedule": ["rest"]}, [], ["schedule: has 1 entries but num_iterations is 2"]),
+    ({}, ["generate.num_samples=-1"], ["command line", "generate.num_samples"]),
+    ({}, ["generate.no_such_key=1"], ["command line", "generate.no_such_key: unknown key"]),
+    ({}, ["num_iterations"], ["command line", "key.sub_key=value"]),
+]
+
+
+@pytest.mark.parametrize(("change", "overrides", "expected"), CASES)
+def test_a_bad_config_is_one_line_naming_the_file_or_command_line_and_the_key(
+    tmp_path: Path, assets: Path, change: dict[str, Any], overrides: list[str], expected: list[str]
+) -> None:
+    with pytest.raises(InputError) as refused:
+        load(tmp_path, assets, overrides, **change)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("command line: " if overrides else f"{tmp_path / 'run.yaml'}: "), message
+    for words in expected:
+        assert words in message, message
+
+
+def test_the_rules_of_a_method_apply_only_to_runs_that_use_it(tmp_path: Path, assets: Path) -> None:
+    """A ReST-only run with GRPO settings that GRPO could not run is not refused for them."""
+    _, config = load(tmp_path, assets, grpo={"num_generations": 4, "batch_size": 3})
+    assert config.grpo.batch_size == 3
+    with pytest.raises(InputError, match="grpo.batch_size"):
+        load(tmp_path, assets, schedule=["rest", "grpo"], grpo={"num_generations": 4, "batch_size": 3})
+
+
+def test_sections_refuse_bad_values_however_they_are_made() -> None:
+    """A section's own rules run when code builds it too, not only when a YAML file is read."""
+    with pytest.raises(ValueError, match=r"filter.zone_bounds: must rise"):
+        FilterConfig(zone_bounds=(0.9, 0.5, 0.95))
+    with pytest.raises(ValueError, match=r"grpo.pass_rate_band: the low bound is above the high one"):
+        GrpoConfig(pass_rate_band=(0.8, 0.2))
+    with pytest.raises(ValueError, match=r"train.strategy: zero3 .*train.load_in_4bit"):
+        TrainConfig(strategy="zero3")
+
+
+def test_renamed_keys_are_read_with_one_line_saying_so(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = small_config(assets, tmp_path / "runs", method="grpo", grpo={"num_iterations": 2, "learning_rates": [1e-4]})
+    config["learning_rates"] = config["train"].pop("learning_rates")
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path, check=check_config)
+    assert loaded.train.learning_rates == [1e-3, 5e-4]
+    assert loaded.grpo.passes_per_generation == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"warning: {path}: learning_rates is now train.learning_rates; read as that (rename it in the config)",
+                     f"warning: {path}: grpo.num_iterations is now grpo.passes_per_generation; read as that (rename it in the config)"]
+
+
+def test_an_old_and_a_new_name_together_are_refused_naming_both(tmp_path: Path, assets: Path) -> None:
+    with pytest.raises(InputError, match=r"learning_rates: renamed to train.learning_rates, and both are given"):
+        load(tmp_path, assets, ["learning_rates=[1e-3, 1e-3]"])
+
+
+def test_a_run_stored_with_old_key_names_is_not_changed_for_the_same_config(tmp_path: Path, assets: Path) -> None:
+    """A run started before a rename resumes: its stored config, normalized, equals today's."""
+    _, config = load(tmp_path, assets, method="grpo", grpo={"passes_per_generation": 2})
+    stored = yaml.safe_load(dump_yaml(config))
+    stored["learning_rates"] = stored["train"].pop("learning_rates")
+    stored["grpo"]["num_iterations"] = stored["grpo"].pop("passes_per_generation")
+    assert differences(with_defaults(stored), yaml.safe_load(dump_yaml(config))) == []
+    stored_file = tmp_path / "stored.yaml"
+    stored_file.write_text(yaml.safe_dump(stored))
+    assert read_run_config(stored_file).grpo.passes_per_generation == 2
+    # A real change is still seen.
+    _, changed = load(tmp_path, assets, method="grpo", grpo={"passes_per_generation": 3})
+    assert differences(with_defaults(stored), yaml.safe_load(dump_yaml(changed))) == ["grpo.passes_per_generation: 2 -> 3"]
