@@ -10,7 +10,8 @@ from PIL import Image
 from jobs.scoring import filtering as filter_job
 from jobs.scoring.config import FilterConfig
 from jobs.specs import FilterSpec, JobTarget
-from pipeline.views.tables import summarize, warning_signs
+from pipeline.loop.summary import summarize
+from pipeline.views.tables import warning_signs
 from state import Ledger, Status
 from tests.conftest import run_cli, small_config, write_config
 from tests.test_filter import seed_record, write_shard

@@ -34,7 +34,7 @@ from jobs.generation.generate import partial_path
 from jobs.problems.data import read_jsonl
 from jobs.problems.prompts import messages_for
 from jobs.scoring.config import FilterConfig
-from jobs.services import vllm_server
+from jobs.vllm import server as vllm_server
 from jobs.services.process import group_members, run_api_key
 from jobs.specs import EvalSpec, GenerateShardSpec, JobTarget
 from jobs.vllm.args import vllm_python

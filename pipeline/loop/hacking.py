@@ -1,4 +1,4 @@
-"""The reward-hacking watch: a training reward that rose while held-out correctness fell.
+"""The reward-hacking check: a training reward that rose while held-out correctness fell.
 
 Seed 004's lesson: its format reward reached 1319/1319 while correct answers fell from 301 to 81,
 and nobody noticed until the end. After every iteration whose training logged per-reward means

@@ -50,7 +50,7 @@ def iteration_table(summary: dict[str, Any]) -> Table:
         table.add_row("Training reward (last step)", *empty, *[_number(e["metrics"].get("final_reward")) for e in summary["iterations"]],
                       "Increasing")
         # Each reward's mean over the first and the last quarter of the iteration's steps (what the
-        # hacking watch compares): a reward that climbs while held-out accuracy falls is being gamed.
+        # hacking check compares): a reward that climbs while held-out accuracy falls is being gamed.
         rises = [reward_rise((e["stages"].get("train", {}).get("metrics") or {}).get("step_log") or []) for e in summary["iterations"]]
         for name in dict.fromkeys(name for rise in rises for name in rise):
             table.add_row(f"  reward {name} (start -> end)", *empty,
@@ -73,7 +73,7 @@ def _selected(selection: dict[str, Any] | None) -> str:
 
 
 def hacking_lines(summary: dict[str, Any]) -> list[str]:
-    """The reward-hacking watch's flags, a line each."""
+    """The reward-hacking check's flags, a line each."""
     return [f"reward hacking? {describe(flag)}" for flag in summary["hacking"]]
 
 

@@ -44,7 +44,7 @@ from jobs.generation.generate import generation_record
 from jobs.scoring.answers import answer_from, answer_part, answer_rules
 from jobs.scoring.filtering import available_cpus, read_generations
 from jobs.scoring.verifiers import get_verifier
-from pipeline.planning.planner import shard_ranges
+from pipeline.planning.stage import shard_ranges
 
 GIB = 1 << 30
 WORDS = ["so", "the", "next", "sound", "is", "louder", "than", "the", "previous", "one", "and", "then", "a", "pause", "then", "two", "more", "quick", "beats"]
