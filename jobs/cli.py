@@ -62,5 +62,9 @@ def section_from_options(section: type[T], args: argparse.Namespace, skip: tuple
         return adapter.validate_python(given)
     except ValidationError as error:
         first = error.errors()[0]
+        if first["type"] == "value_error":
+            # A rule of the section itself ("filter.verifier: why"): said with the option's name.
+            key, _, why = str(first["ctx"]["error"]).partition(": ")
+            raise InputError(f"{_option(key.rsplit('.', 1)[-1])}: {why}") from None
         name = _option(str(first["loc"][0])) if first["loc"] else "options"
         raise InputError(f"{name}: {first['msg']} (got {first.get('input')!r})") from None

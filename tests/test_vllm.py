@@ -34,9 +34,9 @@ from jobs.generation.generate import partial_path
 from jobs.problems.data import read_jsonl
 from jobs.problems.prompts import messages_for
 from jobs.scoring.config import FilterConfig
-from jobs.vllm import server as vllm_server
 from jobs.services.process import group_members, run_api_key
 from jobs.specs import EvalSpec, GenerateShardSpec, JobTarget
+from jobs.vllm import server as vllm_server
 from jobs.vllm.args import vllm_python
 from jobs.vllm.config import VllmConfig
 from jobs.vllm.server import ServerFiles, start_servers

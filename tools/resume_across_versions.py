@@ -1,10 +1,13 @@
 """A run started by an earlier version of selftrain resumes with this one.
 
-    python tools/resume_across_versions.py [OLD_COMMIT]
+    python tools/resume_across_versions.py [OLD_COMMIT] [--method rest|grpo]
 
 OLD_COMMIT (default 1be5f6d, the last landing before stages became data and the ledger got
 per-record locks) is unpacked with ``git archive`` into a temporary folder and starts a two-iteration
-run of the tiny test model on the embedded default, with this checkout's Python environment. When
+run (ReST, or GRPO with ``--method grpo``) of the tiny test model on the embedded default, with this
+checkout's Python environment, written with the key names the old version knows (``learning_rates``,
+``grpo.num_iterations``: this version reads them under their new names, and must not take the run's
+stored config for a changed one). When
 iteration 1's training is done its driver and jobs are killed (SIGKILL, as a node dies); then this
 checkout reruns the same command. Prints what each version did, and exits 1 if the rerun failed,
 changed a stage the old version had finished, or did not finish the run.
@@ -12,6 +15,7 @@ changed a stage the old version had finished, or did not finish the run.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -34,7 +38,11 @@ def records(ledger: Path) -> dict[str, dict]:
 
 
 def main() -> int:
-    old_commit = sys.argv[1] if len(sys.argv) > 1 else "1be5f6d"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old_commit", nargs="?", default="1be5f6d")
+    parser.add_argument("--method", choices=("rest", "grpo"), default="rest")
+    args = parser.parse_args()
+    old_commit = args.old_commit
     work = Path(tempfile.mkdtemp(prefix="resume_across_versions_"))
     old = work / "old"
     old.mkdir()
@@ -56,11 +64,15 @@ def main() -> int:
         "eval": {"max_tokens": 12, "batch_size": 50},
         "executor": {"cluster": "local", "poll_interval_s": 0.5, "generate": {"cpus_per_task": 1}},
     }
+    if args.method == "grpo":
+        config["method"] = "grpo"
+        config["grpo"] = {"num_generations": 2, "batch_size": 2, "max_steps": 2, "max_completion_length": 12,
+                          "logging_steps": 1, "save_steps": 1000, "learning_rates": [1e-4], "num_iterations": 1}
     config_path = work / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
     ledger = work / "runs" / "small" / "ledger"
 
-    print(f"{old_commit}: starting the run ({work})")
+    print(f"{old_commit}: starting a {args.method} run ({work})")
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config_path)], cwd=old, start_new_session=True,
                               env={**os.environ, "PYTHONPATH": str(old)}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     # Read as this version reads the old one's records (a JSON file, or a file of versions).

@@ -30,7 +30,6 @@ from jobs.scoring.rescore import (
     summary_path,
 )
 from jobs.scoring.rewards import RewardContext, RewardSet
-from jobs.scoring.verifiers import get_verifier
 from state import InputError
 
 # The run's settings the rewards' context takes; the filter section's other keys are not scoring's.
@@ -73,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = section_from_options(FilterConfig, args, skip=NOT_CONTEXT)
-        get_verifier(config.verifier)
         rewards = RewardSet(parse_rewards(args.rewards), RewardContext(config.verifier, config.answer_pattern))
         for path in args.generations:
             if not path.is_file():

@@ -31,6 +31,7 @@ GENERATE = "iter_001/generate"
 SHARDS = [f"{GENERATE}/shard_{i:05d}" for i in range(3)]
 # What a job reports, given its task key and attempt number: the fields of its ledger record.
 Outcome = Callable[[str, int], dict[str, Any]]
+MAX_POLLS = 500
 
 
 def succeed(key: str, attempt: int) -> dict[str, Any]:
@@ -66,6 +67,8 @@ class FakeWatcher:
     def poll(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
         ids = [j for j in job_ids if j]
         self.polls.append(ids)
+        # The driver asks once per poll (0.01 s apart here): this many means it waits for nothing.
+        assert len(self.polls) < MAX_POLLS, f"the driver polled {MAX_POLLS} times: it waits on a task nothing will change"
         if self.unavailable:
             raise SchedulerUnavailable("slurm_load_jobs error: Socket timed out")
         return {j: self.dead.get(j, JobInfo("RUNNING")) for j in ids}
@@ -227,6 +230,28 @@ def test_in_flight_task_is_waited_on_not_resubmitted(tmp_path: Path) -> None:
     assert submitter.submitted() == [["baseline/eval"]]
     assert polls == 5
     assert driver.ledger.read("baseline/eval")["attempts"] == 1
+
+
+def test_stage_out_of_attempts_waits_for_its_running_tasks_before_failing(tmp_path: Path) -> None:
+    """A shard out of attempts does not abandon its siblings' running jobs: the stage fails once they end."""
+    driver, submitter = make_driver(tmp_path)
+    driver.ledger.update(SHARDS[0], {"status": "failed", "attempts": 2, "error": "disk full"})
+    driver.ledger.update(SHARDS[1], {"status": "running", "attempts": 1, "job_id": "9_1"})
+    driver.ledger.update(SHARDS[2], {"status": "done", "attempts": 1})
+    polls = 0
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 3:
+            driver.ledger.update(SHARDS[1], {"status": "done"})
+
+    with pytest.raises(StageFailed, match=r"shard_00000 failed after 2 attempt\(s\): disk full"):
+        driver.run_stage(driver.planner.stage(GENERATE), on_progress)
+
+    assert polls == 4
+    assert submitter.calls == []
+    assert driver.ledger.read(GENERATE)["status"] == "failed"
 
 
 # -- nothing done is redone -------------------------------------------------------------------
