@@ -68,7 +68,7 @@ class GenerateShardSpec:
     compile_cache_dir: str = ""
     # The problems' indices in problems_path, when not start..stop (the rest of a straggler, re-split).
     indices: list[int] | None = None
-    # Seconds between progress reports to the ledger (0: none), for the driver's straggler watch.
+    # Seconds between progress reports to the ledger (0: none), for the driver's straggler re-split.
     progress_every_s: float = 0.0
 
 

@@ -20,8 +20,8 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from jobs.generation.config import EvalConfig, GenerateConfig
-from jobs.schema import REJECT_UNKNOWN_KEYS, PositiveInt
 from jobs.scoring.config import FilterConfig
+from jobs.sections import REJECT_UNKNOWN_KEYS, PositiveInt
 from jobs.services.config import RewardServiceConfig
 from jobs.training.config import GrpoConfig, TrainConfig
 from jobs.vllm.config import VllmServiceConfig

@@ -33,12 +33,12 @@ from pipeline.loop.detach import advance_in_flight, submit_chain
 from pipeline.loop.driver import Driver
 from pipeline.loop.hacking import RunStopped
 from pipeline.loop.services import service_plan
+from pipeline.loop.submitter import job_name
 from pipeline.loop.summary import summarize
 from pipeline.planning.planner import Planner
 from pipeline.planning.stage import StageFailed
 from pipeline.rules import check_config
 from pipeline.scheduling.executors import require_scheduler, sbatch_script
-from pipeline.scheduling.submitter import job_name
 from pipeline.views.tables import iteration_table
 from state import InputError, Ledger, atomic_write_bytes
 from state.ledger import now

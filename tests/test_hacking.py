@@ -1,8 +1,12 @@
-"""The reward-hacking watch on the numbers seed 004 reports: format up, correct answers down."""
+"""The reward-hacking check on the numbers seed 004 reports: format up, correct answers down."""
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.loop.hacking import describe, hacking_flags, reward_rise
+
+pytestmark = pytest.mark.unit
 
 
 def iteration(number: int, heldout: float | None, format_means: list[float], correctness_means: list[float]) -> dict:

@@ -10,6 +10,10 @@ import state.ledger
 from state import Ledger, Status
 from state.ledger import MARKERS, SNAPSHOT, STORED_AT
 
+# The ledger's own behaviour, in process and with a few processes at once (the durability tests,
+# with crashes and FUSE mounts, are tests/test_ledger_durability.py).
+pytestmark = pytest.mark.unit
+
 STAGE = "iter_001/generate"
 
 

@@ -170,13 +170,13 @@ def test_sigkill_during_iteration_2_generation_then_rerun(tiny_assets: Path, tmp
 # (SIGSTOP) before they can start, so that the rerun finds the records without a job id.
 DIE_AFTER_SUBMITTING = """
 import os, signal, sys
-import pipeline.scheduling.submitter
+import pipeline.loop.submitter
 import submitit.local.local as local
 start_controller = local.start_controller
 def start_frozen(*args, setup=(), **kwargs):
     # The job's shell stops itself before it starts anything; SIGCONT to its pid (the job id) wakes it.
     return start_controller(*args, setup=["kill -STOP $$", *setup], **kwargs)
-submit_array = pipeline.scheduling.submitter.submit_array
+submit_array = pipeline.loop.submitter.submit_array
 def submit_then_die(executor, function, specs, max_array_size):
     if "/generate/" not in specs[0].target.ledger_key:
         return submit_array(executor, function, specs, max_array_size)
@@ -184,7 +184,7 @@ def submit_then_die(executor, function, specs, max_array_size):
     jobs = submit_array(executor, function, specs, max_array_size)
     print("frozen", *(job.job_id for job in jobs), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
-pipeline.scheduling.submitter.submit_array = submit_then_die
+pipeline.loop.submitter.submit_array = submit_then_die
 from pipeline.run import main
 sys.exit(main(sys.argv[1:]))
 """

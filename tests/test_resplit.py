@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs.problems.data import read_jsonl
-from pipeline.loop.resplit import Resplit, cut, stragglers
+from pipeline.scheduling.resplit import Resplit, cut, stragglers
 from state import Ledger
 from tests.conftest import run_cli
 from tests.test_pipeline import assert_each_problem_once

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.scheduling.submitter import NEVER_SATISFIED
+from pipeline.loop.submitter import NEVER_SATISFIED
 from pipeline.scheduling.watch import JobWatcher
 from tests.conftest import (
     ROOT,

@@ -1,6 +1,10 @@
 """Parsing of sacct's output as the real SLURM prints it (tests/test_slurm.py runs it for real)."""
 
+import pytest
+
 from pipeline.scheduling.watch import JobInfo, expand_job_ids, parse_sacct
+
+pytestmark = pytest.mark.unit
 
 
 def test_pending_array_ranges_expand_to_tasks() -> None:

@@ -3,7 +3,7 @@
 Prints the seed's "Interpreting Analytics Across Iterations" table for the whole run (category
 shares, mean correct rate, filtered samples, training reward, held-out accuracy), the correct-rate
 distribution per iteration, the seed's warning signs with its advice, and what the reward-hacking
-watch flagged; writes RUN_DIR/report.png with the category shares, the held-out accuracy per
+check flagged; writes RUN_DIR/report.png with the category shares, the held-out accuracy per
 iteration and, for runs that trained on rewards (GRPO), each reward's mean per step. A SLURM run's
 report also has its cost per iteration and stage (GPU- and CPU-hours, queue wait, server start
 share; ``tools/cost.py``).

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le
 
-from jobs.schema import REJECT_UNKNOWN_KEYS, PositiveInt
+from jobs.sections import REJECT_UNKNOWN_KEYS, PositiveInt
 from jobs.vllm.config import VllmConfig
 
 

@@ -9,9 +9,9 @@ from typing import Annotated, Any, Literal
 from annotated_types import Ge, Len
 from pydantic import FiniteFloat, model_validator
 
-from jobs.schema import REJECT_UNKNOWN_KEYS, Fraction, PositiveInt
 from jobs.scoring.answers import answer_rules
 from jobs.scoring.verifiers import get_verifier
+from jobs.sections import REJECT_UNKNOWN_KEYS, Fraction, PositiveInt
 
 
 @dataclass

@@ -11,9 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs.cli import add_options, section_from_options
 from jobs.scoring.config import FilterConfig
 from jobs.scoring.filtering import filter_generations
+from jobs.sections import add_options, section_from_options
 from state import InputError
 
 

@@ -19,7 +19,6 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from jobs.cli import add_options, section_from_options
 from jobs.problems.data import load_problems
 from jobs.scoring.config import FilterConfig
 from jobs.scoring.rescore import (
@@ -30,6 +29,7 @@ from jobs.scoring.rescore import (
     summary_path,
 )
 from jobs.scoring.rewards import RewardContext, RewardSet
+from jobs.sections import add_options, section_from_options
 from state import InputError
 
 # The run's settings the rewards' context takes; the filter section's other keys are not scoring's.

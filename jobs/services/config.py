@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from annotated_types import Ge
 
-from jobs.schema import REJECT_UNKNOWN_KEYS, PositiveFloat, PositiveInt
+from jobs.sections import REJECT_UNKNOWN_KEYS, PositiveFloat, PositiveInt
 
 
 @dataclass

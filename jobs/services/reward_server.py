@@ -67,8 +67,8 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jobs.cli import add_options, section_from_options
 from jobs.runtime import pick_device
+from jobs.sections import add_options, section_from_options
 from jobs.services.config import RewardServiceConfig
 from jobs.services.process import run_api_key
 from state import InputError

@@ -31,7 +31,7 @@ from state import Ledger, Status, atomic_write_json
 from state.ledger import now
 
 # How often the job looks at its consumers' records and for a stop signal.
-WATCH_INTERVAL_S = 2.0
+STOP_CHECK_INTERVAL_S = 2.0
 CONSUMERS_DONE = "the stages it serves are done"
 
 
@@ -75,8 +75,8 @@ def serve(spec: ServiceSpec, metrics: dict[str, Any]) -> None:
             return CONSUMERS_DONE
         return None
 
-    def watch() -> None:
-        while not finished.wait(WATCH_INTERVAL_S):
+    def stop_when_asked() -> None:
+        while not finished.wait(STOP_CHECK_INTERVAL_S):
             reason = why_stop()
             if reason:
                 log.info("service %s stops: %s", spec.name, reason)
@@ -91,7 +91,7 @@ def serve(spec: ServiceSpec, metrics: dict[str, Any]) -> None:
         ledger.update(spec.target.ledger_key, {"status": str(Status.SERVING), "endpoint": url, "node": endpoint["node"],
                                                "serving_since": endpoint["since"]})
         log.info("service %s (%s, %s) serving at %s", spec.name, kind, spec.config.model, ", ".join(endpoint["urls"]))
-        threading.Thread(target=watch, name="service-watch", daemon=True).start()
+        threading.Thread(target=stop_when_asked, name="service-stop", daemon=True).start()
 
     try:
         server.run(on_ready)

@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 
 from annotated_types import Ge, Gt, Len
 
-from jobs.schema import REJECT_UNKNOWN_KEYS, Fraction, PositiveFloat, PositiveInt
 from jobs.scoring.config import RewardConfig
+from jobs.sections import REJECT_UNKNOWN_KEYS, Fraction, PositiveFloat, PositiveInt
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 

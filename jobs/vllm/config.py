@@ -7,7 +7,7 @@ from typing import Annotated
 
 from annotated_types import Gt, Le
 
-from jobs.schema import REJECT_UNKNOWN_KEYS, PositiveInt
+from jobs.sections import REJECT_UNKNOWN_KEYS, PositiveInt
 
 
 @dataclass

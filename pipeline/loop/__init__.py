@@ -1,1 +1,1 @@
-"""The run loop: the driver, the detached chain, the services it keeps alive, straggler re-split, the reward-hacking check."""
+"""The run loop: submission as a narrow interface (submitter.py), the services kept alive (services.py), where a run stands (summary.py), the reward-hacking check, the driver and the detached chain."""

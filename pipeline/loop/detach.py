@@ -31,10 +31,10 @@ from jobs.runtime import log, step_aside_if_superseded
 from jobs.specs import JobTarget
 from pipeline.console import console
 from pipeline.loop.driver import Driver
+from pipeline.loop.submitter import IN_FLIGHT, withdraw
 from pipeline.loop.summary import summarize
 from pipeline.planning.stage import StageFailed, StagePlan, Task
 from pipeline.planning.stages import ADVANCE, stage_resources
-from pipeline.scheduling.submitter import IN_FLIGHT, withdraw
 from state import Status
 from state.ledger import now
 

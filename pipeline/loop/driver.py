@@ -20,14 +20,14 @@ from rich.console import Console
 from pipeline.config import RunConfig, load_config
 from pipeline.layout import RunLayout
 from pipeline.loop.hacking import RunStopped, describe
-from pipeline.loop.resplit import Splitter
 from pipeline.loop.services import ServiceKeeper
+from pipeline.loop.submitter import IN_FLIGHT, Submitter
 from pipeline.loop.summary import summarize
 from pipeline.planning.planner import Planner
 from pipeline.planning.stage import StageFailed, StagePlan, Task
 from pipeline.rules import check_config
 from pipeline.scheduling.executors import require_scheduler
-from pipeline.scheduling.submitter import IN_FLIGHT, Submitter
+from pipeline.scheduling.resplit import Splitter
 from state import InputError, Ledger, Status
 from state.ledger import now
 

@@ -19,7 +19,7 @@ PREFIX, SUFFIX = "rewards/", "/mean"
 
 
 class RunStopped(Exception):
-    """A watch stopped the run; the message says why (and is in the run's ledger record)."""
+    """The reward-hacking check stopped the run (grpo.stop_on_hacking); the message says why (and is in the run's ledger record)."""
 
     exit_code = 3
 

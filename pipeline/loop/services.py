@@ -22,10 +22,10 @@ from jobs.services import runner
 from jobs.specs import ServiceSpec, VllmServing
 from jobs.vllm.config import VllmServiceConfig
 from pipeline.config import RunConfig
+from pipeline.loop.submitter import IN_FLIGHT, Submitter
 from pipeline.planning.planner import Planner
 from pipeline.planning.stage import RunContext, StageFailed, StagePlan, Task
 from pipeline.scheduling.executors import Resources
-from pipeline.scheduling.submitter import IN_FLIGHT, Submitter
 from state import Status
 
 SERVICES = "services"

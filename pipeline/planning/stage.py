@@ -17,8 +17,8 @@ from typing import Any, Literal
 from jobs.specs import JobTarget
 from pipeline.config import RunConfig
 from pipeline.layout import BASELINE, RunLayout
-from pipeline.loop.resplit import Resplit
 from pipeline.scheduling.executors import Resources
+from pipeline.scheduling.resplit import Resplit
 
 
 class StageFailed(Exception):
@@ -59,7 +59,7 @@ class StagePlan:
     totals: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     # Metrics of its record that are the iteration's (status tables, report).
     reports: tuple[str, ...] = ()
-    # Stragglers of its tasks may be stopped and the rest of their items split (pipeline/loop/resplit.py):
+    # Stragglers of its tasks may be stopped and the rest of their items split (pipeline/scheduling/resplit.py):
     # ``split(task key)`` closes a stopped task on what it finished: (kept, rest) item indices.
     resplit: Resplit | None = None
     split: Callable[[str], tuple[list[int], list[int]]] | None = None

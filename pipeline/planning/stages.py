@@ -28,9 +28,9 @@ from jobs.training import export as export_job
 from jobs.training import grpo as grpo_job
 from jobs.training import sft as train_job
 from pipeline.config import RunConfig
-from pipeline.loop.resplit import split_parts
 from pipeline.planning.stage import RunContext, StagePlan, Task, shard_ranges
 from pipeline.scheduling.executors import Resources
+from pipeline.scheduling.resplit import split_parts
 
 # What each stage asks for when the config does not say (executor.<stage>).
 DEFAULT_RESOURCES = {
@@ -75,7 +75,7 @@ def shard_totals(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 def generate_stage(run: RunContext, iteration: int) -> StagePlan:
     """An array of shards over the training set; a re-split straggler's rest (recorded in the stage's
-    ledger record, pipeline/loop/resplit.py) adds tasks of its own."""
+    ledger record, pipeline/scheduling/resplit.py) adds tasks of its own."""
     config, layout = run.config, run.layout
     key = f"{layout.stage_dir(iteration, 'generate').relative_to(layout.run_dir)}"
     ranges = shard_ranges(run.num_train, config.generate.num_shards)

@@ -1,1 +1,1 @@
-"""Talking to the scheduler: submitit executors and resources (executors.py), which jobs live (watch.py), and submission as a narrow interface (submitter.py)."""
+"""Talking to the scheduler, the ground floor of the driver: the `executor` section and submitit executors (executors.py), which jobs live (watch.py), straggler re-split (resplit.py)."""

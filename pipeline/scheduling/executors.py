@@ -18,8 +18,8 @@ from annotated_types import Ge, Gt
 from pydantic import StringConstraints, model_validator
 from submitit.slurm.slurm import _make_sbatch_string
 
-from jobs.schema import REJECT_UNKNOWN_KEYS, PositiveInt
-from pipeline.loop.resplit import Resplit
+from jobs.sections import REJECT_UNKNOWN_KEYS, PositiveInt
+from pipeline.scheduling.resplit import Resplit
 from state import InputError
 
 # Values end up in #SBATCH lines: a line break would start a shell command of its own.

@@ -19,9 +19,9 @@ from rich.console import Console
 from pipeline.config import RunConfig, dump_yaml
 from pipeline.loop.driver import Driver
 from pipeline.loop.hacking import RunStopped
+from pipeline.loop.submitter import Submitter
 from pipeline.planning.planner import Planner
 from pipeline.planning.stage import StageFailed, StagePlan
-from pipeline.scheduling.submitter import Submitter
 from pipeline.scheduling.watch import JobInfo, SchedulerUnavailable
 from state import Ledger
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 from annotated_types import Ge, Gt, Le
 
-from jobs.schema import REJECT_UNKNOWN_KEYS, PositiveInt
+from jobs.sections import REJECT_UNKNOWN_KEYS, PositiveInt
 from state import Ledger, Status
 from state.ledger import now
 
@@ -33,7 +33,7 @@ from state.ledger import now
 @dataclass
 class Resplit:
     """When the driver stops a straggling task of an array and splits the rest of its items into new
-    tasks (pipeline/loop/resplit.py): once ``min_done_fraction`` of the tasks are done, a running task whose
+    tasks (pipeline/scheduling/resplit.py): once ``min_done_fraction`` of the tasks are done, a running task whose
     ETA is at least ``eta_ratio`` times the median time of the finished ones, with at least
     ``min_remaining_items`` left, is split into up to ``max_parts`` tasks."""
 

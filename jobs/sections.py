@@ -1,9 +1,10 @@
-"""Command-line options made from a config section, so that a CLI never re-declares the schema.
+"""Config sections: the types they are made of, and command-line options made from a section.
 
-Every field of a ``jobs.specs`` section becomes ``--field-name VALUE`` with the section's default;
-values are read as YAML where the text alone does not fit (``--zone-bounds '[0.2, 0.6, 0.9]'``),
-and the whole section is validated by the same rules as a run's config file. A boolean field is
-also a flag (``--dedupe``).
+Each section lives next to the code that reads it, in its group's ``config.py``; pipeline.config
+composes the run's config from them and validates it with pydantic. A CLI never re-declares a
+section: every field becomes ``--field-name VALUE`` with the section's default; values are read as
+YAML where the text alone does not fit (``--zone-bounds '[0.2, 0.6, 0.9]'``), and the whole section
+is validated by the same rules as a run's config file. A boolean field is also a flag (``--dedupe``).
 """
 
 from __future__ import annotations
@@ -11,12 +12,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
+from annotated_types import Ge, Gt, Le
 from pydantic import TypeAdapter, ValidationError
 
 from state import InputError
+
+PositiveInt = Annotated[int, Ge(1)]
+PositiveFloat = Annotated[float, Gt(0)]
+Fraction = Annotated[float, Ge(0), Le(1)]
+
+# Read by pydantic when pipeline.config validates a section: an unknown key is an error, not ignored.
+REJECT_UNKNOWN_KEYS = {"extra": "forbid"}
 
 T = TypeVar("T")
 
