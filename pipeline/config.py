@@ -250,9 +250,7 @@ def read_run_config(path: Path) -> RunConfig:
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
     """The config as YAML holds it: stage resources beside the executor's settings, as written."""
-    data = dataclasses.asdict(config)
-    data["executor"] |= data["executor"].pop("stages")
-    return data
+    return dataclasses.asdict(config) | {"executor": config.executor.as_written()}
 
 
 def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ service's resources), submitit executors made from it, and array submission."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -73,7 +74,8 @@ class ExecutorConfig:
 
     Besides the settings, every key is a stage's or a service's resources, by name:
     ``executor.generate``, ``executor.train``, ``executor.reward`` (the reward service), and
-    ``executor.advance`` (the detached chain's CPU job). Each stage has defaults of its own.
+    ``executor.advance`` (the detached chain's CPU job). Each stage has defaults of its own, and the
+    keys given replace only those: ``executor.filter.partition: cpu`` keeps the filter's 60 minutes.
     """
 
     __pydantic_config__ = REJECT_UNKNOWN_KEYS
@@ -84,20 +86,35 @@ class ExecutorConfig:
     # Polls back off up to this while nothing changes.
     max_poll_interval_s: Annotated[float, Gt(0)] = 30.0
     stages: dict[str, Resources] = field(default_factory=dict)
+    # The keys the config gives for each of them (all, for one missing here).
+    given: dict[str, list[str]] = field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _resources_by_name(cls, data: Any) -> Any:
-        """``executor.generate: {...}`` is written beside the settings; it lands in ``stages``."""
+        """``executor.generate: {...}`` is written beside the settings; it lands in ``stages``, and the
+        keys it gives in ``given``."""
         if isinstance(data, dict):
             stages = dict(data.get("stages") or {})
             stages.update({k: v for k, v in data.items() if k not in (*EXECUTOR_SETTINGS, "stages")})
-            data = {k: v for k, v in data.items() if k in EXECUTOR_SETTINGS} | {"stages": stages}
+            given = {name: sorted(value) for name, value in stages.items() if isinstance(value, dict)}
+            data = {k: v for k, v in data.items() if k in EXECUTOR_SETTINGS} | {"stages": stages, "given": given}
         return data
 
     def resources(self, name: str, default: Resources) -> Resources:
-        """What a stage or service asks the scheduler for: ``executor.<name>``, else ``default``."""
-        return self.stages.get(name, default)
+        """What a stage or service asks the scheduler for: ``default`` with the keys ``executor.<name>`` gives."""
+        if name not in self.stages:
+            return default
+        keys = self.given.get(name, [f.name for f in dataclasses.fields(Resources)])
+        return dataclasses.replace(default, **{key: getattr(self.stages[name], key) for key in keys})
+
+    def as_written(self) -> dict[str, Any]:
+        """The section as YAML holds it: the settings, and beside them each stage's keys as given."""
+        written: dict[str, Any] = {name: getattr(self, name) for name in EXECUTOR_SETTINGS}
+        for name, resources in self.stages.items():
+            values = dataclasses.asdict(resources)
+            written[name] = {key: values[key] for key in self.given.get(name, list(values))}
+        return written
 
 
 def require_scheduler(cluster: str) -> None:

@@ -18,6 +18,7 @@ from pipeline.config import (
     read_run_config,
     with_defaults,
 )
+from pipeline.planning.stages import stage_resources
 from pipeline.rules import check_config
 from state import InputError
 from tests.conftest import small_config
@@ -167,3 +168,20 @@ def test_a_run_stored_with_old_key_names_is_not_changed_for_the_same_config(tmp_
     # A real change is still seen.
     _, changed = load(tmp_path, assets, method="grpo", grpo={"passes_per_generation": 3})
     assert differences(with_defaults(stored), yaml.safe_load(dump_yaml(changed))) == ["grpo.passes_per_generation: 2 -> 3"]
+
+
+def test_a_stage_given_some_resources_keeps_its_other_defaults_when_the_run_is_read_again(tmp_path: Path, assets: Path) -> None:
+    """``executor.filter.partition`` alone keeps the filter's 60 minutes, in the run and in its stored
+    config (which a resumed or detached driver reads); a config stored with every key, as earlier
+    versions wrote it, keeps the resources it had."""
+    _, config = load(tmp_path, assets, executor={"cluster": "local", "filter": {"partition": "cpu"}})
+    assert (stage_resources(config, "filter").partition, stage_resources(config, "filter").timeout_min) == ("cpu", 60)
+    stored = tmp_path / "stored.yaml"
+    stored.write_text(dump_yaml(config))
+    assert yaml.safe_load(stored.read_text())["executor"]["filter"] == {"partition": "cpu"}
+    again = read_run_config(stored)
+    assert stage_resources(again, "filter") == stage_resources(config, "filter")
+    every_key = yaml.safe_load(stored.read_text())
+    every_key["executor"]["filter"] = {"timeout_min": 240, "partition": "cpu"}
+    stored.write_text(yaml.safe_dump(every_key))
+    assert stage_resources(read_run_config(stored), "filter").timeout_min == 240

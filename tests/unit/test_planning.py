@@ -244,8 +244,6 @@ def test_grpo_train_stage_takes_executor_train(make_planner):
     assert (train.resources.nodes, train.resources.tasks_per_node) == (2, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="executor.<stage> replaces the stage's defaults wholly: "
-                   "executor.filter.partition alone makes the filter's timeout 240 min, not its 60")
 def test_partial_override_keeps_the_stages_other_defaults(make_planner):
     planner = make_planner(num_iterations=1, executor={"filter": {"partition": "cpu"}, "export": {"mem_gb": 4}})
     filter_resources = stage(planner, "iter_001/filter").resources
