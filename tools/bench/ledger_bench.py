@@ -242,7 +242,7 @@ def synthetic_run(name: str, run_dir: Path, shards: int) -> list[str]:
     """A run with one iteration whose generation stage has ``shards`` shards, all done; their keys."""
     run_dir.mkdir(parents=True)
     config = {"run_name": "bench", "model": {"path": "/nonexistent"}, "data": {"train": "/nonexistent"},
-              "num_iterations": 1, "learning_rates": [1e-5], "generate": {"num_shards": shards}}
+              "num_iterations": 1, "train": {"learning_rates": [1e-5]}, "generate": {"num_shards": shards}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     ledger = IMPLEMENTATIONS[name].Ledger(run_dir)
     ledger.update("run", {"run_name": "bench", "num_train": shards, "num_iterations": 1, "status": "running"})

@@ -49,14 +49,14 @@ def straggler_config(assets: Path, folder: Path, resplit: bool | dict[str, Any],
     train.write_text("".join(json.dumps(r) + "\n" for r in records))
     config = {
         "run_name": "straggler", "runs_dir": str(folder / "runs"), "export_dir": str(folder / "models"),
-        "num_iterations": 1, "learning_rates": [1e-3],
+        "num_iterations": 1,
         "model": {"path": str(assets / "random_init")},
         "data": {"train": str(train), "heldout": None},
         "generate": {"num_samples": 2, "max_tokens": 12, "batch_size": 1, "num_shards": 3},
         "filter": {"verifier": "numeric", "strategy": "all"},
         "train": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "max_steps": 2,
                   "batch_size": 4, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
-                  "replay_data": str(assets / "warmstart.jsonl")},
+                  "replay_data": str(assets / "warmstart.jsonl"), "learning_rates": [1e-3]},
         "executor": {"cluster": "slurm", "poll_interval_s": 0.5, "max_poll_interval_s": 1.0,
                      "generate": {"cpus_per_task": 1, "timeout_min": 30, "resplit": resplit}},
     }
