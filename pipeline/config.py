@@ -186,10 +186,10 @@ def _pop(data: dict[str, Any], key: str) -> tuple[bool, Any]:
     return (True, node.pop(last)) if last in node else (False, None)
 
 
-def renamed(data: dict[str, Any]) -> list[str]:
-    """Move the keys of ``data`` that were renamed (``RENAMED``) to their new names, in place; one
-    line for each. Both names given: InputError naming both."""
-    notes = []
+def renamed(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Move the keys of ``data`` that were renamed (``RENAMED``) to their new names, in place; the
+    (old, new) pairs moved. Both names given: ValueError naming both."""
+    moved = []
     for old, new in RENAMED.items():
         found, value = _pop(data, old)
         if not found:
@@ -199,16 +199,18 @@ def renamed(data: dict[str, Any]) -> list[str]:
         for part in sections:
             node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
         if last in node:
-            raise InputError(f"{old}: renamed to {new}, and both are given; keep {new}")
+            raise ValueError(f"{old}: renamed to {new}, and both are given; keep {new}")
         node[last] = value
-        notes.append(f"{old} is now {new}; read as that (rename it in the config)")
-    return notes
+        moved.append((old, new))
+    return moved
 
 
-def load_config(path: Path | str, overrides: list[str] = (), check: Callable[[RunConfig], None] | None = None) -> RunConfig:
+def load_config(path: Path | str, overrides: list[str] = (), check: Callable[[RunConfig], None] | None = None,
+                stored: bool = False) -> RunConfig:
     """The config in ``path`` with ``overrides`` (``a.b=value``), validated by its sections' rules and
     then by ``check`` (the rules spanning sections: pipeline.rules). Every problem is an InputError
-    naming the file or the command line, and the key."""
+    naming the file or the command line, and the key. A key under its old name is read as the new
+    one, with a line saying so, except in a run's ``stored`` config (written by an earlier version)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -221,10 +223,13 @@ def load_config(path: Path | str, overrides: list[str] = (), check: Callable[[Ru
     if not isinstance(data, dict):
         raise InputError(f"{path}: the config must be a mapping of keys to values")
     from_command_line = {apply_override(data, item) for item in overrides}
-    for note in renamed(data):
-        print(f"warning: {path}: {note}", file=sys.stderr)
-    from_command_line |= {new for old, new in RENAMED.items() if old in from_command_line}
     try:
+        for old, new in renamed(data):
+            if old in from_command_line:
+                from_command_line.add(new)
+                print(f"warning: command line: {old} is now {new}; read as that", file=sys.stderr)
+            elif not stored:
+                print(f"warning: {path}: {old} is now {new}; read as that (rename it in the config)", file=sys.stderr)
         config = _ADAPTER.validate_python(data)
         if check is not None:
             check(config)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jobs.scoring.config import RewardConfig
 from jobs.scoring.rewards import RewardContext, bind, services_used
+from jobs.scoring.verifiers import get_verifier
 from pipeline.config import RunConfig
 from pipeline.planning.recipes import RECIPES
 from pipeline.planning.stages import DEFAULT_RESOURCES, stage_resources
@@ -26,13 +27,12 @@ TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wa
 
 def check_config(config: RunConfig) -> None:
     """Every rule of this module that the run's methods call for."""
-    sections = {section for method in config.methods() for section in RECIPES[method].sections}
+    sections = {section for method in config.methods() for section in RECIPES[method].sections(config)}
     check_iterations(config)
     check_files(config)
     check_executor_keys(config)
     check_services(config)
-    if "generate" in sections:
-        check_generation(config)
+    check_generation(config)
     if "filter" in sections and config.filter.reward is not None:
         check_rewards(config, config.filter.reward.rewards, "filter.reward.rewards")
     if "train" in sections:
@@ -54,16 +54,29 @@ def check_iterations(config: RunConfig) -> None:
 
 
 def check_files(config: RunConfig) -> None:
-    """The files and folders the config names exist."""
-    for key, path in (("model.path", config.model.path), ("data.train", config.data.train), ("data.heldout", config.data.heldout),
-                      ("train.replay_data", config.train.replay_data)):
+    """The files, folders and functions the config names exist (a verifier given as
+    ``package.module:function`` is imported)."""
+    for key, path in (("model.path", config.model.path), ("data.train", config.data.train), ("data.heldout", config.data.heldout)):
         if path is not None and not Path(path).exists():
             raise ValueError(f"{key}: {path} does not exist")
+    if config.train.replay_data is not None and not Path(config.train.replay_data).is_file():
+        raise ValueError(f"train.replay_data: {config.train.replay_data} does not exist")
+    try:
+        get_verifier(config.filter.verifier)
+    except ValueError as error:
+        raise ValueError(f"filter.verifier: {error}") from None
     if config.generate.media_dir is not None and not Path(config.generate.media_dir).is_dir():
         raise ValueError(f"generate.media_dir: {config.generate.media_dir} is not a folder")
 
 
 def check_generation(config: RunConfig) -> None:
+    """What generation is asked for, against the backend and the training method (the evaluation
+    job runs with generate's settings on eval.backend, so these are not rules of the section)."""
+    generate = config.generate
+    if generate.backend != "vllm":
+        for key in ("endpoints", "media_dir"):
+            if getattr(generate, key):
+                raise ValueError(f"generate.{key}: used by generate.backend: vllm only (the backend is {generate.backend})")
     if config.generate.vllm.lora and config.train.method != "lora":
         raise ValueError(f"generate.vllm.lora: serves each iteration's LoRA adapter, but train.method is {config.train.method}")
 

@@ -136,7 +136,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.jsonl'}: file not found"
     shard = write_shard(tmp_path / "g.jsonl", [seed_record("a", 1)])
     assert main(["--generations", str(shard), "--output", str(tmp_path / "f.json"), "--verifier", "nope"]) == 2
-    assert capsys.readouterr().err.startswith("error: --verifier: unknown verifier 'nope'")
+    assert capsys.readouterr().err.startswith("error: unknown verifier 'nope'")
 
 
 def gsm8k_record(pid: str, answers: list[str], truth: str = "#### 1,234") -> dict:

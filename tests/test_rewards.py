@@ -146,7 +146,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main([*base, "--rewards", "[{name: explain_correction, model: /no/such/folder}]"]) == 2
     assert "parameter 'model' of reward 'explain_correction': Path does not point to a directory" in capsys.readouterr().err
     assert main([*base, "--rewards", "format", "--verifier", "nope"]) == 2
-    assert capsys.readouterr().err.startswith("error: --verifier: unknown verifier 'nope'")
+    assert capsys.readouterr().err.startswith("error: unknown verifier 'nope'")
     assert not (tmp_path / "s.jsonl").exists()
 
 

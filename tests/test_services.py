@@ -165,7 +165,7 @@ def test_rest_on_the_listener_score_on_slurm(slurm_cluster: str, tiny_assets: Pa
     executor = {"cluster": "slurm", "poll_interval_s": 0.5, "max_poll_interval_s": 2.0,
                 "generate": {"cpus_per_task": 1, "timeout_min": 10}, "filter": {"timeout_min": 10},
                 "train": {"timeout_min": 10}, "reward": {"cpus_per_task": 1, "timeout_min": 20}}
-    config = games_config(tiny_assets, reward_models, runs, 40, num_iterations=2, learning_rates=[1e-3, 5e-4], executor=executor,
+    config = games_config(tiny_assets, reward_models, runs, 40, num_iterations=2, train={"learning_rates": [1e-3, 5e-4]}, executor=executor,
                           services={"reward": slow_listener(reward_models)})
     path = write_config(tmp_path / "games_slurm.yaml", config)
     run_dir = runs / "small"

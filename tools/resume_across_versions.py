@@ -2,8 +2,9 @@
 
     python tools/resume_across_versions.py [OLD_COMMIT] [--method rest|grpo]
 
-OLD_COMMIT (default 1be5f6d, the last landing before stages became data and the ledger got
-per-record locks) is unpacked with ``git archive`` into a temporary folder and starts a two-iteration
+OLD_COMMIT (default for ReST 1be5f6d, the last landing before stages became data and the ledger
+got per-record locks; for GRPO 4cce328, the last landing before the config's keys were renamed and
+its sections moved beside their code) is unpacked with ``git archive`` into a temporary folder and starts a two-iteration
 run (ReST, or GRPO with ``--method grpo``) of the tiny test model on the embedded default, with this
 checkout's Python environment, written with the key names the old version knows (``learning_rates``,
 ``grpo.num_iterations``: this version reads them under their new names, and must not take the run's
@@ -39,10 +40,10 @@ def records(ledger: Path) -> dict[str, dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("old_commit", nargs="?", default="1be5f6d")
+    parser.add_argument("old_commit", nargs="?")
     parser.add_argument("--method", choices=("rest", "grpo"), default="rest")
     args = parser.parse_args()
-    old_commit = args.old_commit
+    old_commit = args.old_commit or {"rest": "1be5f6d", "grpo": "4cce328"}[args.method]
     work = Path(tempfile.mkdtemp(prefix="resume_across_versions_"))
     old = work / "old"
     old.mkdir()

@@ -40,12 +40,6 @@ class GenerateConfig:
     request_timeout_s: Annotated[float, Gt(0)] = 1800
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
-    def __post_init__(self) -> None:
-        if self.backend != "vllm":
-            for key in ("endpoints", "media_dir"):
-                if getattr(self, key):
-                    raise ValueError(f"generate.{key}: used by generate.backend: vllm only (the backend is {self.backend})")
-
 
 @dataclass
 class EvalConfig:

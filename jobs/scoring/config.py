@@ -10,7 +10,6 @@ from annotated_types import Ge, Len
 from pydantic import FiniteFloat, model_validator
 
 from jobs.scoring.answers import answer_rules
-from jobs.scoring.verifiers import get_verifier
 from jobs.sections import REJECT_UNKNOWN_KEYS, Fraction, PositiveInt
 
 
@@ -76,10 +75,6 @@ class FilterConfig:
         low, mid, high = self.zone_bounds
         if not 0 < low <= mid <= high <= 1:
             raise ValueError(f"filter.zone_bounds: must rise within (0, 1], got {list(self.zone_bounds)}")
-        try:
-            get_verifier(self.verifier)
-        except ValueError as error:
-            raise ValueError(f"filter.verifier: {error}") from None
         try:
             answer_rules(self.answer_pattern)
         except ValueError as error:

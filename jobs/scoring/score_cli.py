@@ -29,6 +29,7 @@ from jobs.scoring.rescore import (
     summary_path,
 )
 from jobs.scoring.rewards import RewardContext, RewardSet
+from jobs.scoring.verifiers import get_verifier
 from jobs.sections import add_options, section_from_options
 from state import InputError
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = section_from_options(FilterConfig, args, skip=NOT_CONTEXT)
+        get_verifier(config.verifier)
         rewards = RewardSet(parse_rewards(args.rewards), RewardContext(config.verifier, config.answer_pattern))
         for path in args.generations:
             if not path.is_file():

@@ -1,1 +1,1 @@
-"""Servers: vLLM servers (started by shards or as a service of the run), the reward server, and the service job."""
+"""Services of the run as jobs: the service job (runner.py: vLLM through jobs/vllm, or the reward server), the reward server, server process helpers."""

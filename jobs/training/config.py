@@ -23,7 +23,7 @@ class TrainConfig:
     # ReST-EM restarts from the base model every iteration; the seed continues from the previous.
     init_from: Literal["previous", "base"] = "previous"
     # ReST iterations' learning rates: learning_rates[i] is iteration i+1's (GRPO's are grpo.learning_rates).
-    learning_rates: Annotated[list[PositiveFloat], Len(min_length=1)] = field(default_factory=lambda: [2e-5, 1e-5, 5e-6])
+    learning_rates: list[PositiveFloat] = field(default_factory=lambda: [2e-5, 1e-5, 5e-6])
     lora_r: PositiveInt = 64
     lora_alpha: PositiveInt = 128
     lora_dropout: Fraction = 0.05

@@ -61,7 +61,7 @@ class Driver:
         config_path = RunLayout(run_dir).config
         if not config_path.is_file():
             raise InputError(f"{run_dir}: not a run directory (no config.yaml in it)")
-        config = load_config(config_path, check=check_config)
+        config = load_config(config_path, check=check_config, stored=True)
         require_scheduler(config.executor.cluster)
         return cls(config, Planner(config, run_dir), console)
 

@@ -126,7 +126,7 @@ SMALL_FILTERED_SET = (
         "Include more categories: filter.include_mastered=true",
         "Reduce filtering aggressiveness: filter.strategy=all, or a larger filter.top_k",
         "Train for fewer epochs (1 instead of 2): train.num_epochs=1",
-        "Use a lower learning rate: learning_rates",
+        "Use a lower learning rate: train.learning_rates",
     ],
 )
 WARNING_SHARE = 0.5

@@ -150,9 +150,34 @@ def test_renamed_keys_are_read_with_one_line_saying_so(tmp_path: Path, assets: P
                      f"warning: {path}: grpo.num_iterations is now grpo.passes_per_generation; read as that (rename it in the config)"]
 
 
-def test_an_old_and_a_new_name_together_are_refused_naming_both(tmp_path: Path, assets: Path) -> None:
-    with pytest.raises(InputError, match=r"learning_rates: renamed to train.learning_rates, and both are given"):
+def test_an_old_and_a_new_name_together_are_refused_naming_both(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(InputError, match=r"^command line: learning_rates: renamed to train.learning_rates, and both are given"):
         load(tmp_path, assets, ["learning_rates=[1e-3, 1e-3]"])
+    config = small_config(assets, tmp_path / "runs")
+    config["learning_rates"] = [1e-3, 1e-3]
+    path = tmp_path / "both.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(InputError, match=rf"^{path}: learning_rates: renamed to train.learning_rates, and both are given"):
+        load_config(path)
+
+
+def test_an_old_name_on_the_command_line_is_said_to_come_from_there(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = small_config(assets, tmp_path / "runs", method="grpo")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert load_config(path, ["grpo.num_iterations=3"], check=check_config).grpo.passes_per_generation == 3
+    assert capsys.readouterr().err == "warning: command line: grpo.num_iterations is now grpo.passes_per_generation; read as that\n"
+    with pytest.raises(InputError, match="^command line: grpo.passes_per_generation"):
+        load_config(path, ["grpo.num_iterations=0"])
+
+
+def test_a_runs_stored_config_is_read_under_new_names_without_a_word(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = small_config(assets, tmp_path / "runs")
+    config["learning_rates"] = config["train"].pop("learning_rates")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert load_config(path, stored=True).train.learning_rates == [1e-3, 5e-4]
+    assert capsys.readouterr().err == ""
 
 
 def test_a_run_stored_with_old_key_names_is_not_changed_for_the_same_config(tmp_path: Path, assets: Path) -> None:

@@ -33,7 +33,7 @@ invocation, on the same folder (``--dir``, default the system's temporary folder
 3. Reads of a synthetic run of ``--shards`` generation shards (written by each ledger's own
    update_many: submitted, job ids, done with metrics): one driver poll (today: ``read(key)`` per
    shard, as pipeline/loop/driver.py's run_stage; new: ``read_many(keys)``) and the status summary
-   (pipeline/views/tables.py ``summarize``, through each ledger; it also builds the run's plan). The new
+   (pipeline/loop/summary.py ``summarize``, through each ledger; it also builds the run's plan). The new
    ledger's figures without a snapshot (a run written by today's ledger, or one whose shards all
    changed since the last read), with the snapshot up to date, and after 100 shards (20 on the
    slow filesystem) were updated one by one by their jobs; each first after the page cache was
@@ -264,7 +264,7 @@ def synthetic_run(name: str, run_dir: Path, shards: int) -> list[str]:
 
 @contextlib.contextmanager
 def ledger_class(name: str) -> Iterator[None]:
-    """pipeline/views/tables.py reading through ``name``'s ledger."""
+    """pipeline/loop/summary.py reading through ``name``'s ledger."""
     previous = status.Ledger
     status.Ledger = IMPLEMENTATIONS[name].Ledger
     try:

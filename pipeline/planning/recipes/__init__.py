@@ -13,8 +13,10 @@ from pipeline.planning.stage import RunContext, StagePlan
 class Recipe(Protocol):
     # The kinds of stage an iteration of this method has, in running order.
     stage_names: tuple[str, ...]
-    # The config sections its stages read: their rules spanning sections are checked (pipeline.rules).
-    sections: tuple[str, ...]
+
+    @staticmethod
+    def sections(config: RunConfig) -> tuple[str, ...]:
+        """The config sections its stages read: the rules about them are checked (pipeline.rules)."""
 
     def stages(self, iteration: int) -> list[StagePlan]: ...
 

@@ -10,6 +10,7 @@ inside the band: those all samples solve or none does would give groups of zero 
 
 from __future__ import annotations
 
+from pipeline.config import RunConfig
 from pipeline.planning.stage import RunContext, StagePlan
 from pipeline.planning.stages import (
     eval_stage,
@@ -21,7 +22,11 @@ from pipeline.planning.stages import (
 
 class Grpo:
     stage_names = ("generate", "filter", "train", "eval")
-    sections = ("generate", "filter", "grpo", "train", "eval")
+
+    @staticmethod
+    def sections(config: RunConfig) -> tuple[str, ...]:
+        """With a pass-rate band it generates and filters first."""
+        return ("generate", "filter", "grpo", "train", "eval") if config.grpo.pass_rate_band else ("grpo", "train", "eval")
 
     def __init__(self, run: RunContext):
         self.run = run

@@ -6,6 +6,7 @@ learning-zone policy picks, fine-tune on them, evaluate on the held-out set.
 
 from __future__ import annotations
 
+from pipeline.config import RunConfig
 from pipeline.planning.stage import RunContext, StagePlan
 from pipeline.planning.stages import (
     eval_stage,
@@ -17,7 +18,10 @@ from pipeline.planning.stages import (
 
 class Rest:
     stage_names = ("generate", "filter", "train", "eval")
-    sections = ("generate", "filter", "train", "eval")
+
+    @staticmethod
+    def sections(config: RunConfig) -> tuple[str, ...]:
+        return ("generate", "filter", "train", "eval")
 
     def __init__(self, run: RunContext):
         self.run = run
