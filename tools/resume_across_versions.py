@@ -68,7 +68,7 @@ def main() -> int:
     if args.method == "grpo":
         config["method"] = "grpo"
         config["grpo"] = {"num_generations": 2, "batch_size": 2, "max_steps": 2, "max_completion_length": 12,
-                          "logging_steps": 1, "save_steps": 1000, "learning_rates": [1e-4], "num_iterations": 1}
+                          "logging_steps": 1, "save_steps": 1000, "learning_rates": [1e-4], "num_iterations": 2}
     config_path = work / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
     ledger = work / "runs" / "small" / "ledger"
