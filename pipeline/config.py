@@ -1,4 +1,5 @@
-"""The run's YAML schema, loaded with dotted command-line overrides and validated in one place.
+"""The run's config, composed from the sections (each declared, with its own rules, next to the code
+that reads it), loaded with dotted command-line overrides and keys renamed since a run started.
 
 Every problem is reported as one line naming the file and the key, e.g.
 ``configs/demo.yaml: generate.temperature: Input should be greater than or equal to 0``.
