@@ -117,19 +117,32 @@ _ADAPTER = TypeAdapter(RunConfig)
 EXECUTION_ONLY = ("executor",)
 
 
+def _parent(data: dict[str, Any], key: str, create: bool) -> tuple[dict[str, Any] | None, str]:
+    """The section of ``data`` that holds the dotted ``key``, and the key's last part. With ``create``
+    the sections on the way are made (ValueError where a part is not a section); without, None where
+    one is missing."""
+    *sections, last = key.split(".")
+    node = data
+    for part in sections:
+        child = node.setdefault(part, {}) if create else node.get(part)
+        if not isinstance(child, dict):
+            if create:
+                raise ValueError(f"{key}: {part!r} is not a section")
+            return None, last
+        node = child
+    return node, last
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> str:
     """Apply ``a.b.c=value`` (value parsed as YAML) to ``data``; return the dotted key."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise InputError(f"command line: {assignment!r}: an override looks like key.sub_key=value")
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise InputError(f"command line: {key}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    try:
+        section, last = _parent(data, key, create=True)
+    except ValueError as error:
+        raise InputError(f"command line: {error}") from None
+    section[last] = yaml.safe_load(raw) if raw else ""
     return key
 
 
@@ -176,32 +189,18 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key}: {error['msg']}{shown}"
 
 
-def _pop(data: dict[str, Any], key: str) -> tuple[bool, Any]:
-    """Remove the dotted ``key`` from ``data``: (whether it was there, its value)."""
-    *sections, last = key.split(".")
-    node = data
-    for part in sections:
-        node = node.get(part)
-        if not isinstance(node, dict):
-            return False, None
-    return (True, node.pop(last)) if last in node else (False, None)
-
-
 def renamed(data: dict[str, Any]) -> list[tuple[str, str]]:
     """Move the keys of ``data`` that were renamed (``RENAMED``) to their new names, in place; the
     (old, new) pairs moved. Both names given: ValueError naming both."""
     moved = []
     for old, new in RENAMED.items():
-        found, value = _pop(data, old)
-        if not found:
+        source, old_last = _parent(data, old, create=False)
+        if source is None or old_last not in source:
             continue
-        *sections, last = new.split(".")
-        node = data
-        for part in sections:
-            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
-        if last in node:
+        target, new_last = _parent(data, new, create=True)
+        if new_last in target:
             raise ValueError(f"{old}: renamed to {new}, and both are given; keep {new}")
-        node[last] = value
+        target[new_last] = source.pop(old_last)
         moved.append((old, new))
     return moved
 
