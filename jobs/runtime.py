@@ -18,8 +18,10 @@ steps aside at once, so that nothing runs twice however the driver was interrupt
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -31,7 +33,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from jobs.specs import JobTarget
-from state import Ledger, Status
+from state import InputError, Ledger, PermanentJobError, Status
 from state.ledger import now
 
 log = logging.getLogger("selftrain")
@@ -110,6 +112,18 @@ def step_aside_if_superseded(target: JobTarget, record: dict[str, Any]) -> None:
     raise SystemExit(0)
 
 
+def add_usage(record: dict[str, Any]) -> None:
+    """Add this execution's seconds to the record's ``usage``: wall (since its claim, ``started_at``) and
+    CPU, of this process and the children it waited for (vLLM servers, filter workers). What
+    tools/cost.py counts where there is no SLURM accounting (the local executor)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = record.get("started_at")
+    wall = (datetime.datetime.fromisoformat(now()) - datetime.datetime.fromisoformat(started)).total_seconds() if started else 0.0
+    usage = record.get("usage") or {}
+    record["usage"] = {"executions": usage.get("executions", 0) + 1, "wall_s": round(usage.get("wall_s", 0.0) + wall, 1),
+                       "cpu_s": round(usage.get("cpu_s", 0.0) + own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1)}
+
+
 def report_status(ledger: Ledger, target: JobTarget, status: Status, **fields: Any) -> None:
     """How this job ended, unless its task was handed to a newer submission meanwhile (the driver
     took this job for lost): then the record is the new job's, and this one's word comes too late."""
@@ -123,6 +137,7 @@ def report_status(ledger: Ledger, target: JobTarget, status: Status, **fields: A
         record.update(status=str(status), **fields)
         if status in stamp:
             record[stamp[status]] = now()
+        add_usage(record)
 
     ledger.update(target.ledger_key, mutate=end)
 
@@ -146,7 +161,8 @@ def quiet_libraries() -> None:
 
 @contextmanager
 def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any]]:
-    """Mark the record running, then done with the metrics the body filled in, failed, or requeued.
+    """Mark the record running, then done with the metrics the body filled in, failed (``permanent``
+    for a PermanentJobError or an InputError: not retried), or requeued.
 
     In a distributed job only the first rank (``primary``) reports and requeues, for all ranks.
     """
@@ -165,7 +181,7 @@ def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any
 
     def claim(record: dict[str, Any]) -> None:
         step_aside_if_superseded(target, record)
-        record.update(status=str(Status.RUNNING), note=None, **job_identity())
+        record.update(status=str(Status.RUNNING), note=None, started_at=now(), **job_identity())
         # Counts executions, so that a resumed run can prove no finished work was redone.
         record["executions"] = record.get("executions", 0) + 1
 
@@ -186,7 +202,9 @@ def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any
         log.info("requeued job %s after the pre-timeout signal", job_identity()["job_id"])
         return
     except BaseException as error:
-        report_status(ledger, target, Status.FAILED, error=f"{type(error).__name__}: {error}")
+        # A retry of a permanent failure would fail the same way: the driver does not resubmit it.
+        permanent = {"permanent": True} if isinstance(error, (PermanentJobError, InputError)) else {}
+        report_status(ledger, target, Status.FAILED, error=f"{type(error).__name__}: {error}", **permanent)
         raise
     report_status(ledger, target, Status.DONE, metrics=metrics, error=None)
 

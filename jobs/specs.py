@@ -135,7 +135,10 @@ class ExportSpec:
     method: str
     model_name: str
     run_dir: str
+    # The iteration exported; 0: none beat the base model, and nothing is exported.
     iteration: int
+    # Why this iteration (pipeline/planning/export.py), for the run's last line and the ledger.
+    choice: str = ""
 
 
 @dataclass
@@ -153,6 +156,8 @@ class EvalSpec:
     api_key_path: str
     # The run's compile caches of its vLLM servers; "": none kept.
     compile_cache_dir: str = ""
+    # Development problems, evaluated beside the held-out ones (dev_accuracy); None: none.
+    dev_problems_path: str | None = None
 
 
 @dataclass

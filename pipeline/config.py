@@ -22,10 +22,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from jobs.generation.config import EvalConfig, GenerateConfig
 from jobs.scoring.config import FilterConfig
-from jobs.sections import REJECT_UNKNOWN_KEYS, PositiveInt
+from jobs.sections import REJECT_UNKNOWN_KEYS, PositiveInt, load_yaml
 from jobs.services.config import RewardServiceConfig
 from jobs.training.config import GrpoConfig, TrainConfig
 from jobs.vllm.config import VllmServiceConfig
+from pipeline.planning.export import ExportConfig
 from pipeline.scheduling.executors import (
     PATTERN_RULES,
     ExecutorConfig,
@@ -68,6 +69,13 @@ class DataConfig:
     train: str
     # Held-out problems for greedy accuracy after every iteration (and of the base model).
     heldout: str | None = None
+    # Development problems, evaluated with the held-out ones (dev_accuracy): export.iteration: best
+    # and the collapse guard judge on them, so that the held-out figure stays unbiased.
+    dev: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dev is not None and self.heldout is None:
+            raise ValueError("data.dev: evaluated beside the held-out set; give data.heldout too")
 
 
 @dataclass
@@ -87,6 +95,7 @@ class RunConfig:
     num_iterations: PositiveInt = 3
     # Where a finished run's final model is exported as the seeds name it: <method>_<model>_<time>/.
     export_dir: str = "models"
+    export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -115,6 +124,8 @@ class RunConfig:
 _ADAPTER = TypeAdapter(RunConfig)
 # Sections that only say how jobs run; they may change between a run's invocations.
 EXECUTION_ONLY = ("executor",)
+# What to do about a run's stored config that cannot be read.
+STORED_FIX = "; the run's stored config is damaged: restore it, or start a new run with run_name=NEW_NAME"
 
 
 def _parent(data: dict[str, Any], key: str, create: bool) -> tuple[dict[str, Any] | None, str]:
@@ -142,8 +153,49 @@ def apply_override(data: dict[str, Any], assignment: str) -> str:
         section, last = _parent(data, key, create=True)
     except ValueError as error:
         raise InputError(f"command line: {error}") from None
-    section[last] = yaml.safe_load(raw) if raw else ""
+    try:
+        section[last] = load_yaml(raw) if raw else ""
+    except yaml.constructor.ConstructorError as error:
+        raise InputError(f"command line: {assignment!r}: {_problem(error)}") from None
+    except yaml.YAMLError as error:
+        raise InputError(f"command line: {assignment!r}: not a YAML value ({_problem(error)}); quote the whole"
+                         " argument when the value holds spaces, as in 'key=[1, 2]'") from None
     return key
+
+
+def _problem(error: yaml.YAMLError) -> str:
+    """What is wrong in a YAML text, in one line."""
+    return str(getattr(error, "problem", None) or error).splitlines()[0]
+
+
+def read_yaml(path: Path, fix: str = "") -> dict[str, Any]:
+    """The mapping of keys to values in the YAML file ``path``; InputError naming the file (and the
+    line), with ``fix`` (what to do) after it."""
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found{fix}") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a YAML config file{fix}") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}){fix}") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot be read ({error.strerror}){fix}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InputError(f"{where}: invalid YAML ({_problem(error)}){fix}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the config must be a mapping of keys to values{fix}")
+    return data
+
+
+def _from_command_line(key: str, given: set[str]) -> bool:
+    """Whether a problem with ``key`` is one with a value given on the command line: the key itself,
+    a section holding it or a key inside it."""
+    return any(key == k or key.startswith((f"{k}.", f"{k}[")) or k.startswith(f"{key}.") for k in given)
 
 
 def _known_keys(path: list[str]) -> list[str]:
@@ -212,16 +264,7 @@ def load_config(path: Path | str, overrides: list[str] = (), check: Callable[[Ru
     naming the file or the command line, and the key. A key under its old name is read as the new
     one, with a line saying so, except in a run's ``stored`` config (written by an earlier version)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise InputError(f"{path}: config file not found") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise InputError(f"{where}: invalid YAML ({getattr(error, 'problem', None) or error})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: the config must be a mapping of keys to values")
+    data = read_yaml(path)
     from_command_line = {apply_override(data, item) for item in overrides}
     try:
         for old, new in renamed(data):
@@ -233,14 +276,10 @@ def load_config(path: Path | str, overrides: list[str] = (), check: Callable[[Ru
         config = _ADAPTER.validate_python(data)
         if check is not None:
             check(config)
-    except ValidationError as error:
-        message = _describe(error.errors()[0])
-        key = message.split(":", 1)[0]
-        raise InputError(f"{'command line' if key in from_command_line else path}: {message}") from None
-    except ValueError as error:
-        key = str(error).split(":", 1)[0]
-        given = any(k == key or k.startswith(f"{key}.") for k in from_command_line)
-        raise InputError(f"{'command line' if given else path}: {error}") from None
+    except (ValidationError, ValueError) as error:
+        message = _describe(error.errors()[0]) if isinstance(error, ValidationError) else str(error)
+        given = _from_command_line(message.split(":", 1)[0], from_command_line)
+        raise InputError(f"{'command line' if given else path}: {message}") from None
     return config
 
 
@@ -248,9 +287,12 @@ def read_run_config(path: Path) -> RunConfig:
     """A run's stored config, for reading its state: validated (old key names read as the new ones),
     but the files it names are not checked again (a run is looked at where its model folder may not
     be reachable)."""
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = read_yaml(path, STORED_FIX)
     renamed(data)
-    return _ADAPTER.validate_python(data)
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as error:
+        raise InputError(f"{path}: {_describe(error.errors()[0])}{STORED_FIX}") from None
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     runs/<run_name>/
       config.yaml                    resolved config of the run (its presence makes the run resumable)
       ledger/                        the state ledger (state.Ledger): a record per stage, shard, service (<key>.jsonl)
-      data/train.jsonl heldout.jsonl the problems, validated and frozen for the run
+      data/train.jsonl heldout.jsonl dev.jsonl  the problems, validated and frozen for the run
       vllm_api_key                   the run's API key (0600): its vLLM servers and services take it
       compile_cache/<key>/           vLLM compile caches, one per model and command line, published once
       baseline/eval/                 held-out accuracy of the base model ("iteration 0")
@@ -44,6 +44,10 @@ class RunLayout:
     @property
     def heldout_problems(self) -> Path:
         return self.run_dir / "data" / "heldout.jsonl"
+
+    @property
+    def dev_problems(self) -> Path:
+        return self.run_dir / "data" / "dev.jsonl"
 
     @property
     def api_key(self) -> Path:

@@ -21,10 +21,12 @@ from rich.table import Table
 from jobs.problems.data import load_problems, write_jsonl
 from jobs.problems.prompts import check_backend_takes, check_media
 from pipeline.config import (
+    STORED_FIX,
     RunConfig,
     differences,
     dump_yaml,
     load_config,
+    read_yaml,
     with_defaults,
 )
 from pipeline.console import console as make_console
@@ -37,8 +39,12 @@ from pipeline.loop.submitter import job_name
 from pipeline.loop.summary import summarize
 from pipeline.planning.planner import Planner
 from pipeline.planning.stage import StageFailed
-from pipeline.rules import check_config
-from pipeline.scheduling.executors import require_scheduler, sbatch_script
+from pipeline.rules import check_problems, check_run, gpu_warning
+from pipeline.scheduling.executors import (
+    missing_scheduler,
+    require_scheduler,
+    sbatch_script,
+)
 from pipeline.views.tables import iteration_table
 from state import InputError, Ledger, atomic_write_bytes
 from state.ledger import now
@@ -49,7 +55,7 @@ def check_resumable(config: RunConfig, source: str) -> bool:
     stored = RunLayout(config.run_dir).config
     if not stored.exists():
         return False
-    changed = differences(with_defaults(yaml.safe_load(stored.read_text())), yaml.safe_load(dump_yaml(config)))
+    changed = differences(with_defaults(read_yaml(stored, STORED_FIX)), yaml.safe_load(dump_yaml(config)))
     if changed:
         raise InputError(
             f"{source}: run {config.run_name!r} exists in {config.run_dir} with a different config ("
@@ -80,6 +86,11 @@ def print_plan(config: RunConfig, planner: Planner, num_heldout: int, console: C
             # Printed as is (no rich wrapping): this is the exact text sbatch gets.
             print(f"# ---- sbatch script of {stage.key} ----")
             print(sbatch_script(folder, stage.resources, job_name(config, stage), len(stage.tasks)), flush=True)
+    missing = missing_scheduler(config.executor.cluster)
+    if missing:
+        console.print(f"{', '.join(missing)} not found on this machine: the scripts are as sbatch would get them, but the"
+                      " cluster was not asked whether it takes them (partitions, GPUs, limits), nor was vLLM's install"
+                      " checked; submit from a login node of the cluster", highlight=False, soft_wrap=True)
     console.print("dry run: nothing submitted")
 
 
@@ -100,21 +111,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     console = make_console()
     try:
-        config = load_config(args.config, args.overrides, check=check_config)
-        require_scheduler(config.executor.cluster)
+        config = load_config(args.config, args.overrides, check=check_run)
+        if not args.dry_run:  # a dry run previews a SLURM run's scripts anywhere (print_plan says what it did not check)
+            require_scheduler(config.executor.cluster)
         train = load_problems(config.data.train)
         heldout = load_problems(config.data.heldout) if config.data.heldout else []
+        dev = load_problems(config.data.dev) if config.data.dev else []
+        check_problems(config, train)
         check_backend_takes(train, config.generate.backend, config.generate.media_dir, config.data.train, "generate.backend")
         check_backend_takes(heldout, config.eval.backend, config.generate.media_dir, str(config.data.heldout), "eval.backend")
+        check_backend_takes(dev, config.eval.backend, config.generate.media_dir, str(config.data.dev), "eval.backend")
         if config.generate.media_dir:
             check_media(train, config.generate.media_dir, config.data.train)
             check_media(heldout, config.generate.media_dir, str(config.data.heldout))
+            check_media(dev, config.generate.media_dir, str(config.data.dev))
         resuming = check_resumable(config, str(args.config))
         if args.detach and config.executor.cluster != "slurm":
             raise InputError(f"{args.config}: --detach needs executor.cluster: slurm (the chain waits on SLURM dependencies)")
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return InputError.exit_code
+    warning = gpu_warning(config)
+    if warning:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     planner = Planner(config, config.run_dir, len(train))
     if args.dry_run:
         print_plan(config, planner, len(heldout), console)
@@ -131,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         write_jsonl(planner.layout.train_problems, train)
         if heldout:
             write_jsonl(planner.layout.heldout_problems, heldout)
+        if dev:
+            write_jsonl(planner.layout.dev_problems, dev)
         ledger.update("run", {"run_name": config.run_name, "created_at": now(), "num_iterations": config.num_iterations,
                               "num_train": len(train)})
         # Written last: its presence means the run directory is complete and resumable.
@@ -156,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]run stopped:[/red] {error}", markup=True, highlight=False)
         return RunStopped.exit_code
     summary = summarize(config.run_dir)
-    console.print(f"run {config.run_name!r} done: {summary['run_dir']}; final model exported to {summary['export']['path']}")
+    console.print(f"run {config.run_name!r} done: {summary['run_dir']}; final model: {summary['export']['choice']}", highlight=False)
     return 0
 
 

@@ -94,6 +94,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from filelock import SoftFileLease
 
 log = logging.getLogger(__name__)
@@ -342,8 +343,9 @@ def _load_snapshot(folder: Path) -> dict[str, Record]:
     """The folder's snapshot; empty if there is none, it is torn, or it was stored before this
     machine's last boot, when a crash may have lost a record's marker (module docstring)."""
     try:
-        snapshot = json.loads(_read_bytes(folder / SNAPSHOT) or b"{}")
-    except (OSError, ValueError):
+        # orjson: a 10,000-record snapshot parses in a fourth of json's time (tools/bench/status_bench.py).
+        snapshot = orjson.loads(_read_bytes(folder / SNAPSHOT) or b"{}")
+    except (OSError, ValueError):  # orjson.JSONDecodeError is a ValueError
         return {}
     stored_at = snapshot.pop(STORED_AT, None)
     return snapshot if isinstance(stored_at, float) and stored_at > _booted_at() else {}

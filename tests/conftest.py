@@ -23,7 +23,7 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tools.demo import build
 
     out = tmp_path_factory.mktemp("assets")
-    build(out, with_warm_start=False)
+    build(out, base="random")
     return out
 
 
@@ -55,7 +55,8 @@ def small_config(assets: Path, runs_dir: Path, **sections: Any) -> dict[str, Any
         "generate": {"num_samples": 2, "max_tokens": 12, "batch_size": 4, "num_shards": 3},
         "filter": {"verifier": "numeric", "strategy": "all"},
         "train": {
-            "method": "lora", "lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+            # LoRA without 4-bit loading: no GPU here (QLoRA asks SLURM for one).
+            "method": "lora", "load_in_4bit": False, "lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
             "max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
             "replay_data": str(assets / "warmstart.jsonl"), "logging_steps": 1, "learning_rates": [1e-3, 5e-4],
         },

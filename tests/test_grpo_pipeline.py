@@ -63,7 +63,7 @@ def test_rest_rest_then_grpo_runs_to_the_end_exports_and_resumes_as_a_no_op(tiny
     runs, exports = tmp_path / "runs", tmp_path / "models"
     config = write_config(tmp_path / "mixed.yaml", small_config(
         tiny_assets, runs, num_iterations=3, schedule=["rest", "rest", "grpo"], export_dir=str(exports),
-        grpo={**GRPO, "pass_rate_band": [0.0, 0.5]},
+        grpo={**GRPO, "pass_rate_band": [0.0, 0.5]}, export={"iteration": "last"},
     ))
     run_dir = runs / "small"
     dry = run_cli("-m", "pipeline.run", str(config), "--dry-run")

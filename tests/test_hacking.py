@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.loop.hacking import describe, hacking_flags, reward_rise
+from pipeline.loop.hacking import (
+    collapse_flags,
+    describe,
+    describe_collapse,
+    hacking_flags,
+    reward_rise,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -39,3 +45,12 @@ def test_iterations_without_reward_logs_or_heldout_accuracy_are_not_judged() -> 
     assert hacking_flags([rest], 0.3, margin=0.02) == []
     no_eval = iteration(1, None, [0.0, 1.0], [0.0, 0.0])
     assert hacking_flags([no_eval], 0.3, margin=0.02) == []
+
+
+def test_collapse_is_a_fall_below_the_base_model_by_more_than_the_margin() -> None:
+    iterations = [{"iteration": i, "metrics": {"heldout_accuracy": a}} for i, a in ((1, 0.15), (2, 0.149), (3, None))]
+    flags = collapse_flags(iterations, 0.20, 0.05, "heldout_accuracy")
+    assert [f["iteration"] for f in flags] == [2], "5 points down is within the margin; 5.1 is not"
+    assert describe_collapse(flags[0]) == ("iteration 2: held-out accuracy 14.9%, below the base model's 20.0% by more than"
+                                           " export.collapse_margin (0.05)")
+    assert collapse_flags(iterations, 0.20, None, "heldout_accuracy") == [], "null: no guard"

@@ -264,16 +264,26 @@ def test_a_shard_killed_from_outside_is_retried_and_resumes(tiny_assets: Path, t
 
 
 def test_debug_cluster_runs_the_same_jobs_in_process(tiny_assets: Path, tmp_path: Path) -> None:
+    """Also: a dev set (data.dev) evaluated beside the held-out one, and the run's last line saying
+    which iteration was exported and why (export.iteration: best, chosen on dev accuracy)."""
     runs = tmp_path / "runs"
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join((tiny_assets / "heldout.jsonl").read_text().splitlines(keepends=True)[8:14]))
     config = write_config(
         tmp_path / "debug.yaml",
-        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], executor={"cluster": "debug"}),
+        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], executor={"cluster": "debug"}, data={"dev": str(dev)}),
     )
     result = run_cli("-m", "pipeline.run", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(run_cli("tools/status.py", str(runs / "small"), "--json").stdout)
     assert [s["status"] for s in summary["iterations"][0]["stages"].values()] == ["done"] * 4
     assert_each_problem_once(runs / "small", 1, 24)
+    assert summary["base_dev_accuracy"] is not None and summary["iterations"][0]["metrics"]["dev_accuracy"] is not None
+    assert len((runs / "small" / "baseline" / "eval" / "dev_predictions.jsonl").read_text().splitlines()) == 6
+    assert len((runs / "small" / "iter_001" / "eval" / "predictions.jsonl").read_text().splitlines()) == 8
+    choice = summary["export"]["choice"]
+    assert "dev accuracy" in choice and f"final model: {choice}" in " ".join(result.stdout.split())
+    assert (summary["export"]["path"] is None) == choice.startswith("no iteration beat the base model")
 
 
 GOLDEN = Path(__file__).parent / "golden" / "dry_run_slurm.txt"

@@ -106,12 +106,16 @@ def test_report_on_a_grpo_run_without_filter_shows_each_reward_and_the_hacking_f
                                            "data": {"train": "t.jsonl", "heldout": "h.jsonl"},
                                            "grpo": {"rewards": [{"name": "format", "tags": ["think"], "layout": "present"}]}})
     ledger.set_status(["baseline/eval"], Status.DONE, metrics={"heldout_accuracy": 0.118})
-    step_log = [{"step": 2 * (i + 1), "reward": f, "rewards/format/mean": f} for i, f in enumerate([0.92, 0.86, 0.88, 0.88, 0.95, 0.97, 1.0, 0.94])]
+    step_log = [{"step": 2 * (i + 1), "policy_step": 2 * i + 1, "reward": f, "rewards/format/mean": f, "frac_reward_zero_std": 1 - f}
+                for i, f in enumerate([0.92, 0.86, 0.88, 0.88, 0.95, 0.97, 1.0, 0.94])]
     ledger.set_status(["iter_001/train"], Status.DONE, metrics={"step_log": step_log, "final_reward": 0.94})
     ledger.set_status(["iter_001/eval"], Status.DONE, metrics={"heldout_accuracy": 0.0})
     result = run_cli("tools/report.py", str(run_dir))
     assert result.returncode == 0, result.stderr
     assert "reward format (start -> end)" in result.stdout and "0.890 -> 0.970" in result.stdout
     assert "reward hacking? iteration 1: reward format rose 0.890 -> 0.970 while held-out accuracy fell 11.8% -> 0.0%" in result.stdout
+    # What GRPO has, not the filter's panels left empty: its rounds, with the share of groups of one reward.
+    assert "GRPO rollouts by round" in result.stdout and "Groups of one reward" in result.stdout and "14.0%" in result.stdout
+    assert "correct-rate distribution" not in result.stdout and "Too hard" not in result.stdout
     with Image.open(run_dir / "report.png") as image:
         assert image.format == "PNG" and image.width > 1000

@@ -1,4 +1,5 @@
-"""Answer extraction and the verifiers, table by table: what each accepts and what it must refuse."""
+"""Answer extraction and the verifiers, table by table: what each accepts, what it must refuse, and
+which ground truths it cannot read (None: neither right nor wrong)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 from jobs.scoring.answers import extract
 from jobs.scoring.verifiers import (
     VERIFIERS,
+    choose_verifier,
     get_verifier,
-    regex_match,
 )
 
 # (raw model output, configured answer pattern(s) or None for the default, thinking, answer)
@@ -105,7 +106,9 @@ MULTIPLE_CHOICE = [
     # Nothing usable.
     ("", "(A) 3 sounds", False),
     ("   ", "(B) Piano", False),
-    ("A", "", False),
+    # A truth without an option letter or text: unknown.
+    ("A", "", None),
+    ("A", " ** ", None),
     # Several options named, hedged or negated: never a match.
     ("A or B", "(A) 3 sounds", False),
     ("(A) or (B)", "(A) 3 sounds", False),
@@ -172,7 +175,9 @@ NUMERIC = [
     ("42 or 43", "42", False),
     ("12", "#### 21", False),
     ("1/0", "1", False),
-    ("2", "two", False),
+    # A truth without a number: unknown.
+    ("2", "two", None),
+    ("72", "Paris", None),
     ("\\frac{1}{2}", "2", False),
     ("3 1/2", "3.5", False),
     ("1e3", "1", False),
@@ -206,6 +211,21 @@ MATH = [
     ("$\\pi$", "3.14159", False),
     ("", "1", False),
     ("London", "Paris", False),
+    # Words are compared as text, never as products of letters (math-verify reads "$pairs$" as a*i*p*r*s).
+    ("pairs", "Paris", False),
+    ("Sprai", "Paris", False),
+    ("on", "no", False),
+    ("evil", "live", False),
+    ("Paris.", "Paris", True),
+    ("Paris", "\\text{Paris}", True),
+    ("3", "Paris", False),
+    ("Paris", "3", False),
+    # Single letters are variables: still mathematics.
+    ("x", "x", True),
+    ("y", "x", False),
+    # LaTeX math-verify cannot read: unknown; no truth at all: unknown.
+    ("1", "\\frac{1}{", None),
+    ("1", "", None),
 ]
 
 
@@ -218,6 +238,7 @@ EXACT = [
     ("Pari", "Paris", False),
     ("", "Paris", False),
     ("the Paris", "Paris", False),
+    ("Paris", " . ", None),
 ]
 
 
@@ -230,6 +251,10 @@ REGEX = [
     ("three cats", r"3|three", False),
     ("paris", r"Paris", False),
     ("", r"\d+", False),
+    ("Paris.", r"Paris", True),
+    ("**three**", r"3|three", True),
+    # A ground truth that is no regular expression: unknown.
+    ("(", r"(", None),
 ]
 
 
@@ -239,7 +264,7 @@ TABLES = {"multiple_choice": MULTIPLE_CHOICE, "numeric": NUMERIC, "math": MATH, 
 @pytest.mark.parametrize(
     ("verifier", "prediction", "truth", "ok"), [(name, *case) for name, table in TABLES.items() for case in table]
 )
-def test_verifier(verifier: str, prediction: str, truth: str, ok: bool) -> None:
+def test_verifier(verifier: str, prediction: str, truth: str, ok: bool | None) -> None:
     assert VERIFIERS[verifier](prediction, truth) is ok
 
 
@@ -270,9 +295,65 @@ def test_extraction_then_verification(verifier: str, raw: str, truth: str, ok: b
     assert get_verifier(verifier)(extract(raw).answer_prediction, truth) is ok
 
 
-def test_bad_regex_in_the_data_is_named() -> None:
-    with pytest.raises(ValueError, match=r"ground truth '\(' is not a valid regular expression"):
-        regex_match("x", "(")
+@pytest.mark.parametrize("verifier", sorted(TABLES))
+@pytest.mark.parametrize("prediction", ["Paris.", "  Paris \n", "**Paris**", "Paris!"])
+def test_end_punctuation_and_whitespace_are_alike_to_every_verifier(verifier: str, prediction: str) -> None:
+    # (Case too, but for regex, whose pattern says whether case matters: "(?i)paris".)
+    judge = VERIFIERS[verifier]
+    assert judge(prediction, "Paris") is judge("Paris", "Paris"), "numeric reads no number in 'Paris' either way: None"
+
+
+GSM8K_SOLUTION = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether.\n#### 72"
+# (ground truth, the verifier auto picks for it)
+AUTO = [
+    (GSM8K_SOLUTION, "numeric"),
+    ("#### 1,234", "numeric"),
+    ("(A) 3 sounds", "multiple_choice"),
+    ("B", "multiple_choice"),
+    ("B. Piano", "multiple_choice"),
+    ("72", "numeric"),
+    ("-1,234.5", "numeric"),
+    ("3/4", "numeric"),
+    ("$18", "numeric"),
+    ("50%", "numeric"),
+    ("\\frac{1}{2}", "math"),
+    ("2\\sqrt{2}", "math"),
+    ("5\\text{ cm}", "math"),
+    ("x^2+1", "math"),
+    ("x", "math"),
+    ("[1,2)", "math"),
+    ("\\frac{1}{", "math"),
+    ("Paris", "exact"),
+    ("\\text{Paris}", "exact"),
+    ("3 sounds", "exact"),
+    ("Paris 2024", "exact"),
+    ("New York City", "exact"),
+]
+
+
+@pytest.mark.parametrize(("truth", "verifier"), AUTO)
+def test_auto_picks_the_verifier_by_the_ground_truths_shape(truth: str, verifier: str) -> None:
+    assert choose_verifier(truth) == verifier
+
+
+# (raw model output, ground truth, what auto says)
+AUTO_END_TO_END = [
+    ("<think>48+24</think>\nANSWER: 72", GSM8K_SOLUTION, True),
+    ("So the total is \\boxed{72}.", GSM8K_SOLUTION, True),
+    ("48/2 = 24\n48+24 = 72\n#### 72", GSM8K_SOLUTION, True),
+    ("<think>48+23</think>\nANSWER: 71", GSM8K_SOLUTION, False),
+    ("<think>keys</think>\nANSWER: B", "(B) Piano", True),
+    ("<think>keys</think>\nANSWER: (C) Violin", "(B) Piano", False),
+    ("The answer is $\\boxed{0.5}$", "\\frac{1}{2}", True),
+    ("ANSWER: Paris.", "Paris", True),
+    ("ANSWER: pairs", "Paris", False),
+    ("ANSWER: 1", "\\frac{1}{", None),
+]
+
+
+@pytest.mark.parametrize(("raw", "truth", "ok"), AUTO_END_TO_END)
+def test_auto_judges_each_problem_with_the_verifier_its_truth_calls_for(raw: str, truth: str, ok: bool | None) -> None:
+    assert get_verifier("auto")(extract(raw).answer_prediction, truth) is ok
 
 
 def test_verifiers_by_name_and_by_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,8 +2,12 @@
 tiny reward models for the reward service.
 
 The task: add two numbers of 10-999, worked digit by digit with carries inside <think>, then
-``ANSWER: n``. The base model is warm-started on a small set of worked solutions until its
-greedy accuracy on a dev split reaches a target (10 %), so that it is weak but not hopeless.
+``ANSWER: n``. The base model ships with this file (tools/demo_model/, 4 MB): it was warm-started on
+a small set of worked solutions until its greedy accuracy on a dev split reached a target, so
+that it is weak but not hopeless. It ships because where a warm start crosses that line depends
+on the machine's arithmetic (AVX-512 or AVX2 kernels, thread count): two machines would start
+their demos from different models. ``--warm-start`` makes one afresh, the way the shipped one
+was made; ``--no-warm-start`` leaves the model random (tests).
 
 The reward models (``build-reward-models``), random and tiny (0.1 M parameters, CPU is plenty):
 ``listener``, a Qwen2 causal LM for a ``yes_probability`` service, and ``classifier``, a
@@ -22,7 +26,7 @@ warm-started on worked answers ("ANSWER: (C) 3 sounds") until its greedy dev acc
 (chance: 20 %). ``build-vision`` writes a tiny random Qwen2-VL (images and video) with its
 processor. Both are served by vLLM's CPU build.
 
-    python -m tools.demo build demo_assets [--no-warm-start]
+    python -m tools.demo build demo_assets [--warm-start | --no-warm-start]
     python -m tools.demo build-reward-models reward_assets
     python -m tools.demo build-audio audio_assets [--no-warm-start]
     python -m tools.demo build-vision vision_model
@@ -191,15 +195,24 @@ def text_accuracy(out: Path, seed: int) -> Callable[[Path], float]:
     return accuracy
 
 
-def build(out: Path, with_warm_start: bool, seed: int = 0, num_warm: int = 160, target: float = 0.1) -> None:
+DEMO_MODEL = Path(__file__).with_name("demo_model")
+
+
+def build(out: Path, base: str = "shipped", seed: int = 0, num_warm: int = 160, target: float = 0.1) -> None:
+    """The addition task's data and its base model: ``shipped`` (tools/demo_model), ``warm-start``
+    (trained afresh on this machine) or ``random`` (``out/random_init`` only)."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", make_problems(rng, 1000, "train"))
     write_jsonl(out / "heldout.jsonl", make_problems(rng, 500, "heldout"))
     write_jsonl(out / "dev.jsonl", make_problems(rng, 200, "dev"))
     write_jsonl(out / "warmstart.jsonl", make_problems(rng, num_warm, "warm", worked=True))
+    if base == "shipped":
+        shutil.copytree(DEMO_MODEL, out / "base_model")
+        print(f"{out / 'base_model'}: the shipped base model ({DEMO_MODEL})")
+        return
     build_model(out / "random_init", seed)
-    if with_warm_start:
+    if base == "warm-start":
         config = TrainConfig(
             method="full", max_steps=300, batch_size=32, gradient_accumulation_steps=1, warmup_ratio=0.05,
             gradient_checkpointing=False, replay_data=str(out / "warmstart.jsonl"), logging_steps=10,
@@ -489,7 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["build", "build-reward-models", "build-audio", "build-vision"])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--no-warm-start", dest="warm_start", action="store_false")
+    bases = parser.add_mutually_exclusive_group()
+    bases.add_argument("--warm-start", dest="base", action="store_const", const="warm-start",
+                       help="build: train a base model afresh instead of copying the shipped one")
+    bases.add_argument("--no-warm-start", dest="base", action="store_const", const="random", help="a random model")
     parser.add_argument("--num-warm", type=int, help="worked examples of the warm start (build: 160, build-audio: 200)")
     parser.add_argument("--target", type=float, help="dev accuracy at which the warm start stops (build: 0.1, build-audio: 0.35)")
     parser.add_argument("--seed", type=int, default=0)
@@ -508,16 +524,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out}: built" + (" (random: listener/ for yes_probability, classifier/ for classifier) and games.jsonl"
                                       if args.command == "build-reward-models" else " (a random tiny Qwen2-VL)"))
         return 0
-    done = args.out / ("base_model" if args.warm_start else "random_init") / "config.json"
+    base = args.base or ("shipped" if args.command == "build" else "warm-start")
+    done = args.out / ("random_init" if base == "random" else "base_model") / "config.json"
     # Concurrent builds (two terminals, parallel tests) wait for each other instead of mixing files.
     with FileLock(f"{args.out}.lock"):
         if done.exists():
             print(f"{args.out}: demo assets already built")
             return 0
         if args.command == "build-audio":
-            build_audio(args.out, args.warm_start, args.seed, args.num_warm or 200, args.target or 0.35)
+            build_audio(args.out, base == "warm-start", args.seed, args.num_warm or 200, args.target or 0.35)
         else:
-            build(args.out, args.warm_start, args.seed, args.num_warm or 160, args.target or 0.1)
+            build(args.out, base, args.seed, args.num_warm or 160, args.target or 0.1)
     return 0
 
 

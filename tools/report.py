@@ -2,9 +2,12 @@
 
 Prints the seed's "Interpreting Analytics Across Iterations" table for the whole run (category
 shares, mean correct rate, filtered samples, training reward, held-out accuracy), the correct-rate
-distribution per iteration, the seed's warning signs with its advice, and what the reward-hacking
-check flagged; writes RUN_DIR/report.png with the category shares, the held-out accuracy per
-iteration and, for runs that trained on rewards (GRPO), each reward's mean per step. A SLURM run's
+distribution per iteration that has a filter, GRPO's rollouts by round (reward, groups of one
+reward, each reward's mean), the seed's warning signs with its advice, the run's threshold warnings
+(completions cut at max_tokens, answers not extracted) and what the reward-hacking check flagged;
+writes RUN_DIR/report.png with the category shares (for a GRPO run without a filter: the share of
+rollout groups of one reward per step), the held-out accuracy per iteration and, for runs that
+trained on rewards (GRPO), each reward's mean per step. A SLURM run's
 report also has its cost per iteration and stage (GPU- and CPU-hours, queue wait, server start
 share; ``tools/cost.py``).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +25,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.console import Console
 
-from pipeline.loop.summary import summarize
+from pipeline.loop.summary import stored_config, summarize
 from pipeline.scheduling.watch import SchedulerUnavailable
 from pipeline.views.accounting import CostUnavailable, cost_table, run_cost
 from pipeline.views.tables import (
     CATEGORY_ROWS,
     distribution_table,
+    fitted,
+    grpo_tables,
     hacking_lines,
     iteration_table,
+    run_title,
+    warning_lines,
     warning_signs,
 )
-from state import atomic_write_bytes
+from state import InputError, atomic_write_bytes
 
 # From hard to easy: red to green.
 CATEGORY_COLORS = ("#c0392b", "#e67e22", "#f1c40f", "#7fb347", "#27ae60")
@@ -45,7 +53,7 @@ def plot(summary: dict[str, Any]) -> bytes:
     figure = Figure(figsize=(16 if curves else 11, 4.2), layout="constrained")
     FigureCanvasAgg(figure)  # files only, no display: cluster nodes have none
     shares, accuracy, *more = figure.subplots(1, 3 if curves else 2)
-    figure.suptitle(f"{summary['run_name']}: analytics across iterations")
+    figure.suptitle(f"{run_title(summary)}: analytics across iterations")
     bottom = [0.0] * len(iterations)
     x = [e["iteration"] for e in iterations]
     for (key, label, _), color in zip(CATEGORY_ROWS, CATEGORY_COLORS, strict=True):
@@ -55,7 +63,13 @@ def plot(summary: dict[str, Any]) -> bytes:
     shares.set(title="Problems by learning-zone category", xlabel="Iteration", ylabel="% of problems", ylim=(0, 100))
     shares.set_xticks(x)
     shares.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    if not iterations:
+    if not iterations and (zero_std := step_curve(summary, "frac_reward_zero_std")):
+        # GRPO without a filter: its own measure of problems too hard or mastered, per step.
+        shares.clear()
+        shares.plot([s for s, _ in zero_std], [100 * v for _, v in zero_std], marker=".", color="#c0392b")
+        shares.set(title="Rollout groups of one reward (all or none pass)", xlabel="Step (iterations in a row)", ylabel="% of groups",
+                   ylim=(0, 105))
+    elif not iterations:
         shares.text(0.5, 0.5, "no filter results yet", ha="center", va="center", transform=shares.transAxes)
 
     points = [(0, summary["base_heldout_accuracy"])] + [
@@ -86,17 +100,27 @@ def _step_logs(summary: dict[str, Any]) -> list[tuple[int, list[dict[str, Any]]]
     return [(e["iteration"], (e["stages"].get("train", {}).get("metrics") or {}).get("step_log") or []) for e in summary["iterations"]]
 
 
-def reward_curves(summary: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
-    """Per reward, (step, mean) over the run's training steps, iteration after iteration."""
+def step_curves(summary: dict[str, Any], keys: Callable[[str], str | None]) -> dict[str, list[tuple[int, float]]]:
+    """Per name ``keys`` gives a logged key, (step, value) over the run's training steps, iteration after iteration."""
     curves: dict[str, list[tuple[int, float]]] = {}
     offset = 0
     for _, step_log in _step_logs(summary):
         for entry in step_log:
             for key, value in entry.items():
-                if key.startswith("rewards/") and key.endswith("/mean") and value is not None:
-                    curves.setdefault(key[len("rewards/"):-len("/mean")], []).append((offset + entry["step"], value))
+                if (name := keys(key)) is not None and value is not None:
+                    curves.setdefault(name, []).append((offset + entry["step"], value))
         offset += max((entry["step"] for entry in step_log), default=0)
     return curves
+
+
+def reward_curves(summary: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Per reward, (step, mean) over the run's training steps, iteration after iteration."""
+    return step_curves(summary, lambda key: key[len("rewards/"):-len("/mean")] if key.startswith("rewards/") and key.endswith("/mean") else None)
+
+
+def step_curve(summary: dict[str, Any], key: str) -> list[tuple[int, float]]:
+    """(step, value) of one logged key over the run's training steps."""
+    return step_curves(summary, lambda logged: key if logged == key else None).get(key, [])
 
 
 def iteration_span(summary: dict[str, Any], iteration: int) -> tuple[int, int]:
@@ -131,16 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--png", type=Path, help="where to write the chart (default RUN_DIR/report.png)")
     args = parser.parse_args(argv)
-    if not (args.run_dir / "ledger").is_dir() or not (args.run_dir / "config.yaml").is_file():
-        print(f"error: {args.run_dir}: not a run directory (no ledger/ and config.yaml in it)", file=sys.stderr)
-        return 2
+    try:
+        stored_config(args.run_dir)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return InputError.exit_code
     summary = summarize(args.run_dir)
     # Piped to a file or a job log, rich would fit the tables into 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    console.print(iteration_table(summary))
-    console.print(distribution_table(summary))
+    for table in fitted(console, lambda iterations: iteration_table(summary, iterations), summary["iterations"]):
+        console.print(table)
+    filtered = [entry for entry in summary["iterations"] if entry["metrics"].get("categories")]
+    if filtered:
+        for table in fitted(console, lambda iterations: distribution_table(summary, iterations), filtered):
+            console.print(table)
+    for table in grpo_tables(console, summary):
+        console.print(table)
     print_warning_signs(console, warning_signs(summary))
-    for line in hacking_lines(summary):
+    for line in [*warning_lines(summary), *hacking_lines(summary)]:
         console.print(line, style="yellow", markup=False)
     try:
         console.print(cost_table(run_cost(args.run_dir)))

@@ -49,7 +49,7 @@ def main() -> int:
     old.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", old_commit], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-    subprocess.run([sys.executable, "-c", f"from pathlib import Path; from tools.demo import build; build(Path({str(work / 'assets')!r}), with_warm_start=False)"],
+    subprocess.run([sys.executable, "-c", f"from pathlib import Path; from tools.demo import build; build(Path({str(work / 'assets')!r}), base='random')"],
                    cwd=ROOT, check=True, capture_output=True)
     assets = work / "assets"
     # Keys both versions know: the old one refuses keys it has not heard of.

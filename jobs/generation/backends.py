@@ -78,6 +78,12 @@ class TransformersBackend:
         del self.model
 
 
+def truncation(completions: int, truncated: int) -> dict[str, Any]:
+    """Metrics of completions cut at max_tokens (``truncated``: those whose ``num_tokens`` reached it;
+    both backends count the tokens they generated, so a completion that ended by itself stays below)."""
+    return {"completions": completions, "truncated": truncated, "truncated_fraction": round(truncated / completions, 4) if completions else 0.0}
+
+
 def make_backend(
     config: GenerateConfig, model_path: str, problems: list[dict[str, Any]], files: ServerFiles | None = None
 ) -> Backend:

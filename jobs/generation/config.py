@@ -38,6 +38,10 @@ class GenerateConfig:
     # Per request, with back-off, on connection errors, timeouts, 429 and 5xx.
     max_retries: Annotated[int, Ge(0)] = 5
     request_timeout_s: Annotated[float, Gt(0)] = 1800
+    # tools/status.py and tools/report.py warn when a larger share of the completions of a generation
+    # stage or of an evaluation hit max_tokens (metrics "truncated", "truncated_fraction"): their
+    # answers are cut off and judged wrong.
+    warn_truncated: Annotated[float, Ge(0), Le(1)] = 0.2
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 

@@ -1,4 +1,5 @@
-"""Evaluation job: greedy accuracy on the held-out problems (the seed's "base vs tuned").
+"""Evaluation job: greedy accuracy on the held-out problems (the seed's "base vs tuned"), and on the
+development problems when the run has them (``dev_accuracy``, ``dev_predictions.jsonl``).
 
 With ``eval.backend: vllm`` the job starts vLLM servers of the model it evaluates, as a generation
 shard does (``generate.vllm``'s settings, logs under ``<eval>/servers``), and stops them at the end.
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jobs.generation.backends import make_backend
+from jobs.generation.backends import make_backend, truncation
 from jobs.generation.protocol import Outcome, Request, Sampling
 from jobs.problems.data import read_jsonl
 from jobs.problems.prompts import messages_for
@@ -25,7 +26,10 @@ from state import atomic_write_bytes
 
 
 def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
-    problems = read_jsonl(spec.problems_path)
+    sets = {"heldout": read_jsonl(spec.problems_path)}
+    if spec.dev_problems_path:
+        sets["dev"] = read_jsonl(spec.dev_problems_path)
+    problems = [problem for subset in sets.values() for problem in subset]
     verifier = get_verifier(spec.filter.verifier)
     config = dataclasses.replace(spec.generate, backend=spec.eval.backend, batch_size=spec.eval.batch_size, endpoints=[])
     greedy = Sampling(n=1, temperature=0.0, top_p=1.0, max_tokens=spec.eval.max_tokens, seed=spec.seed)
@@ -47,7 +51,7 @@ def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
     failed = [o for o in outcomes if o.error]
     if failed and len(failed) == len(problems):
         raise RuntimeError(f"every held-out request failed, e.g. {problems[failed[0].index]['id']!r}: {failed[0].error}")
-    lines, correct = [], 0
+    lines, correct, truncated = [], [], 0
     for outcome in sorted(outcomes, key=lambda o: o.index):
         problem = problems[outcome.index]
         line: dict[str, Any] = {"id": problem["id"], "prediction": None, "correct": False, "raw_output": None}
@@ -55,13 +59,20 @@ def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
             line["error"] = outcome.error  # counted as wrong: the model was asked and gave no answer
         else:
             (completion,) = outcome.completions
+            truncated += completion.num_tokens >= spec.eval.max_tokens
             prediction = extract(completion.text, spec.filter.answer_pattern).answer_prediction
-            line.update(prediction=prediction, correct=verifier(prediction, problem["answer"]), raw_output=completion.text)
-        correct += line["correct"]
+            line.update(prediction=prediction, correct=bool(verifier(prediction, problem["answer"])), raw_output=completion.text)
+        correct.append(line["correct"])
         lines.append(json.dumps(line))
-    atomic_write_bytes(output / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
-    metrics.update(heldout_accuracy=correct / len(problems), heldout_correct=correct, heldout_problems=len(problems),
-                   failed_items=len(failed))
+    start = 0
+    for name, subset in sets.items():
+        part = slice(start, start + len(subset))
+        start = part.stop
+        file = "predictions.jsonl" if name == "heldout" else f"{name}_predictions.jsonl"
+        atomic_write_bytes(output / file, ("\n".join(lines[part]) + "\n").encode())
+        hits = sum(correct[part])
+        metrics.update({f"{name}_accuracy": hits / len(subset), f"{name}_correct": hits, f"{name}_problems": len(subset)})
+    metrics.update(failed_items=len(failed), **truncation(len(outcomes) - len(failed), truncated))
     metrics.update(progress.totals())
 
 

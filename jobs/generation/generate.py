@@ -18,7 +18,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from jobs.generation.backends import make_backend
+from jobs.generation.backends import make_backend, truncation
 from jobs.generation.protocol import Outcome, Request, Sampling
 from jobs.problems.data import MEDIA_FIELDS, read_jsonl
 from jobs.problems.prompts import messages_for
@@ -70,8 +70,9 @@ def generation_record(problem: dict[str, Any], texts: list[tuple[str, int]]) -> 
     return record
 
 
-def finish(partial: Path, output: Path, problems: list[dict[str, Any]]) -> int:
-    """Rename ``partial`` to ``output`` with each problem's latest line, in shard order; the failed count."""
+def finish(partial: Path, output: Path, problems: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """Rename ``partial`` to ``output`` with each problem's latest line, in shard order; the failed count
+    and the completions that hit max_tokens (a problem may ask for its own), resumed items included."""
     data = partial.read_bytes()
     lines = [(json.loads(line), line) for line in data.splitlines(keepends=True) if line.strip()]
     latest = {record["id"]: (record, line) for record, line in lines}
@@ -85,7 +86,8 @@ def finish(partial: Path, output: Path, problems: list[dict[str, Any]]) -> int:
     if ordered != data:
         atomic_write_bytes(partial, ordered)
     os.replace(partial, output)
-    return len(failed)
+    candidates = [(c["num_tokens"], p.get("max_tokens", max_tokens)) for p in problems for c in latest[p["id"]][0]["candidates"]]
+    return {"failed_items": len(failed), **truncation(len(candidates), sum(n >= limit for n, limit in candidates))}
 
 
 def shard_problems(spec: GenerateShardSpec) -> tuple[list[int], list[dict[str, Any]]]:
@@ -106,7 +108,7 @@ def close_early(spec: GenerateShardSpec) -> tuple[list[int], list[int]]:
         kept = [i for i, p in zip(indices, problems, strict=True) if p["id"] in done]
         rest = [i for i, p in zip(indices, problems, strict=True) if p["id"] not in done]
         if kept:
-            finish(partial, output, [p for p in problems if p["id"] in done])
+            finish(partial, output, [p for p in problems if p["id"] in done], spec.generate.max_tokens)
         else:
             atomic_write_bytes(output, b"")
             partial.unlink(missing_ok=True)
@@ -162,7 +164,7 @@ def generate_shard(spec: GenerateShardSpec, metrics: dict[str, Any]) -> None:
                 metrics.update(backend.metrics())
                 backend.close()
             metrics.update(progress.totals())
-        metrics.update(failed_items=finish(partial, output, problems))
+        metrics.update(finish(partial, output, problems, config.max_tokens))
 
 
 def run(spec: GenerateShardSpec) -> dict[str, Any]:

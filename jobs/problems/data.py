@@ -63,6 +63,8 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder; give a file of problems (.jsonl or .json)") from None
     except UnicodeDecodeError as error:
         raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if text.lstrip().startswith("["):
@@ -143,6 +145,9 @@ def _problem(record: Any, where: str, index: int, stem: str) -> Problem:
     for key in ("question", "answer"):
         if not isinstance(record[key], str):
             raise InputError(f"{where}: field {key!r} must be a string")
+        # Seed 003's refusable problems have no answer to give: their rewards judge a refusal.
+        if not record[key].strip() and not (key == "answer" and record.get("task_type") == "refusable"):
+            raise InputError(f"{where}: field {key!r} is empty; give the problem's {key} or remove the problem")
     _check_media_fields(record, where)
     max_tokens = record.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):

@@ -24,16 +24,35 @@ class Analytics:
         self.kept_by_category = dict.fromkeys(CATEGORIES, 0)
         # Problems whose generation failed (the record has an ``error``): not judged, not counted above.
         self.failed = 0
+        # Problems none of whose candidates got a verdict (a ground truth the verifier cannot read, no
+        # candidates): not counted above either; the first one's id, truth and verifier, to show.
+        self.unjudged = 0
+        self.first_unjudged: str | None = None
+        # Candidates without a text (raw_output null): no verdict, left out of their problem's K.
+        self.malformed = 0
+        # Judged candidates with no answer to extract (e.g. cut inside <think>).
+        self.unextracted = 0
+        # Problems by the verifier that judged them (filter.verifier: auto chooses per problem).
+        self.verifiers: Counter[str] = Counter()
 
     def add(self, k: int, correct: int, category: str, kept: int) -> None:
         self.outcomes[k, correct] += 1
         self.kept_by_category[category] += kept
+
+    def add_unjudged(self, problem_id: Any, truth: str, verifier: str) -> None:
+        self.unjudged += 1
+        self.first_unjudged = self.first_unjudged or f"{problem_id!r} (ground truth {truth[:80]!r}, verifier {verifier})"
 
     def merge(self, other: Analytics) -> None:
         self.outcomes.update(other.outcomes)
         for category, kept in other.kept_by_category.items():
             self.kept_by_category[category] += kept
         self.failed += other.failed
+        self.unjudged += other.unjudged
+        self.first_unjudged = self.first_unjudged or other.first_unjudged
+        self.malformed += other.malformed
+        self.unextracted += other.unextracted
+        self.verifiers.update(other.verifiers)
 
     @property
     def problems(self) -> int:
@@ -50,6 +69,10 @@ class Analytics:
     @property
     def kept(self) -> int:
         return sum(self.kept_by_category.values())
+
+    @property
+    def unextracted_fraction(self) -> float:
+        return self.unextracted / self.candidates if self.candidates else 0.0
 
     @property
     def rate_sum(self) -> float:
@@ -88,6 +111,10 @@ class Analytics:
             "filtered_samples": self.kept,
             "samples_per_category": {c: self.kept_by_category[c] for c in CATEGORIES},
             "problems_per_category": {c: self.categories[c] for c in CATEGORIES},
+            "problems_per_verifier": dict(sorted(self.verifiers.items())),
+            "unjudged_problems": self.unjudged,
+            "malformed_candidates": self.malformed,
+            "unextracted_fraction": self.unextracted_fraction,
         }
 
     def distributions(self, max_k: int) -> dict[str, Any]:

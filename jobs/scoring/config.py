@@ -53,17 +53,27 @@ class FilterConfig:
     top_k: PositiveInt = 3
     include_mastered: bool = False
     mastered_sample_rate: Fraction = 0.1
-    # multiple_choice | numeric | math | exact | regex (the ground truth is the pattern), or a
-    # function (prediction, ground_truth) -> bool given as "package.module:function".
-    verifier: str = "multiple_choice"
+    # auto | multiple_choice | numeric | math | exact | regex (the ground truth is the pattern), or a
+    # function (prediction, ground_truth) -> bool (None: cannot tell) given as "package.module:function".
+    # auto picks each problem's by its ground truth's shape: "... #### 72" or a number -> numeric,
+    # option letters ("(B) Piano", "B") -> multiple_choice, LaTeX or a formula -> math, other text ->
+    # exact; the filter records the choice per problem (filtered_pass_rates.jsonl's "verifier").
+    verifier: str = "auto"
     # Regex (or list of regexes, tried in order) whose group is the answer; tried before the
     # built-in rules: ANSWER: line, \boxed{}, ####, "answer is", last line.
     answer_pattern: str | list[str] = r"<answer>(.*?)</answer>"
     # Correct-rate bounds of challenging | learning_zone | almost_mastered | mastered. With K=16
     # they give the seed's table: 1-3, 4-11, 12-14, 15-16 correct.
     zone_bounds: tuple[Fraction, Fraction, Fraction] = (0.25, 0.75, 0.9)
+    # The filter warns (in its log, metrics "warnings" and analytics.log) when more than this share
+    # of the candidates has no answer to extract (metrics "unextracted_fraction"): e.g. every
+    # response cut inside <think> by generate.max_tokens.
+    warn_unextracted: Fraction = 0.9
     # Keep identical correct responses of one problem once.
     dedupe: bool = False
+    # A control run: keep as many samples of each problem as the filter would, drawn at random
+    # without the verifier, so that a run beside the real one shows what the verifier's choice adds.
+    control: bool = False
     # Judge by rewards instead of the verifier (e.g. a reward model served by services.reward).
     reward: RewardFilterConfig | None = None
     # The seed's Weight column, written as ``weight`` into filtered.json and used by training as a

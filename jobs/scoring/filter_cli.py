@@ -13,7 +13,7 @@ from pathlib import Path
 
 from jobs.scoring.config import FilterConfig
 from jobs.scoring.filtering import filter_generations
-from jobs.sections import add_options, section_from_options
+from jobs.sections import add_options, check_writable, section_from_options
 from state import InputError
 
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = section_from_options(FilterConfig, args)
+        check_writable(args.output, "--output")
         for path in args.generations:
             if not path.is_file():
                 raise InputError(f"{path}: file not found")

@@ -1,12 +1,18 @@
 """Filter job: merge the generation shards, judge every candidate, keep an SFT set, and record each
-problem's pass rate (``filtered_pass_rates.jsonl``: id, candidates, correct; a GRPO iteration's
-pass-rate band selects its problems by it).
+problem's pass rate (``filtered_pass_rates.jsonl``: id, candidates, correct, and the verifier that
+judged it; a GRPO iteration's pass-rate band selects its problems by it).
 
 What is kept follows the seed's strategies (jobs.scoring.learning_zone); what is counted, its
 analytics (jobs.scoring.analytics). A candidate is correct when the verifier accepts its answer,
 or, with ``filter.reward``, when its weighted reward total reaches the threshold (the verifier is
 then not asked; kept samples carry their ``reward`` and per-reward ``rewards``, the highest totals
 kept first). With ``filter.category_weights`` each kept sample carries its category's ``weight``.
+A candidate without a verdict (the verifier cannot read the ground truth, no reward scored it, its
+``raw_output`` is null) is left out of its problem's K; a problem with none judged is left out
+(``{"id", "unjudged": true}`` in the pass rates) and counted (``unjudged_problems``), as TRL leaves
+out samples whose gold answer does not parse. What a user must know (unjudged problems, candidates
+without a text, more than ``filter.warn_unextracted`` of the answers not extracted) is printed,
+written to analytics.log and kept in the metrics' ``warnings``.
 
 Shards are read as streams, one problem at a time, by one worker process per CPU the job has
 (shards are independent; each worker writes its shard's kept samples and ids to files of its
@@ -24,6 +30,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import tempfile
@@ -32,7 +39,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -58,11 +65,23 @@ from jobs.scoring.learning_zone import (
 )
 from jobs.scoring.records import raw_outputs, read_generations, score_candidates
 from jobs.scoring.rewards import RewardContext, RewardSet
-from jobs.scoring.verifiers import Verifier, get_verifier
+from jobs.scoring.verifiers import get_verifier, verifier_for
 from jobs.specs import FilterSpec, ServiceRef
 from state import InputError
 
 WRITE_BUFFER = 1 << 20
+_UNSEEN = object()
+
+
+@dataclass
+class Verdicts:
+    """One problem's candidates as judged."""
+
+    # (length, candidate index, extracted answer) of the correct ones, in the order they are kept.
+    correct: list[tuple[int, int, str]] = field(default_factory=list)
+    judged: list[int] = field(default_factory=list)  # the candidates with a verdict: the problem's K
+    unextracted: int = 0  # judged candidates with no answer to extract
+    malformed: int = 0  # candidates without a text (raw_output null)
 
 
 class Judge:
@@ -79,12 +98,12 @@ class Judge:
     MAX_REMEMBERED = 512
     MEMO_SIZE = 8192
 
-    def __init__(self, answer_pattern: str | list[str], verifier: Verifier) -> None:
+    def __init__(self, answer_pattern: str | list[str], verifier: str) -> None:
         rules = answer_rules(answer_pattern)
         self.extract = lambda ending: answer_from(answer_part(ending), rules)
-        self.verify = verifier
+        self.verify = get_verifier(verifier)
         self.answers: dict[str, str] = {}
-        self.verdicts: dict[tuple[str, str], bool] = {}
+        self.verdicts: dict[tuple[str, str], bool | None] = {}
 
     def answer(self, raw: str) -> str:
         """The answer extracted from a candidate."""
@@ -97,20 +116,39 @@ class Judge:
             answer = self._remember(self.answers, ending, self.extract(ending), len(ending))
         return answer
 
-    def correct(self, raw_outputs: list[str], truth: str) -> list[tuple[int, int, str]]:
-        """``(length, candidate index, extracted answer)`` of the candidates judged correct, shortest first."""
-        verdicts = self.verdicts
-        correct = []
+    def judge(self, raw_outputs: list[Any], truth: str) -> Verdicts:
+        """The verifier's verdicts; the correct candidates shortest first."""
+        verdicts, result = self.verdicts, Verdicts()
         for index, raw in enumerate(raw_outputs):
+            if not isinstance(raw, str):
+                result.malformed += 1
+                continue
             answer = self.answer(raw)
             pair = (answer, truth)
-            ok = verdicts.get(pair)
+            ok = verdicts.get(pair, _UNSEEN)
+            if ok is _UNSEEN:
+                verdict = self.verify(answer, truth)
+                ok = self._remember(verdicts, pair, None if verdict is None else bool(verdict), len(answer) + len(truth))
             if ok is None:
-                ok = self._remember(verdicts, pair, bool(self.verify(answer, truth)), len(answer) + len(truth))
+                continue
+            result.judged.append(index)
+            result.unextracted += not answer
             if ok:
-                correct.append((len(raw), index, answer))
-        correct.sort()  # by length, then in candidate order
-        return correct
+                result.correct.append((len(raw), index, answer))
+        result.correct.sort()  # by length, then in candidate order
+        return result
+
+    def by_rewards(self, raw_outputs: list[Any], totals: list[float | None], threshold: float) -> Verdicts:
+        """Correct when the reward total reaches ``threshold``: the highest totals first, among equal
+        ones the shortest, then in candidate order; unscored candidates have no verdict."""
+        scored = {i: total for i, total in enumerate(totals) if total is not None}
+        passed = sorted((i for i, total in scored.items() if total >= threshold), key=lambda i: (-scored[i], len(raw_outputs[i]), i))
+        return Verdicts(
+            correct=[(len(raw_outputs[i]), i, self.answer(raw_outputs[i])) for i in passed],
+            judged=list(scored),
+            unextracted=sum(not self.answer(raw_outputs[i]) for i in scored),
+            malformed=sum(not isinstance(raw, str) for raw in raw_outputs),
+        )
 
     def _remember(self, memo: dict[Any, Any], key: Any, value: Any, size: int) -> Any:
         if size <= self.MAX_REMEMBERED:
@@ -347,14 +385,16 @@ def filter_generations(
         duplicate = seen.first_duplicate(paths)
         if duplicate:
             raise InputError(duplicate)
-        if expected is not None and analytics.problems + analytics.failed != expected:
-            raise InputError(f"the shards hold {analytics.problems + analytics.failed} problems, expected {expected}")
+        held = analytics.problems + analytics.failed + analytics.unjudged
+        if expected is not None and held != expected:
+            raise InputError(f"the shards hold {held} problems, expected {expected}")
 
         ranges = category_ranges(max_k, config.zone_bounds)
         stats = analytics.stats(config.strategy)
         if config.reward:
             stats["reward_failures"] = reward_failures
-        log_text = analytics.log_text(ranges, max_k)
+        stats["warnings"] = warnings(analytics, config)
+        log_text = analytics.log_text(ranges, max_k) + "".join(f"\nWARNING: {w}\n" for w in stats["warnings"])
         sidecars = {
             "stats.json": _json_bytes(stats),
             "analytics.json": _json_bytes({**analytics.analytics(config.strategy, max_k), "category_ranges": ranges}),
@@ -387,13 +427,30 @@ def filter_generations(
     }
 
 
+def warnings(analytics: Analytics, config: FilterConfig) -> list[str]:
+    """What a user must know about a filter's verdicts: problems left unjudged, candidates without a
+    text, and most answers not extracted."""
+    found = []
+    if analytics.unjudged:
+        found.append(f"{analytics.unjudged} problem(s) left out: none of their candidates could be judged"
+                     f" (a ground truth the verifier cannot read, or no candidates), first {analytics.first_unjudged}")
+    if analytics.malformed:
+        found.append(f"{analytics.malformed} candidate(s) without a text (raw_output null): left out of their problem's K")
+    unextracted = analytics.unextracted_fraction
+    if unextracted > config.warn_unextracted:
+        found.append(f"no answer could be extracted from {unextracted:.0%} of the candidates (over filter.warn_unextracted:"
+                     f" {config.warn_unextracted:g}), so they are judged wrong: were responses cut inside <think> by"
+                     " generate.max_tokens, or does filter.answer_pattern miss the answers?")
+    return found
+
+
 def _filter_into(
     sink: BinaryIO, rates: BinaryIO, job: ShardJob, ids: CategoryIds, rewards: RewardSet | None,
 ) -> tuple[Analytics, int, ProblemIds]:
     """Write the shard's kept samples to ``sink``, separated by ``,\\n``, and each problem's pass
     rate to ``rates``, one JSON line each; return its counts."""
     config, path = job.config, job.paths[job.shard]
-    judge = Judge(config.answer_pattern, get_verifier(config.verifier))
+    judge = Judge(config.answer_pattern, config.verifier)
     bounds = tuple(config.zone_bounds)
     category_of = cache(lambda correct, k: categorize(correct, k, bounds))
     analytics = Analytics(bounds)
@@ -410,21 +467,27 @@ def _filter_into(
             analytics.failed += 1
             rates.write(orjson.dumps({"id": pid, "failed": True}) + b"\n")
             continue
-        k = len(texts)
-        max_k = max(max_k, k)
+        # A data set's numeric truths (72, not "72") are judged as their JSON text.
+        truth_text = truth if isinstance(truth, str) else json.dumps(truth)
+        verifier = verifier_for(config.verifier, truth_text)
+        analytics.verifiers[verifier] += 1
         scores = None
         if rewards is None:
-            # A data set's numeric truths (72, not "72") are judged as their JSON text.
-            correct = judge.correct(texts, truth if isinstance(truth, str) else json.dumps(truth))
+            verdicts = judge.judge(texts, truth_text)
         else:
             scores = score_candidates(rewards, record, texts)
-            passed = [(total, i) for i, total in enumerate(scores.totals) if total is not None and total >= threshold]
-            # The highest rewards first; among equal ones the shortest, then in candidate order.
-            passed.sort(key=lambda item: (-item[0], len(texts[item[1]]), item[1]))
-            correct = [(len(texts[i]), i, judge.answer(texts[i])) for _, i in passed]
+            verdicts = judge.by_rewards(texts, scores.totals, threshold)
+        analytics.malformed += verdicts.malformed
+        k, correct = len(verdicts.judged), verdicts.correct
+        if not k:
+            analytics.add_unjudged(pid, truth_text, verifier)
+            rates.write(orjson.dumps({"id": pid, "unjudged": True, "verifier": verifier}) + b"\n")
+            continue
+        analytics.unextracted += verdicts.unextracted
+        max_k = max(max_k, k)
         num_correct = len(correct)
         category = category_of(num_correct, k)
-        rates.write(orjson.dumps({"id": pid, "candidates": k, "correct": num_correct}) + b"\n")
+        rates.write(orjson.dumps({"id": pid, "candidates": k, "correct": num_correct, "verifier": verifier}) + b"\n")
         if config.dedupe:
             # Repeats count for the correct rate, but are kept once.
             first: dict[str, tuple[int, int, str]] = {}
@@ -432,6 +495,10 @@ def _filter_into(
                 first.setdefault(texts[item[1]], item)
             correct = list(first.values())
         kept = correct[: keep_count(category, len(correct), config, pid, job.seed)]
+        if config.control:
+            # As many of this problem's candidates as the verifier's choice keeps, drawn blind to it.
+            drawn = random.Random(f"{job.seed}:{pid}:control").sample(verdicts.judged, len(kept))
+            kept = [(len(texts[i]), i, judge.answer(texts[i])) for i in drawn]
         analytics.add(k, num_correct, category, len(kept))
         ids.add(category, pid)
         if kept:

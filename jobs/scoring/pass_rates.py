@@ -19,9 +19,12 @@ def select_problems(problems: list[dict[str, Any]], pass_rates: Path, band: tupl
     low, high = band
     rates = {r["id"]: r for r in read_jsonl(pass_rates)}
     selected = []
-    counts = {"below_band": 0, "above_band": 0, "no_pass_rate": 0}
+    counts = {"below_band": 0, "above_band": 0, "no_pass_rate": 0, "unjudged": 0}
     for problem in problems:
         rate = rates.get(problem["id"])
+        if rate is not None and rate.get("unjudged"):
+            counts["unjudged"] += 1  # no candidate could be judged (a ground truth the verifier cannot read)
+            continue
         if rate is None or rate.get("failed") or not rate.get("candidates"):
             counts["no_pass_rate"] += 1  # its generation failed: no rate to judge it by
             continue

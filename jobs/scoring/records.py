@@ -36,8 +36,9 @@ def read_generations(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     raise InputError(f"{path}:{number}: malformed JSON ({error})") from None
 
 
-def raw_outputs(record: Any, where: str) -> list[str]:
-    """The candidates' texts of a record that has what every reader needs; InputError naming ``where`` otherwise."""
+def raw_outputs(record: Any, where: str) -> list[Any]:
+    """The candidates' texts of a record that has what every reader needs (a malformed candidate's
+    ``raw_output`` as it is: null fails only that candidate); InputError naming ``where`` otherwise."""
     try:
         record["id"], record["question"], record["ground_truth"]
         return [candidate["raw_output"] for candidate in record["candidates"]]
@@ -53,9 +54,25 @@ def problem_fields(record: dict[str, Any], joined: dict[str, Any] | None = None)
     return fields
 
 
-def score_candidates(rewards: RewardSet, record: dict[str, Any], texts: list[str], joined: dict[str, Any] | None = None) -> Scores:
+def score_candidates(rewards: RewardSet, record: dict[str, Any], texts: list[Any], joined: dict[str, Any] | None = None) -> Scores:
     """Every reward on one problem's candidates (a group, as GRPO's K samples of a prompt), with
-    each field of the problem as a column, one value per candidate."""
+    each field of the problem as a column, one value per candidate. A candidate without a text
+    (``raw_output`` null) gets no score from any reward, counted as each reward's failure; the
+    others are scored as if it were not there."""
     fields = problem_fields(record, joined)
-    columns = {key: [value] * len(texts) for key, value in fields.items()}
-    return rewards.score([record["question"]] * len(texts), texts, **columns)
+    valid = [i for i, text in enumerate(texts) if isinstance(text, str)]
+    columns = {key: [value] * len(valid) for key, value in fields.items()}
+    scores = rewards.score([record["question"]] * len(valid), [texts[i] for i in valid], **columns)
+    if len(valid) == len(texts):
+        return scores
+    for name in rewards.names:
+        rewards.failures[name] += len(texts) - len(valid)
+        rewards.first_error.setdefault(name, f"problem {record['id']!r}: a candidate's raw_output is not text")
+
+    def spread(values: list[float | None]) -> list[float | None]:
+        full: list[float | None] = [None] * len(texts)
+        for i, value in zip(valid, values, strict=True):
+            full[i] = value
+        return full
+
+    return Scores({name: spread(values) for name, values in scores.by_reward.items()}, spread(scores.totals))

@@ -29,7 +29,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from jobs.scoring.config import RewardConfig
 from jobs.scoring.records import raw_outputs, read_generations, score_candidates
-from jobs.scoring.rewards import RewardSet
+from jobs.scoring.rewards import RewardSet, known_rewards
+from jobs.sections import load_yaml
 from state import InputError, atomic_write_json
 
 # TRL's GRPOTrainer: advantages = (rewards - mean) / (std + 1e-4).
@@ -42,7 +43,7 @@ def parse_rewards(text: str) -> list[RewardConfig]:
     as in a config (``[{name: tag_count, tags: [reasoning, answer]}]``)."""
     if text.lstrip().startswith("["):
         try:
-            items = yaml.safe_load(text)
+            items = load_yaml(text)
         except yaml.YAMLError as error:
             raise InputError(f"--rewards: not a YAML list ({str(error).splitlines()[0]})") from None
     else:
@@ -53,6 +54,8 @@ def parse_rewards(text: str) -> list[RewardConfig]:
             try:
                 items.append({"name": name, "weight": float(weight)})
             except ValueError:
+                if name in known_rewards():
+                    raise InputError(f"--rewards: {part.strip()!r}: a weight is a number, as in {name}:2 (got {weight!r})") from None
                 items.append({"name": part.strip()})
     try:
         return TypeAdapter(list[RewardConfig]).validate_python(items)
@@ -101,22 +104,27 @@ def _zero(std: float | None) -> bool:
 
 @dataclass
 class Column:
-    """Every candidate's value of one reward (or the total), and how many groups had zero variance."""
+    """Every candidate's value of one reward (or the total), and how many groups had zero variance
+    among the groups with candidates (a problem without any is no group GRPO would see)."""
 
     values: array = field(default_factory=lambda: array("d"))
+    groups: int = 0
     zero_variance_groups: int = 0
 
     def add_group(self, values: Sequence[float | None]) -> None:
+        if not values:
+            return
         scored = [v for v in values if v is not None]
         self.values.extend(scored)
+        self.groups += 1
         self.zero_variance_groups += _zero(group_std(scored, len(values)))
 
-    def summary(self, groups: int) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         values = list(self.values)
         return {
             "mean": math.fsum(values) / len(values) if values else None,
             "std": nanstd(values),
-            "zero_variance_groups": self.zero_variance_groups / groups if groups else 0.0,
+            "zero_variance_groups": self.zero_variance_groups / self.groups if self.groups else 0.0,
         }
 
 
@@ -176,7 +184,7 @@ def score_generations(
             os.unlink(sink.name)
             raise
     failures = rewards.failure_report()
-    summary = {name: {**column.summary(count), **failures.get(name, {})} for name, column in columns.items()}
+    summary = {name: {**column.summary(), **failures.get(name, {})} for name, column in columns.items()}
     # The total has no score where no reward scored the candidate (TRL's unscorable completions).
     summary[TOTAL]["failed"] = candidates - len(columns[TOTAL].values)
     scored = Scored(rows, summary, count, candidates, skipped)

@@ -8,7 +8,8 @@ contents are read joined. A reward that cannot score raises: the registry counts
 of those samples, never as a zero.
 
     correctness        seed 004: 1 if the run's verifier accepts the extracted answer, else 0
-    format             seed 003 (fullmatch of the tag layout) / seed 002 (every tag present and closed)
+    format             seed 003 (fullmatch of the tag layout) / seed 002 (every tag present and closed) /
+                       TRL's think_format_reward (prefix: the blocks first, free text after)
     tag_count          seed 004: 0.5 / (number of tag strings) for each tag string used exactly once
     length             seed 004 (Kimi 1.5 via open-r1): lambda = 0.5 - (len - min) / (max - min) over the
                        problem's K samples; lambda if correct, min(0, lambda) if wrong
@@ -76,46 +77,51 @@ def _truth(value: Any) -> str:
 def _verdicts(
     completions: Sequence[Any], columns: dict[str, Any], context: RewardContext,
     verifier: str | None, answer_pattern: str | list[str] | None,
-) -> list[bool]:
+) -> list[bool | None]:
+    """Per completion: the verifier's judgement, None where it cannot judge (a gold answer it cannot read)."""
     judge = get_verifier(verifier or context.verifier)
     pattern = answer_pattern if answer_pattern is not None else context.answer_pattern
     truths = column(columns, "answer", len(completions))
-    return [
-        bool(judge(extract(completion_text(c), pattern).answer_prediction, _truth(truth)))
-        for c, truth in zip(completions, truths, strict=True)
-    ]
+    verdicts = (judge(extract(completion_text(c), pattern).answer_prediction, _truth(truth))
+                for c, truth in zip(completions, truths, strict=True))
+    return [None if verdict is None else bool(verdict) for verdict in verdicts]
 
 
 @reward("correctness")
 def correctness(
     prompts: Sequence[Any], completions: Sequence[Any], *, context: RewardContext,
     verifier: str | None = None, answer_pattern: str | list[str] | None = None, **columns: Any,
-) -> list[float]:
+) -> list[float | None]:
     """1.0 when the run's verifier (or ``verifier``) accepts the answer extracted with the run's
-    answer pattern (or ``answer_pattern``), else 0.0 (seed 004's correctness, weight 2 there)."""
-    return [float(ok) for ok in _verdicts(completions, columns, context, verifier, answer_pattern)]
+    answer pattern (or ``answer_pattern``), else 0.0 (seed 004's correctness, weight 2 there); None
+    (no score, as TRL's accuracy_reward) where the verifier cannot judge."""
+    return [None if ok is None else float(ok) for ok in _verdicts(completions, columns, context, verifier, answer_pattern)]
 
 
 @reward("format")
 def format_reward(
     prompts: Sequence[Any], completions: Sequence[Any], *, tags: Tags = ("think", "answer"),
-    layout: Literal["fullmatch", "present"] = "fullmatch", multiline: bool = True, **columns: Any,
+    layout: Literal["fullmatch", "prefix", "present"] = "fullmatch", multiline: bool = True, **columns: Any,
 ) -> list[float]:
     """1.0 when the response has the tag layout, else 0.0.
 
     fullmatch (seed 003): the whole response is ``<t1>.*?</t1>\\s*<t2>.*?</t2>...`` in this order,
-    nothing before or after (``re.fullmatch``). present (seed 002's speaker): every tag opens and
-    closes somewhere, in any order. With ``multiline`` (the default) a tag's content may span lines
-    (re.DOTALL), as reasoning does; ``multiline: false`` is seed 003's regex without flags.
+    nothing before or after (``re.fullmatch``). prefix (TRL's think_format_reward with ``tags:
+    [think]``): the response starts with those blocks, each tag opens only once, free text may
+    follow. present (seed 002's speaker): every tag opens and closes somewhere, in any order. With
+    ``multiline`` (the default) a tag's content may span lines (re.DOTALL), as reasoning does;
+    ``multiline: false`` is seed 003's regex without flags.
     """
     flags = re.DOTALL if multiline else 0
     spans = [rf"<{re.escape(t)}>.*?</{re.escape(t)}>" for t in tags]
     texts = [completion_text(c) for c in completions]
+    if layout == "present":
+        each = [re.compile(span, flags) for span in spans]
+        return [float(all(p.search(text) for p in each)) for text in texts]
+    blocks = re.compile(r"\s*".join(spans), flags)
     if layout == "fullmatch":
-        whole = re.compile(r"\s*".join(spans), flags)
-        return [float(whole.fullmatch(text) is not None) for text in texts]
-    each = [re.compile(span, flags) for span in spans]
-    return [float(all(p.search(text) for p in each)) for text in texts]
+        return [float(blocks.fullmatch(text) is not None) for text in texts]
+    return [float(blocks.match(text) is not None and all(text.count(f"<{t}>") == 1 for t in tags)) for text in texts]
 
 
 @reward("tag_count")
@@ -150,11 +156,12 @@ def _gathered(pairs: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
 def length(
     prompts: Sequence[Any], completions: Sequence[Any], *, context: RewardContext,
     verifier: str | None = None, answer_pattern: str | list[str] | None = None, **columns: Any,
-) -> list[float]:
+) -> list[float | None]:
     """Kimi 1.5's length reward (seed 004, open-r1's ``len_reward``): lambda = 0.5 - (len - min_len) /
     (max_len - min_len), lengths in characters, min and max over the samples of the same problem
-    (``id``; without one the call is one problem); lambda when correct, min(0, lambda) when wrong.
-    A problem whose samples are all as long gets 0.0 for each, as open-r1 does."""
+    (``id``; without one the call is one problem); lambda when correct, min(0, lambda) when wrong,
+    None where the verifier cannot judge (open-r1 counts those correct). A problem whose samples are
+    all as long gets 0.0 for each, as open-r1 does."""
     lengths = [len(completion_text(c)) for c in completions]
     ids = columns.get("id")
     if ids is None:
@@ -169,14 +176,11 @@ def length(
         low, high = bounds.get(key, (n, n))
         bounds[key] = (min(low, n), max(high, n))
     correct = _verdicts(completions, columns, context, verifier, answer_pattern)
-    scores: list[float] = []
+    scores: list[float | None] = []
     for (key, n), ok in zip(pairs, correct, strict=True):
         low, high = bounds[key]
-        if high == low:
-            scores.append(0.0)
-            continue
-        lam = 0.5 - (n - low) / (high - low)
-        scores.append(lam if ok else min(0.0, lam))
+        lam = 0.5 - (n - low) / (high - low) if high > low else 0.0
+        scores.append(None if ok is None else lam if ok else min(0.0, lam))
     return scores
 
 

@@ -30,7 +30,7 @@ from jobs.scoring.rescore import (
 )
 from jobs.scoring.rewards import RewardContext, RewardSet
 from jobs.scoring.verifiers import get_verifier
-from jobs.sections import add_options, section_from_options
+from jobs.sections import add_options, check_writable, section_from_options
 from state import InputError
 
 # The run's settings the rewards' context takes; the filter section's other keys are not scoring's.
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         config = section_from_options(FilterConfig, args, skip=NOT_CONTEXT)
         get_verifier(config.verifier)
         rewards = RewardSet(parse_rewards(args.rewards), RewardContext(config.verifier, config.answer_pattern))
+        check_writable(args.output, "--output")
         for path in args.generations:
             if not path.is_file():
                 raise InputError(f"{path}: file not found")

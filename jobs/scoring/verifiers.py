@@ -1,16 +1,26 @@
-"""Verifiers: is an extracted answer right? Small pure functions ``(prediction, ground_truth) -> bool``.
+"""Verifiers: is an extracted answer right? Small pure functions ``(prediction, ground_truth) -> bool | None``:
+None when the ground truth cannot be read by the verifier (no number for ``numeric``, nothing at all,
+a regular expression that does not compile ...): the candidate is then neither right nor wrong, as
+TRL's ``accuracy_reward`` leaves such samples out. Answers that differ only in surrounding
+whitespace, markdown emphasis or end punctuation ("Paris." and "Paris") are alike to every verifier,
+and so are answers that differ only in case, but for ``regex``, whose pattern says whether case matters.
 
 A data set picks one by name in ``filter.verifier``:
 
+- ``auto`` (the default): each problem's by its ground truth's shape (``choose_verifier``): GSM8K's
+  ``... #### 72`` -> numeric, option letters ("(B) Piano", "B") -> multiple_choice, a number ("72",
+  "1,234", "3/4") -> numeric, mathematics (LaTeX, "x^2+1") -> math, anything else -> exact.
 - ``multiple_choice``: the seed's rules. Option letters decide ("B" = "(B) Piano"); without a letter
   the option text decides, case-insensitively, equal or contained as whole words ("piano", "It is a
   piano"). A prediction that names several options ("A or B", "(A) 3 (B) 4"), hedges ("piano or
   violin"), negates, or states other numbers than the option ("4 sounds") is wrong.
 - ``numeric``: the last number (after ``####`` when present), thousands separators, signs, decimals,
   fractions, ``\\frac{a}{b}``, units and trailing text allowed; compared exactly as fractions.
-- ``math``: math-verify (LaTeX, ``\\boxed{}``, equivalent forms such as ``\\frac12`` = ``0.5``).
+- ``math``: math-verify (LaTeX, ``\\boxed{}``, equivalent forms such as ``\\frac12`` = ``0.5``); when
+  either side holds no mathematics (a word, a name) the two are compared as text, as ``exact`` does.
 - ``exact``: equal after trimming, case folding and collapsing whitespace.
-- ``regex``: the ground truth is a regular expression the whole prediction must match.
+- ``regex``: the ground truth is a regular expression the whole prediction (trimmed, or without its
+  end punctuation) must match.
 - ``package.module:function``: a user's function with the same signature.
 """
 
@@ -24,7 +34,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-Verifier = Callable[[str, str], bool]
+Verifier = Callable[[str, str], bool | None]
 
 # Markdown emphasis, quotes, math delimiters and end punctuation around an answer carry no meaning.
 _EDGE_CHARS = " \t\n.,:;!?\"'`*$_"
@@ -113,8 +123,10 @@ def same_option_text(prediction: str, truth: str) -> bool:
     return bool(predicted_words - _FILLER) and _contains_words(truth, prediction)
 
 
-def multiple_choice(prediction: str, ground_truth: str) -> bool:
+def multiple_choice(prediction: str, ground_truth: str) -> bool | None:
     truth_letters, truth_text = _parse_option(ground_truth)
+    if not truth_letters and not truth_text:
+        return None
     letters, text = _parse_option(prediction)
     if len(letters) > 1:
         return False
@@ -153,25 +165,42 @@ def parse_number(text: str) -> Fraction | None:
         return None
 
 
-def numeric(prediction: str, ground_truth: str) -> bool:
+def numeric(prediction: str, ground_truth: str) -> bool | None:
     truth = parse_number(ground_truth)
-    return truth is not None and parse_number(prediction) == truth
+    return None if truth is None else parse_number(prediction) == truth
 
 
 # --- math --------------------------------------------------------------------------------------
 
 
+# A LaTeX command ("\\frac", "\\text"); a word of two or more letters ("Paris", "on"), which math-verify
+# would read between $ signs as a product of single letters ("pairs" = "Paris").
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD_OF_LETTERS = re.compile(r"[^\W\d_]{2,}")
+
+
+def _has_words(text: str) -> bool:
+    return _WORD_OF_LETTERS.search(_LATEX_COMMAND.sub(" ", text)) is not None
+
+
+def _has_latex(text: str) -> bool:
+    """A LaTeX command other than text in \\text{}: "5\\text{ cm}" has none, "\\frac{1}{2}" has."""
+    return _LATEX_COMMAND.search(_LATEX_TEXT.sub("", text)) is not None
+
+
 def _math_parse(text: str) -> list[Any]:
+    """What math-verify reads in ``text``; empty when it finds no mathematics there (a word, a name)."""
     from math_verify import parse
 
     forms = [text]
-    if "$" not in text:
-        # math-verify reads bare LaTeX ("2\sqrt{2}", "\{1,2\}") right only between $ signs:
-        # outside them it takes "2\sqrt{2}" for 2.
+    if "$" not in text and not _has_words(text):
+        # math-verify reads bare LaTeX ("2\sqrt{2}", "\{1,2\}", "x^2+1") right only between $ signs:
+        # outside them it takes "2\sqrt{2}" for 2. Words are never wrapped.
         forms.insert(0 if "\\" in text else 1, f"${text}$")
     for form in forms:
         parsed = parse(form, parsing_timeout=_math_timeout())
-        if parsed:
+        # A list of strings alone is text math-verify could not turn into mathematics.
+        if any(not isinstance(value, str) for value in parsed):
             return parsed
     return []
 
@@ -187,32 +216,76 @@ def _math_gold(ground_truth: str) -> list[Any]:
     return _math_parse(ground_truth)
 
 
-def math_answer(prediction: str, ground_truth: str) -> bool:
+def math_answer(prediction: str, ground_truth: str) -> bool | None:
     from math_verify import verify
 
     gold = _math_gold(ground_truth)
     if not gold:
-        # Not mathematics to math-verify (a word, a name): compare as text.
-        return exact(prediction, ground_truth)
+        # LaTeX that math-verify cannot read is unknown; a word or a name is compared as text.
+        return None if _has_latex(ground_truth) else exact(prediction, ground_truth)
     predicted = _math_parse(prediction)
-    return bool(predicted) and verify(gold, predicted, timeout_seconds=_math_timeout())
+    if not predicted:
+        return exact(prediction, ground_truth)
+    return verify(gold, predicted, timeout_seconds=_math_timeout())
 
 
 # --- text --------------------------------------------------------------------------------------
 
 
-def exact(prediction: str, ground_truth: str) -> bool:
-    return normalize(prediction) == normalize(ground_truth)
+def exact(prediction: str, ground_truth: str) -> bool | None:
+    truth = normalize(ground_truth)
+    return normalize(prediction) == truth if truth else None
 
 
-def regex_match(prediction: str, ground_truth: str) -> bool:
+@lru_cache(maxsize=4096)
+def _compiled(pattern: str) -> re.Pattern[str] | None:
     try:
-        return re.fullmatch(ground_truth, prediction.strip()) is not None
-    except re.error as error:
-        raise ValueError(f"ground truth {ground_truth!r} is not a valid regular expression: {error}") from None
+        return re.compile(pattern)
+    except re.error:
+        return None
+
+
+def regex_match(prediction: str, ground_truth: str) -> bool | None:
+    pattern = _compiled(ground_truth)
+    if pattern is None:
+        return None
+    trimmed = prediction.strip()
+    return any(pattern.fullmatch(form) is not None for form in (trimmed, trimmed.strip(_EDGE_CHARS)))
+
+
+# --- auto --------------------------------------------------------------------------------------
+
+# The whole answer is one number: "72", "-1,234.5", "3/4", "50%" (edge punctuation and "$" already off).
+_NUMBER_ONLY = re.compile(rf"(?:{_NUMBER.pattern})%?")
+# A lone lower-case letter is a variable ("x", "$y$"), not an option.
+_VARIABLE = re.compile(r"\$?[a-z]\$?")
+
+
+@lru_cache(maxsize=4096)
+def choose_verifier(ground_truth: str) -> str:
+    """The built-in verifier for a ground truth of this shape (``filter.verifier: auto``)."""
+    if "####" in ground_truth and parse_number(ground_truth) is not None:
+        return "numeric"  # GSM8K's worked solution, its answer after ####
+    if _parse_option(ground_truth)[0] and not _VARIABLE.fullmatch(ground_truth.strip()):
+        return "multiple_choice"
+    if _NUMBER_ONLY.fullmatch(normalize(ground_truth)):
+        return "numeric"
+    if _has_latex(ground_truth) or (not _has_words(_LATEX_TEXT.sub("", ground_truth)) and _math_gold(ground_truth)):
+        return "math"  # LaTeX, or an expression without words ("x^2+1", "5\\text{ cm}"); not prose with a number
+    return "exact"
+
+
+def auto(prediction: str, ground_truth: str) -> bool | None:
+    return VERIFIERS[choose_verifier(ground_truth)](prediction, ground_truth)
+
+
+def verifier_for(name: str, ground_truth: str) -> str:
+    """The verifier that judges a problem with this ground truth when ``filter.verifier`` is ``name``."""
+    return choose_verifier(ground_truth) if name == "auto" else name
 
 
 VERIFIERS: dict[str, Verifier] = {
+    "auto": auto,
     "multiple_choice": multiple_choice,
     "numeric": numeric,
     "math": math_answer,

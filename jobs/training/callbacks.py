@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from jobs.runtime import log, stop_requested
+from jobs.runtime import log, report_progress, stop_requested
+from jobs.specs import JobTarget
 from state import atomic_write_bytes
 
 
@@ -108,6 +109,24 @@ class StepMetrics(TrainerCallback):
         log.info("step %d: loss %.4f%s, learning rate %.3g, %.0f tokens/s, %.2f samples/s, peak memory %.0f MiB",
                  state.global_step, entry["loss"], extra, entry.get("learning_rate", 0.0), entry["tokens_per_s"],
                  entry["samples_per_s"], entry["peak_memory_mib"])
+
+
+class LedgerProgress(TrainerCallback):
+    """Reports the step, max steps and steps/s to the job's ledger record (``progress``: tools/status.py
+    shows step / max steps and an ETA), every ``every_s`` seconds and at the last step, from rank 0."""
+
+    def __init__(self, target: JobTarget, every_s: float = 30.0):
+        self.target, self.every_s = target, every_s
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Steps before a resume are not this job's: its rate counts its own.
+        self.start, self.first_step, self.last = time.monotonic(), state.global_step, -math.inf
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        if state.is_world_process_zero and (now - self.last >= self.every_s or state.global_step >= state.max_steps):
+            self.last = now
+            report_progress(self.target, state.global_step, state.max_steps, (state.global_step - self.first_step) / max(now - self.start, 1e-9))
 
 
 class Watchdog(TrainerCallback):

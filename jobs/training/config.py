@@ -31,7 +31,7 @@ class TrainConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     num_epochs: Annotated[float, Gt(0)] = 2
-    # Overrides num_epochs when > 0.
+    # Overrides num_epochs, unless -1.
     max_steps: int = -1
     batch_size: PositiveInt = 1
     gradient_accumulation_steps: PositiveInt = 8
@@ -69,6 +69,9 @@ class TrainConfig:
     freeze_encoders: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_steps < 1 and self.max_steps != -1:
+            raise ValueError(f"train.max_steps: is {self.max_steps}; give a positive number of optimizer steps, or -1"
+                             " to train train.num_epochs epochs")
         if self.method == "lora" and not self.save_merged:
             raise ValueError("train.save_merged: the transformers backend generates with a merged model; keep it true"
                              " with train.method: lora")

@@ -1,7 +1,8 @@
-"""Export job: a finished run's final model, also where the seeds put theirs.
+"""Export job: a finished (or stopped) run's final model, also where the seeds put theirs.
 
 ``<export_dir>/<method>_<model>_<YYYYmmdd_HHMMSS>/`` (seed 001's ``models/rest_Qwen_Qwen3_Omni_..._20250121_153500/``)
-holds the merged weights and tokenizer of the run's last iteration, hard-linked from the run
+holds the merged weights and tokenizer of the iteration the plan chose (``export.iteration``: the
+best or the last; iteration 0, the base model, is not copied: nothing is exported), hard-linked from the run
 directory where the filesystem allows (no second copy of a large model), and ``export.json``
 saying which run and iteration it is. The folder appears whole: it is built under a temporary
 name and renamed.
@@ -29,6 +30,9 @@ def _link_or_copy(source: str, destination: str) -> None:
 
 
 def export(spec: ExportSpec, metrics: dict[str, Any]) -> None:
+    metrics.update(exported_iteration=spec.iteration, export=None, choice=spec.choice)
+    if spec.iteration == 0:
+        return
     root = Path(spec.export_dir)
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"{spec.method}_{spec.model_name}_{time.strftime('%Y%m%d_%H%M%S')}"
@@ -39,11 +43,11 @@ def export(spec: ExportSpec, metrics: dict[str, Any]) -> None:
     shutil.copytree(spec.model_path, staging, copy_function=_link_or_copy)
     card = Path(spec.model_path).parent / "model_card.json"
     atomic_write_json(staging / "export.json", {
-        "run_dir": spec.run_dir, "iteration": spec.iteration, "method": spec.method, "source": spec.model_path,
+        "run_dir": spec.run_dir, "iteration": spec.iteration, "method": spec.method, "source": spec.model_path, "choice": spec.choice,
         "model_card": json.loads(card.read_text()) if card.is_file() else None,
     })
     os.replace(staging, folder)
-    metrics.update(export=str(folder.resolve()))
+    metrics.update(export=str(folder.resolve()), choice=f"{spec.choice}; exported to {folder.resolve()}" if spec.choice else str(folder.resolve()))
 
 
 def run(spec: ExportSpec) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from jobs.training.sft import (
     trainer_options,
     write_card,
 )
-from state import Ledger, Status
+from state import Ledger, PermanentJobError, Status
 
 # What the ledger keeps of each logged step (TRL's names), besides each reward's mean, std and failures.
 STEP_LOG_KEYS = (
@@ -60,14 +60,14 @@ def grpo_dataset(problems_path: str, system_prompt: str | None) -> list[dict[str
     rows = []
     for problem in read_jsonl(problems_path):
         if "prompt" in problem:
-            raise ValueError(f"{problems_path}: problem {problem['id']!r} has a field 'prompt', which GRPO uses for the"
+            raise PermanentJobError(f"{problems_path}: problem {problem['id']!r} has a field 'prompt', which GRPO uses for the"
                              " chat messages: rename it")
         media = next((f for f in MEDIA_FIELDS if f in problem), None)
         if media:
-            raise ValueError(f"{problems_path}: problem {problem['id']!r} has a {media}: GRPO rollouts are text-only here")
+            raise PermanentJobError(f"{problems_path}: problem {problem['id']!r} has a {media}: GRPO rollouts are text-only here")
         rows.append({**problem, "prompt": messages_for(problem, system_prompt)})
     if not rows:
-        raise ValueError(f"{problems_path}: no problems to train on")
+        raise PermanentJobError(f"{problems_path}: no problems to train on")
     return rows
 
 
@@ -77,7 +77,7 @@ def rollout_options(grpo: GrpoConfig, on_gpu: bool, server: tuple[str, int] | No
     if grpo.vllm_mode is None:
         return {"use_vllm": False}
     if not on_gpu:
-        raise ValueError(f"grpo.vllm_mode: {grpo.vllm_mode} needs GPUs and this node has none"
+        raise PermanentJobError(f"grpo.vllm_mode: {grpo.vllm_mode} needs GPUs and this node has none"
                          " (leave it unset for TRL's transformers generation)")
     # ZeRO-3 shards the weights: vLLM needs them gathered to generate (and to receive them).
     options: dict[str, Any] = {"use_vllm": True, "vllm_mode": grpo.vllm_mode, "ds3_gather_for_generation": True}
@@ -131,6 +131,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
     from jobs.training.callbacks import (
         CheckpointOnPreemption,
+        LedgerProgress,
         StepMetrics,
         Watchdog,
         last_complete_checkpoint,
@@ -151,7 +152,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
                  grpo.pass_rate_band, selection["selected"], selection["problems"], selection["below_band"],
                  selection["above_band"], selection["no_pass_rate"])
         if not rows:
-            raise ValueError(f"grpo.pass_rate_band: no problem's pass rate lies in {list(grpo.pass_rate_band)} ({selection});"
+            raise PermanentJobError(f"grpo.pass_rate_band: no problem's pass rate lies in {list(grpo.pass_rate_band)} ({selection});"
                              " widen the band")
     reward_set = RewardSet(grpo.rewards, RewardContext(spec.verifier, spec.answer_pattern, spec.services))
     device, dtype = pick_device()
@@ -190,7 +191,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     trainer = PolicyTrainer(
         model=model, reward_funcs=[TrlReward(reward_set, named) for named in reward_set.rewards], args=args,
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[on_preemption, StepMetrics(completions_per_step, on_gpu, shown=("reward",)), watchdog],
+        callbacks=[on_preemption, StepMetrics(completions_per_step, on_gpu, shown=("reward",)), watchdog, LedgerProgress(spec.target)],
         reward_set=reward_set, rollouts_dir=output / "rollouts",
     )
     log.info("GRPO: %d problems, %d completions per step (%d prompts x %d generations per generation batch of %d steps),"
@@ -247,7 +248,7 @@ def run(spec: GrpoSpec) -> dict[str, Any]:
     if place and place.multi_node:
         # The last node serves: the training world is the tasks of the other nodes, the first ranks.
         if rank >= place.training_tasks:
-            raise ValueError(f"grpo.vllm_mode: server needs the job's tasks dealt to nodes in blocks; rank {rank} trains"
+            raise PermanentJobError(f"grpo.vllm_mode: server needs the job's tasks dealt to nodes in blocks; rank {rank} trains"
                              f" but is not among the first {place.training_tasks}")
         os.environ["WORLD_SIZE"] = str(place.training_tasks)
     with reporting(spec.target, primary=rank == 0) as metrics:

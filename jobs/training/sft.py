@@ -25,6 +25,8 @@ import os
 import random
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from jobs.problems.prompts import has_media, messages_for, template_messages
 from jobs.runtime import log, pick_device, reporting, stop_if_preempted
 from jobs.specs import TrainSpec
 from jobs.training.config import TrainConfig
-from state import atomic_write_json
+from state import PermanentJobError, atomic_write_json
 
 # What the ledger keeps of each logged step.
 STEP_LOG_KEYS = ("step", "loss", "learning_rate", "tokens_per_s", "samples_per_s", "peak_memory_mib")
@@ -56,7 +58,7 @@ def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: 
     for problem, response, weight in triples:
         if has_media(problem) and not (multimodal and media_dir):
             why = "no media folder (generate.media_dir)" if multimodal else "a text-only model (no processor)"
-            raise ValueError(f"problem {problem.get('original_id', problem['id'])!r} has media, and training has {why}")
+            raise PermanentJobError(f"problem {problem.get('original_id', problem['id'])!r} has media, and training has {why}")
         if multimodal:
             prompt, media = template_messages(problem, system_prompt, media_dir)
             example = {"prompt": prompt, "completion": [{"role": "assistant", "content": [{"type": "text", "text": response}]}],
@@ -67,6 +69,18 @@ def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: 
             example["weight"] = weight
         examples.append(example)
     return examples
+
+
+@contextmanager
+def loading(model_path: str) -> Iterator[None]:
+    """A model folder that does not load (files missing, unreadable or of an unknown model) fails the
+    job for good: a retry reads the same files. The network's errors stay transient."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            raise
+        raise PermanentJobError(f"model {model_path} does not load: {error}") from error
 
 
 def trainer_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:
@@ -114,6 +128,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     from jobs.training.callbacks import (
         CheckpointOnPreemption,
         DataOrder,
+        LedgerProgress,
         StepMetrics,
         last_complete_checkpoint,
     )
@@ -127,18 +142,20 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
         # Beside the model: the trainer's default is under the checkpoints, which are deleted at the end.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "tensorboard"))
     # A text-only model's folder gives its tokenizer here; a multimodal one its processor (TRL's test too).
-    processing = AutoProcessor.from_pretrained(spec.init_model)
+    with loading(spec.init_model):
+        processing = AutoProcessor.from_pretrained(spec.init_model)
     multimodal = isinstance(processing, ProcessorMixin)
     examples = sft_examples(spec.data_path, config.replay_data, spec.system_prompt, spec.media_dir, multimodal)
     if not examples:
-        raise ValueError(
+        raise PermanentJobError(
             "nothing to train on: no problem had a correct candidate and there is no replay_data"
             " (raise generate.num_samples or generate.temperature, or warm-start the model first)"
         )
     device, dtype = pick_device()
     on_gpu = device == "cuda"
     model_class = AutoModelForMultimodalLM if multimodal else AutoModelForCausalLM
-    model = model_class.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization(config, on_gpu, dtype))
+    with loading(spec.init_model):
+        model = model_class.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization(config, on_gpu, dtype))
     collator, target_modules = None, config.target_modules
     if multimodal:
         # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
@@ -182,7 +199,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
     trainer = (WeightedSFTTrainer if weighted else SFTTrainer)(
         model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=processing,
         data_collator=collator, peft_config=peft_config,
-        callbacks=[on_preemption, StepMetrics(effective_batch, on_gpu), DataOrder(output)],
+        callbacks=[on_preemption, StepMetrics(effective_batch, on_gpu), DataOrder(output), LedgerProgress(spec.target)],
     )
     log.info("effective batch size %d = %d per process x %d accumulation steps x %d processes",
              effective_batch, config.batch_size, config.gradient_accumulation_steps, world_size)

@@ -31,7 +31,7 @@ from jobs.runtime import log, step_aside_if_superseded
 from jobs.specs import JobTarget
 from pipeline.console import console
 from pipeline.loop.driver import Driver
-from pipeline.loop.submitter import IN_FLIGHT, withdraw
+from pipeline.loop.submitter import IN_FLIGHT, may_retry, withdraw
 from pipeline.loop.summary import summarize
 from pipeline.planning.stage import StageFailed, StagePlan, Task
 from pipeline.planning.stages import ADVANCE, stage_resources
@@ -42,9 +42,11 @@ DONE = str(Status.DONE)
 
 
 def _chain(driver: Driver, start: StagePlan) -> list[StagePlan]:
-    """``start`` and the stages after it in its iteration."""
+    """``start`` and the stages after it in its iteration, up to one planned when it is due (the next
+    chain submits it, planned then)."""
     iteration = [stage for stage in driver.planner.stages() if stage.iteration == start.iteration]
-    return iteration[[stage.key for stage in iteration].index(start.key):]
+    chain = iteration[[stage.key for stage in iteration].index(start.key):]
+    return chain[:next((i for i, stage in enumerate(chain) if i and stage.planned_when_due), len(chain))]
 
 
 def _jobs(job_ids: list[str]) -> list[str]:
@@ -78,8 +80,9 @@ def submit_chain(driver: Driver, me: str | None = None) -> str:
         return "run complete"
     chain = _chain(driver, current)
     if current.iteration > 1 and chain[0].key == driver.planner.iteration(current.iteration)[0].key:
-        # A new iteration: first what the reward-hacking check saw in the one before (RunStopped, recorded).
-        driver.check_hacking(summarize(driver.run_dir), current.iteration - 1)
+        # A new iteration: first what the reward-hacking check and the collapse guard saw in the one
+        # before (RunStopped, recorded; the export of the best iteration so far submitted).
+        driver.check_iteration(summarize(driver.run_dir), current.iteration - 1, wait=False)
     needed = {name for stage in chain for name in stage.services}
     driver.services.release(keep=tuple(needed))
     # The ledger first learns how every job of the chain ended, so that it is right however this ends.
@@ -92,7 +95,7 @@ def submit_chain(driver: Driver, me: str | None = None) -> str:
         records = {t.key: all_records[t.key] for t in stage.tasks}
         live = [records[t.key]["job_id"] for t in stage.tasks if records[t.key].get("status") in IN_FLIGHT]
         todo = [t for t in stage.tasks if records[t.key].get("status") not in (*IN_FLIGHT, DONE)]
-        exhausted = [t for t in todo if records[t.key].get("attempts", 0) >= driver.config.executor.max_attempts]
+        exhausted = [t for t in todo if not may_retry(records[t.key], driver.config.executor.max_attempts)]
         if exhausted:
             if live:
                 # Let the stage's live tasks end first: the advance job after them fails the run.

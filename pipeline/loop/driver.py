@@ -13,25 +13,27 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 
 from pipeline.config import RunConfig, load_config
 from pipeline.layout import RunLayout
-from pipeline.loop.hacking import RunStopped, describe
+from pipeline.loop.hacking import RunStopped, describe, describe_collapse
 from pipeline.loop.services import ServiceKeeper
-from pipeline.loop.submitter import IN_FLIGHT, Submitter
-from pipeline.loop.summary import summarize
+from pipeline.loop.submitter import IN_FLIGHT, Submitter, may_retry
+from pipeline.loop.summary import driver_identity, summarize
 from pipeline.planning.planner import Planner
 from pipeline.planning.stage import StageFailed, StagePlan, Task
+from pipeline.planning.stages import EXPORT
 from pipeline.rules import check_config
 from pipeline.scheduling.executors import require_scheduler
 from pipeline.scheduling.resplit import Splitter
 from state import InputError, Ledger, Status
 from state.ledger import now
 
-HEADLINE_METRICS = ("problems_generated", "failed_items", "tokens_per_s", "mean_correct_rate", "filtered_samples", "final_loss", "heldout_accuracy")
+HEADLINE_METRICS = ("problems_generated", "failed_items", "tokens_per_s", "mean_correct_rate", "filtered_samples", "final_loss",
+                    "heldout_accuracy", "dev_accuracy")
 
 
 def log_tail(path: str | None, lines: int = 15) -> str:
@@ -104,7 +106,7 @@ class Driver:
             if done == len(stage.tasks):
                 break
             failed = [t for t in stage.tasks if records[t.key].get("status") in (None, str(Status.FAILED), str(Status.PLANNED))]
-            retry = [t for t in failed if records[t.key].get("attempts", 0) < executor.max_attempts]
+            retry = [t for t in failed if may_retry(records[t.key], executor.max_attempts)]
             exhausted = [t for t in failed if t not in retry]
             if exhausted and not any(status in IN_FLIGHT for status in statuses):
                 if stage.is_array:
@@ -126,7 +128,8 @@ class Driver:
         lines = []
         for task in tasks:
             record = records[task.key]
-            lines.append(f"{task.key} failed after {record.get('attempts', 0)} attempt(s): {record.get('error')}")
+            why = " (not retried: the error is permanent)" if record.get("permanent") else ""
+            lines.append(f"{task.key} failed after {record.get('attempts', 0)} attempt(s){why}: {record.get('error')}")
             tail = log_tail(record.get("log"))
             if tail:
                 lines.append(f"  last lines of {record.get('log')}:\n{tail}")
@@ -149,16 +152,34 @@ class Driver:
             totals["tokens_per_s"] = round(tokens / seconds, 1) if seconds else None
         self.ledger.set_status([stage.key], Status.DONE, metrics=totals)
 
-    def check_hacking(self, summary: dict[str, Any], iteration: int, can_stop: bool = True) -> None:
-        """After an iteration: say what the reward-hacking check saw, and stop the run before the next
-        iteration if grpo.stop_on_hacking says so."""
+    def check_iteration(self, summary: dict[str, Any], iteration: int, can_stop: bool = True, wait: bool = True) -> None:
+        """After an iteration: say what the reward-hacking check and the collapse guard saw, and stop the
+        run before the next iteration on a collapse, or on hacking if grpo.stop_on_hacking says so."""
         flags = [flag for flag in summary["hacking"] if flag["iteration"] == iteration]
         for flag in flags:
             self.console.print(f"[yellow]reward hacking?[/yellow] {describe(flag)}", highlight=False)
-        if flags and can_stop and self.config.grpo.stop_on_hacking:
-            why = f"stopped by grpo.stop_on_hacking: {describe(flags[0])}"
-            self.ledger.update("run", {"status": "stopped", "error": why, "ended_at": now()})
-            raise RunStopped(why)
+        collapsed = [flag for flag in summary["collapse"] if flag["iteration"] == iteration]
+        for flag in collapsed:
+            self.console.print(f"[red]collapse:[/red] {describe_collapse(flag)}", highlight=False)
+        if not can_stop:
+            return
+        if collapsed:
+            self.stop(f"stopped by the collapse guard: {describe_collapse(collapsed[0])}", wait)
+        if flags and self.config.grpo.stop_on_hacking:
+            self.stop(f"stopped by grpo.stop_on_hacking: {describe(flags[0])}", wait)
+
+    def stop(self, why: str, wait: bool) -> NoReturn:
+        """Stop the run: export the best iteration so far (export.iteration) first, waiting for it unless
+        ``wait`` is false (a detached run's advance job: the export job goes on its own), record why, and
+        raise RunStopped."""
+        export = self.planner.stage(EXPORT)
+        if wait:
+            self.run_stage(export)
+            self.console.print(f"final model: {(self.ledger.read(EXPORT).get('metrics') or {}).get('choice')}", highlight=False)
+        elif self.ledger.read(EXPORT).get("status") not in (*IN_FLIGHT, str(Status.DONE)):
+            self.submitter.submit(export, export.tasks)
+        self.ledger.update("run", {"status": "stopped", "error": why, "ended_at": now()})
+        raise RunStopped(why)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -172,12 +193,14 @@ class Driver:
         )
 
         columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        # Which process drives the run: tools/status.py tells when it is gone (Ctrl-C, SIGKILL).
+        self.ledger.update("run", {"driver": driver_identity(self.run_dir)})
         plan = self.planner.stages()
         # Bars on a terminal; in a log file (a batch job, CI) one line per stage is easier to read.
         with Progress(*columns, console=self.console, disable=not self.console.is_terminal) as progress:
             try:
                 for index in range(len(plan)):
-                    stage = plan[index]
+                    stage = self.planner.stage(plan[index].key) if plan[index].planned_when_due else plan[index]
                     bar = progress.add_task(stage.label, total=len(stage.tasks))
                     started = time.monotonic()
                     if self.run_stage(stage, lambda done, total, bar=bar: progress.update(bar, completed=done, total=total)):
@@ -192,7 +215,7 @@ class Driver:
                         summary = summarize(self.run_dir)
                         if self.on_iteration_done:
                             self.on_iteration_done(summary)
-                        self.check_hacking(summary, stage.iteration, can_stop=following is not None)
+                        self.check_iteration(summary, stage.iteration, can_stop=following is not None)
             except (StageFailed, RunStopped):
                 self.services.release()
                 raise

@@ -8,6 +8,11 @@ against the previous one's, the base model's for the first): a reward that rose 
 ``grpo.hacking_margin`` while held-out accuracy fell by more than it is flagged, with the numbers.
 status.py and report.py show the flags; ``grpo.stop_on_hacking`` stops the run before the next
 iteration.
+
+The collapse guard, for every method: an iteration whose accuracy (dev, else held-out) fell below
+the base model's by more than ``export.collapse_margin`` stops the run before the next iteration.
+A run that stays flat (a control whose samples are kept at random) is within the margin and goes on.
+A stopped run exports the best iteration so far (``export.iteration``).
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ from __future__ import annotations
 from statistics import fmean
 from typing import Any
 
+from pipeline.planning.export import ACCURACY
+
 PREFIX, SUFFIX = "rewards/", "/mean"
 
 
 class RunStopped(Exception):
-    """The reward-hacking check stopped the run (grpo.stop_on_hacking); the message says why (and is in the run's ledger record)."""
+    """The reward-hacking check (grpo.stop_on_hacking) or the collapse guard stopped the run; the message
+    says why (and is in the run's ledger record)."""
 
     exit_code = 3
 
@@ -55,3 +63,18 @@ def hacking_flags(iterations: list[dict[str, Any]], base_accuracy: float | None,
 def describe(flag: dict[str, Any]) -> str:
     return (f"iteration {flag['iteration']}: reward {flag['reward']} rose {flag['reward_from']:.3f} -> {flag['reward_to']:.3f}"
             f" while held-out accuracy fell {flag['heldout_from']:.1%} -> {flag['heldout_to']:.1%}")
+
+
+def collapse_flags(iterations: list[dict[str, Any]], base_accuracy: float | None, margin: float | None,
+                   metric: str | None) -> list[dict[str, Any]]:
+    """The iterations whose accuracy (``metric``) is below the base model's by more than ``margin``."""
+    if base_accuracy is None or margin is None or metric is None:
+        return []
+    return [{"iteration": entry["iteration"], "metric": metric, "base": base_accuracy, "accuracy": accuracy, "margin": margin}
+            for entry in iterations
+            if (accuracy := entry["metrics"].get(metric)) is not None and round(base_accuracy - accuracy, 9) > margin]
+
+
+def describe_collapse(flag: dict[str, Any]) -> str:
+    return (f"iteration {flag['iteration']}: {ACCURACY[flag['metric']]} {flag['accuracy']:.1%}, below the base model's"
+            f" {flag['base']:.1%} by more than export.collapse_margin ({flag['margin']:g})")

@@ -28,11 +28,19 @@ IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING), str(Status.SERVING))
 # sacct's reason for a job cancelled while it waited on a dependency that failed (--kill-on-invalid-dep).
 NEVER_SATISFIED = ("Dependency", "DependencyNeverSatisfied")
 # What a new attempt must not inherit from the one before.
-FRESH_ATTEMPT = {"job_id": None, "error": None, "slurm_state": None, "exit_code": None, "note": None, "progress": None}
+FRESH_ATTEMPT = {"job_id": None, "error": None, "slurm_state": None, "exit_code": None, "note": None, "progress": None,
+                 "permanent": None}
 
 
 class SubmissionRefused(InputError):
     """The scheduler refused a job as asked for (e.g. GPUs on a cluster without any): fix the config."""
+
+
+def may_retry(record: dict[str, Any], max_attempts: int) -> bool:
+    """Whether a task that is not done may be submitted again: it has attempts left, and its last job
+    did not fail for good (``permanent``: nothing to train on, a model that does not load, bad data;
+    a retry would fail the same way). A job lost or timed out is retried."""
+    return record.get("attempts", 0) < max_attempts and not record.get("permanent")
 
 
 def withdraw(record: dict[str, Any], why: str) -> None:

@@ -63,6 +63,9 @@ class StagePlan:
     # ``split(task key)`` closes a stopped task on what it finished: (kept, rest) item indices.
     resplit: Resplit | None = None
     split: Callable[[str], tuple[list[int], list[int]]] | None = None
+    # Its tasks depend on how the stages before it ended (the export of the best iteration): the
+    # driver plans it again when it is due, and a detached chain ends before it.
+    planned_when_due: bool = False
     # For --dry-run: what it submits and where it writes.
     jobs_text: str = "1"
     writes: str = ""

@@ -1,4 +1,5 @@
-"""The stages recipes are made of: generation shards, the filter, training, the held-out evaluation.
+"""The stages recipes are made of: generation shards, the filter, training, the held-out evaluation;
+and the run's export of the iteration ``export.iteration`` chooses.
 
 Each builder returns a StagePlan for one iteration: its tasks with their specs (every path from the
 run's layout), its resources (``executor.<stage name>``, else the default here), how it waits in
@@ -13,6 +14,7 @@ from typing import Any
 
 from jobs.generation import evaluate as eval_job
 from jobs.generation import generate as generate_job
+from jobs.generation.backends import truncation
 from jobs.scoring import filtering as filter_job
 from jobs.scoring.rewards import services_used
 from jobs.specs import (
@@ -28,9 +30,11 @@ from jobs.training import export as export_job
 from jobs.training import grpo as grpo_job
 from jobs.training import sft as train_job
 from pipeline.config import RunConfig
+from pipeline.planning.export import ACCURACY, choose
 from pipeline.planning.stage import RunContext, StagePlan, Task, shard_ranges
 from pipeline.scheduling.executors import Resources
 from pipeline.scheduling.resplit import split_parts
+from state import Ledger, Status
 
 # What each stage asks for when the config does not say (executor.<stage>).
 DEFAULT_RESOURCES = {
@@ -46,7 +50,8 @@ EXPORT = "export"
 ADVANCE = "advance"
 GRPO_REPORTS = ("final_reward", "reward_failures", "selection", "final_loss")
 FILTER_REPORTS = ("mean_correct_rate", "categories", "filtered_samples", "total_problems", "total_candidates",
-                  "overall_accuracy", "correct_count_histogram", "correct_rate_buckets", "reward_failures")
+                  "overall_accuracy", "correct_count_histogram", "correct_rate_buckets", "reward_failures",
+                  "unextracted_fraction", "unjudged_problems", "warnings")
 
 
 def stage_resources(config: RunConfig, name: str) -> Resources:
@@ -70,6 +75,8 @@ def shard_totals(metrics: list[dict[str, Any]]) -> dict[str, Any]:
         "generated_tokens": sum(m.get("generated_tokens", 0) for m in metrics),
         # Problems whose requests still failed after retries: in the shards with their error, left out by filter.
         "failed_items": sum(m.get("failed_items", 0) for m in metrics),
+        # Completions cut at max_tokens (jobs/generation/backends.py's truncation).
+        **truncation(sum(m.get("completions", 0) for m in metrics), sum(m.get("truncated", 0) for m in metrics)),
     }
 
 
@@ -162,8 +169,13 @@ def train_stage(run: RunContext, iteration: int, data: StagePlan) -> StagePlan:
                      reports=("final_loss",), writes=str(output), detail=detail)
 
 
+def choice_metric(config: RunConfig) -> str | None:
+    """The accuracy the best iteration is chosen on and the collapse guard watches: dev, else held-out."""
+    return "dev_accuracy" if config.data.dev else "heldout_accuracy" if config.data.heldout else None
+
+
 def eval_stage(run: RunContext, iteration: int) -> StagePlan:
-    """Held-out accuracy of iteration ``iteration``'s model (0: the base model)."""
+    """Held-out (and dev) accuracy of iteration ``iteration``'s model (0: the base model)."""
     config, layout = run.config, run.layout
     output = layout.stage_dir(iteration, "eval")
     key = str(output.relative_to(layout.run_dir))
@@ -178,9 +190,11 @@ def eval_stage(run: RunContext, iteration: int) -> StagePlan:
         seed=config.seed,
         api_key_path=str(layout.api_key),
         compile_cache_dir=str(layout.compile_caches),
+        dev_problems_path=str(layout.dev_problems) if config.data.dev else None,
     )
+    reports = ("heldout_accuracy", "dev_accuracy") if config.data.dev else ("heldout_accuracy",)
     return StagePlan(key, "eval", iteration, [Task(key, eval_job.run, spec)], stage_resources(config, "eval"),
-                     reports=("heldout_accuracy",), writes=str(output))
+                     reports=reports, writes=str(output))
 
 
 def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | None) -> StagePlan:
@@ -215,12 +229,24 @@ def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | No
 
 
 def export_stage(run: RunContext) -> StagePlan:
-    """The run's final model, also under export_dir as the seeds name their models."""
-    config = run.config
-    last = config.num_iterations
+    """The run's final model, also under export_dir as the seeds name their models: the iteration
+    ``export.iteration`` chooses from the evaluations and training done so far (a stopped run's too)."""
+    config, layout = run.config, run.layout
+    metric = choice_metric(config)
+    iterations = range(config.num_iterations + 1)
+    evals = {i: str(layout.stage_dir(i, "eval").relative_to(layout.run_dir)) for i in iterations}
+    trains = {i: str(layout.stage_dir(i, "train").relative_to(layout.run_dir)) for i in iterations if i}
+    records = Ledger(run.run_dir).read_many([*evals.values(), *trains.values()])
+    scores = {i: score for i, key in evals.items() if records[key].get("status") == str(Status.DONE)
+              and (score := (records[key].get("metrics") or {}).get(metric or "")) is not None}
+    trained = [i for i, key in trains.items() if records[key].get("status") == str(Status.DONE)]
+    choice = choose(config.export.iteration, scores, max(trained, default=config.num_iterations), metric)
+    chosen = choice.iteration
     model_name = re.sub(r"[^A-Za-z0-9]+", "_", Path(config.model.path).resolve().name).strip("_") or "model"
-    spec = ExportSpec(target=run.target(EXPORT), model_path=run.model_after(last),
-                      export_dir=str(Path(config.export_dir).resolve()), method=config.method_of(last),
-                      model_name=model_name, run_dir=str(run.run_dir), iteration=last)
+    spec = ExportSpec(target=run.target(EXPORT), model_path=run.model_after(chosen),
+                      export_dir=str(Path(config.export_dir).resolve()), method=config.method_of(chosen) if chosen else "base",
+                      model_name=model_name, run_dir=str(run.run_dir), iteration=chosen, choice=choice.line)
+    last = config.num_iterations
     return StagePlan(EXPORT, EXPORT, last, [Task(EXPORT, export_job.run, spec)], stage_resources(config, EXPORT),
-                     writes=f"{spec.export_dir}/{spec.method}_{model_name}_<time>")
+                     planned_when_due=True, writes=f"{spec.export_dir}/{spec.method}_{model_name}_<time>",
+                     detail=f"export.iteration: {config.export.iteration}" + (f", by {ACCURACY[metric]}" if metric else ""))

@@ -117,11 +117,16 @@ class ExecutorConfig:
         return written
 
 
+def missing_scheduler(cluster: str) -> list[str]:
+    """SLURM's commands that a run on ``cluster`` needs and this machine lacks (none for other clusters)."""
+    if cluster != "slurm":
+        return []
+    return [command for command in ("sbatch", "srun", "sacct") if shutil.which(command) is None]
+
+
 def require_scheduler(cluster: str) -> None:
     """Refuse, in one line, a SLURM run on a machine where SLURM's commands are missing."""
-    if cluster != "slurm":
-        return
-    missing = [command for command in ("sbatch", "srun", "sacct") if shutil.which(command) is None]
+    missing = missing_scheduler(cluster)
     if missing:
         raise InputError(
             f"executor.cluster: slurm, but {', '.join(missing)} not found on this machine: run from a login node"
@@ -145,6 +150,21 @@ def make_executor(
             executor.update_parameters(setup=[f"export OMP_NUM_THREADS={resources.cpus_per_task}"])
         return executor
     executor = submitit.SlurmExecutor(folder)
+    executor.update_parameters(**slurm_parameters(resources, job_name, dependency))
+    return executor
+
+
+class ScriptWriter(submitit.SlurmExecutor):
+    """A SLURM executor that only renders scripts, so that it can be made where SLURM's commands are
+    missing (a dry run on a laptop); submitit's own refuses to be made without srun."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def slurm_parameters(resources: Resources, job_name: str, dependency: str | None = None) -> dict[str, Any]:
+    """submitit's SLURM parameters for a stage's ``resources``."""
     options: dict[str, Any] = {
         "time": resources.timeout_min, "job_name": job_name, "nodes": resources.nodes,
         "ntasks_per_node": resources.tasks_per_node,
@@ -176,13 +196,13 @@ def make_executor(
         extra["kill-on-invalid-dep"] = "yes"
     if extra:
         options["additional_parameters"] = extra
-    executor.update_parameters(**options)
-    return executor
+    return options
 
 
 def sbatch_script(folder: Path, resources: Resources, job_name: str, num_tasks: int) -> str:
     """The exact script ``submit_array`` hands to sbatch for an array of ``num_tasks`` tasks."""
-    executor = make_executor("slurm", folder, resources, job_name)
+    executor = ScriptWriter(folder)
+    executor.update_parameters(**slurm_parameters(resources, job_name))
     # submitit renders the script only while it submits; its renderer is the one source of truth.
     # submitit submits an array of one as a plain job.
     return _make_sbatch_string(

@@ -148,7 +148,10 @@ class JobWatcher:
         if self.cluster == "debug":
             return {j: JobInfo("FINISHED") for j in job_ids}
         if self.cluster == "local":
-            return {j: JobInfo(self.jobs[j].state) if j in self.jobs else _local_info(int(j)) for j in job_ids}
+            # One listing of the processes: most jobs of a big run ended long ago (status.py asks about all).
+            pids = set(os.listdir("/proc")) if os.path.isdir("/proc") else set()
+            return {j: JobInfo(self.jobs[j].state) if j in self.jobs else _local_info(int(j)) if j in pids else JobInfo("FINISHED")
+                    for j in job_ids}
         infos = sacct(job_ids)
         # Right after an array ends, sacct may show one bare row for the whole array: then every
         # task has ended (whether it succeeded is the ledger's word, not sacct's).

@@ -85,14 +85,9 @@ def queue_wait(submit: str, start: str) -> float:
         return 0.0
 
 
-def _groups(run_dir: Path) -> list[tuple[StageCost, list[dict[str, Any]]]]:
-    """Each stage of the run (and each service) with its tasks' ledger records."""
+def stage_records(run_dir: Path) -> tuple[str, list[tuple[StageCost, list[dict[str, Any]]]]]:
+    """The run's ``executor.cluster``, and each stage of the run (and each service) with its tasks' ledger records."""
     planner = run_planner(run_dir)
-    if planner.config.executor.cluster != "slurm":
-        raise CostUnavailable(
-            f"{run_dir} ran on executor.cluster={planner.config.executor.cluster}: GPU- and CPU-hours come from "
-            "SLURM's accounting (sacct), which only a SLURM run has"
-        )
     ledger = Ledger(run_dir)
     groups = []
     for stage in planner.stages():
@@ -100,12 +95,17 @@ def _groups(run_dir: Path) -> list[tuple[StageCost, list[dict[str, Any]]]]:
         groups.append((StageCost(stage.iteration, stage.name), list(records.values())))
     for name in configured(planner.config):
         groups.append((StageCost(None, f"service {name}"), [ledger.read(service_key(name))]))
-    return groups
+    return planner.config.executor.cluster, groups
 
 
 def run_cost(run_dir: Path | str) -> dict[str, Any]:
     """The run's costs per stage, per iteration and in all, from one sacct call."""
-    groups = _groups(Path(run_dir))
+    cluster, groups = stage_records(Path(run_dir))
+    if cluster != "slurm":
+        raise CostUnavailable(
+            f"{run_dir} ran on executor.cluster={cluster}: GPU- and CPU-hours come from "
+            "SLURM's accounting (sacct), which only a SLURM run has"
+        )
     owner: dict[str, StageCost] = {}
     for cost, records in groups:
         for record in records:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from jobs.scoring.learning_zone import RATE_BUCKETS
@@ -19,49 +23,144 @@ CATEGORY_ROWS = (
 )
 
 
+T = TypeVar("T")
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def iteration_table(summary: dict[str, Any]) -> Table:
-    """The seed's "Interpreting Analytics Across Iterations" table for the run so far."""
-    table = Table(title=f"{summary['run_name']}: analytics across iterations")
-    table.add_column("Metric")
-    table.add_column("Base", justify="right")
-    for entry in summary["iterations"]:
-        table.add_column(f"Iteration {entry['iteration']}", justify="right")
-    table.add_column("Healthy trend")
+def run_title(summary: dict[str, Any]) -> str:
+    """The run's name; its folder's before the ledger has one (a run whose first record is not written)."""
+    return summary["run_name"] or summary["run_dir"].rstrip("/").rpartition("/")[2]
+
+
+def new_table(title: str, *columns: str, caption: str | None = None) -> Table:
+    """A table whose cells wrap between words, never cut: a word longer than its column is folded (whole)."""
+    table = Table(title=title, caption=caption)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def fits(console: Console, table: Table) -> bool:
+    """Whether ``table`` fits the console without cutting a word; if so, and only by wrapping its cells,
+    its columns get widths that do (rich's own narrowing takes from the widest column, words or not):
+    each its longest word, and the room left shared as the columns' longest lines ask."""
+    ranges = [(max(m.minimum for m in sizes), max(m.maximum for m in sizes)) for sizes in
+              ([Measurement.get(console, console.options, cell) for cell in (column.header, *column.cells)] for column in table.columns)]
+    room = console.width - 3 * len(ranges) - 1  # a space each side of a cell, and the borders
+    if sum(high for _, high in ranges) <= room:
+        return True
+    spare, slack = room - sum(low for low, _ in ranges), sum(high - low for low, high in ranges)
+    if spare < 0:
+        return False
+    for column, (low, high) in zip(table.columns, ranges, strict=True):
+        column.width = low + spare * (high - low) // slack
+    return True
+
+
+def fitted(console: Console, build: Callable[[Sequence[T]], Table], items: Sequence[T]) -> list[Table]:
+    """``build(items)``, or, where the console is too narrow for it without cutting a word, ``build`` of
+    consecutive parts of ``items`` (a table's iteration columns), each fitted to the console."""
+    table = build(items)
+    if len(items) <= 1 or fits(console, table):
+        return [table]
+    half = (len(items) + 1) // 2
+    return fitted(console, build, items[:half]) + fitted(console, build, items[half:])
+
+
+def _filtered(entry: dict[str, Any]) -> bool:
+    return bool(entry["metrics"].get("categories"))
+
+
+def iteration_table(summary: dict[str, Any], iterations: Sequence[dict[str, Any]] | None = None) -> Table:
+    """The seed's "Interpreting Analytics Across Iterations" table for the run so far (or ``iterations``
+    of it). Rows of the filter's learning-zone analytics only where some iteration has them (a GRPO
+    iteration without a pass-rate band has no filter)."""
+    iterations = summary["iterations"] if iterations is None else iterations
+    table = new_table(f"{run_title(summary)}: analytics across iterations", "Metric", "Base",
+                      *[f"Iteration {e['iteration']}" for e in iterations], "Healthy trend")
+    for column in table.columns[1:-1]:
+        column.justify = "right"
     empty = ["-"]
-    for key, label, trend in CATEGORY_ROWS:
-        cells = [_percent((e["metrics"].get("categories") or {}).get(key)) if e["metrics"].get("categories") else "-"
-                 for e in summary["iterations"]]
-        table.add_row(label, *empty, *cells, trend)
-    table.add_row(
-        "Mean correct rate", *empty, *[_percent(e["metrics"].get("mean_correct_rate")) for e in summary["iterations"]], "Increasing"
-    )
-    table.add_row(
-        "Filtered samples", *empty,
-        *[str(e["metrics"]["filtered_samples"]) if e["metrics"].get("filtered_samples") is not None else "-"
-          for e in summary["iterations"]],
-        "",
-    )
+    if any(_filtered(e) for e in summary["iterations"]):
+        for key, label, trend in CATEGORY_ROWS:
+            table.add_row(label, *empty, *[_percent(e["metrics"]["categories"].get(key)) if _filtered(e) else "-" for e in iterations], trend)
+        table.add_row("Mean correct rate", *empty, *[_percent(e["metrics"].get("mean_correct_rate")) for e in iterations], "Increasing")
+        table.add_row(
+            "Filtered samples", *empty,
+            *[str(e["metrics"]["filtered_samples"]) if e["metrics"].get("filtered_samples") is not None else "-" for e in iterations],
+            "",
+        )
     if any(e["metrics"].get("final_reward") is not None for e in summary["iterations"]):
-        table.add_row("Method", *empty, *[e["method"] for e in summary["iterations"]], "")
-        table.add_row("Training reward (last step)", *empty, *[_number(e["metrics"].get("final_reward")) for e in summary["iterations"]],
+        table.add_row("Method", *empty, *[e["method"] for e in iterations], "")
+        table.add_row("Training reward (last step)", *empty, *[_number(e["metrics"].get("final_reward")) for e in iterations],
                       "Increasing")
         # Each reward's mean over the first and the last quarter of the iteration's steps (what the
         # hacking check compares): a reward that climbs while held-out accuracy falls is being gamed.
-        rises = [reward_rise((e["stages"].get("train", {}).get("metrics") or {}).get("step_log") or []) for e in summary["iterations"]]
+        rises = [reward_rise(_step_log(e)) for e in iterations]
         for name in dict.fromkeys(name for rise in rises for name in rise):
             table.add_row(f"  reward {name} (start -> end)", *empty,
                           *[f"{rise[name][0]:.3f} -> {rise[name][1]:.3f}" if name in rise else "-" for rise in rises], "")
-        table.add_row("Problems trained on (band)", *empty,
-                      *[_selected(e["metrics"].get("selection")) for e in summary["iterations"]], "")
+        table.add_row("Problems trained on (band)", *empty, *[_selected(e["metrics"].get("selection")) for e in iterations], "")
     table.add_row(
         "Held-out accuracy", _percent(summary["base_heldout_accuracy"]),
-        *[_percent(e["metrics"].get("heldout_accuracy")) for e in summary["iterations"]], "Increasing",
+        *[_percent(e["metrics"].get("heldout_accuracy")) for e in iterations], "Increasing",
     )
     return table
+
+
+def _step_log(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return (entry["stages"].get("train", {}).get("metrics") or {}).get("step_log") or []
+
+
+def grpo_rounds(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """A GRPO iteration's rollout rounds (a generation batch, trained on for one or more steps): the
+    first logged step of each, which carries the round's rollout metrics; empty for other iterations."""
+    rounds: dict[int, dict[str, Any]] = {}
+    for step in _step_log(entry):
+        if step.get("policy_step") is not None:
+            rounds.setdefault(step["policy_step"], step)
+    return list(rounds.values())
+
+
+# A round's rollout metrics as GRPO logs them (jobs/training/grpo.py's STEP_LOG_KEYS), with their rows.
+ROUND_ROWS = (
+    ("reward", "Reward, mean"),
+    ("reward_std", "Reward, std"),
+    # Groups whose samples all got the same reward (all solved or none): no learning signal.
+    ("frac_reward_zero_std", "Groups of one reward (all or none pass)"),
+    ("completions/clipped_ratio", "Completions cut at max length"),
+)
+MAX_ROUNDS = 8
+
+
+def grpo_table(entry: dict[str, Any], rounds: Sequence[dict[str, Any]]) -> Table:
+    """Rounds of one GRPO iteration (columns) by what their rollouts scored: mean and spread of the
+    reward, the share of groups whose samples all scored alike (the pass rate at 0 or 1), completions
+    cut off, and each reward's mean."""
+    table = new_table(f"iteration {entry['iteration']}: GRPO rollouts by round (step of the policy)", "Rollouts",
+                      *[f"step {r['policy_step']}" for r in rounds])
+    for column in table.columns[1:]:
+        column.justify = "right"
+    names = dict.fromkeys(k for r in rounds for k in r if k.startswith("rewards/") and k.endswith("/mean"))
+    for key, label in (*ROUND_ROWS, *[(name, f"  reward {name.split('/')[1]}, mean") for name in names]):
+        if any(r.get(key) is not None for r in rounds):
+            table.add_row(label, *[_percent(r.get(key)) if key.startswith(("frac_", "completions/")) else _number(r.get(key)) for r in rounds])
+    return table
+
+
+def grpo_tables(console: Console, summary: dict[str, Any]) -> list[Table]:
+    """Each GRPO iteration's rounds (at most MAX_ROUNDS of them, first and last among them), fitted to the console."""
+    tables = []
+    for entry in summary["iterations"]:
+        rounds = grpo_rounds(entry)
+        if len(rounds) > MAX_ROUNDS:
+            rounds = [rounds[round(i * (len(rounds) - 1) / (MAX_ROUNDS - 1))] for i in range(MAX_ROUNDS)]
+        if rounds:
+            tables += fitted(console, lambda part, entry=entry: grpo_table(entry, part), rounds)
+    return tables
 
 
 def _number(value: float | None) -> str:
@@ -77,13 +176,13 @@ def hacking_lines(summary: dict[str, Any]) -> list[str]:
     return [f"reward hacking? {describe(flag)}" for flag in summary["hacking"]]
 
 
-def distribution_table(summary: dict[str, Any]) -> Table:
-    """Per iteration: problems by correct rate and by number of correct candidates (the histogram)."""
-    table = Table(title=f"{summary['run_name']}: correct-rate distribution per iteration")
-    table.add_column("Problems with")
-    for entry in summary["iterations"]:
-        table.add_column(f"Iteration {entry['iteration']}", justify="right")
-    metrics = [entry["metrics"] for entry in summary["iterations"]]
+def distribution_table(summary: dict[str, Any], iterations: Sequence[dict[str, Any]]) -> Table:
+    """Per iteration (of those filtered): problems by correct rate and by number of correct candidates (the histogram)."""
+    table = new_table(f"{run_title(summary)}: correct-rate distribution per iteration", "Problems with",
+                      *[f"Iteration {e['iteration']}" for e in iterations])
+    for column in table.columns[1:]:
+        column.justify = "right"
+    metrics = [entry["metrics"] for entry in iterations]
     # The ledger stores keys sorted as text ("10" before "2"): order them as numbers and buckets.
     max_k = max((int(k) for m in metrics for k in m.get("correct_count_histogram") or {}), default=-1)
     rows = [("correct_rate_buckets", bucket, f"{bucket} correct rate") for bucket in RATE_BUCKETS]
@@ -150,13 +249,39 @@ def warning_signs(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return signs
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def progress_text(progress: dict[str, Any], unit: str) -> str:
+    """``step 40/100, ETA 3 min``: from what a running job last reported (its rate then, less the time since)."""
+    text = f"{unit} {progress['done']}/{progress['total']}"
+    rate, left = progress.get("problems_per_s") or 0, progress["total"] - progress["done"]
+    if rate > 0 and left > 0:
+        since = (datetime.now(UTC) - datetime.fromisoformat(progress["at"])).total_seconds()
+        text += f", ETA {_duration(max(left / rate - since, 0))}"
+    return text
+
+
+def driver_line(summary: dict[str, Any]) -> str | None:
+    """What status says about the run's driver when the run cannot go on without one being started."""
+    driver = summary["driver"]
+    if driver["state"] != "gone":
+        return None
+    return (f"driver gone: process {driver['pid']} on {driver['host']} that drove the run has ended (Ctrl-C, killed) while"
+            f" the ledger says the run is running; jobs still running finish on their own; to go on: {driver['resume']}")
+
+
 def stage_table(summary: dict[str, Any]) -> Table:
-    """Iterations x stages: status, shard counts by status, attempts, job ids."""
+    """Iterations x stages: status, shard counts by status, attempts, job ids, a training job's step and ETA."""
     caption = f"run {summary['status'] or 'not started'}" + (f": {summary['error']}" if summary["error"] else "")
-    table = Table(title=f"{summary['run_name']} ({summary['run_dir']})", caption=caption)
-    table.add_column("Iteration", justify="right")
-    for name in summary["stage_names"]:
-        table.add_column(name)
+    if summary["driver"]["state"] == "gone":
+        caption += " (its driver is gone)"
+    elif summary["driver"]["state"] == "detached":
+        caption += " (detached: its jobs drive it)"
+    caption += f"; {summary['run_dir']}"  # a caption's line may break where a cell's may not: a path is one long word
+    table = new_table(run_title(summary), "Iteration", *summary["stage_names"], caption=caption)
+    table.columns[0].justify = "right"
     for entry in summary["iterations"]:
         cells = []
         for name in summary["stage_names"]:
@@ -172,6 +297,8 @@ def stage_table(summary: dict[str, Any]) -> Table:
                 jobs = sorted({j for s in info["shards"] for j in s["job_ids"]})
             else:
                 attempts, jobs = info["attempts"], info["job_ids"]
+            if info.get("progress"):
+                text += "\n" + progress_text(info["progress"], "step" if name == "train" else "problem")
             if attempts:
                 text += f"\nattempts {attempts}"
             if jobs:
@@ -183,11 +310,14 @@ def stage_table(summary: dict[str, Any]) -> Table:
 
 def services_table(summary: dict[str, Any]) -> Table:
     """The run's services: where each serves (node, endpoint), its job and how often it was started again."""
-    table = Table(title="services")
-    for column in ("service", "status", "job", "node", "endpoint", "restarts", "error"):
-        table.add_column(column)
+    table = new_table("services", "service", "status", "job", "where", "error")
     for name, info in summary["services"].items():
-        job = info["job_ids"][-1] if info["job_ids"] else None
-        table.add_row(name, info["status"], *["-" if v is None else str(v) for v in (job, info["node"], info["endpoint"],
-                                                                                       info["restarts"], info["error"])])
+        job = info["job_ids"][-1] if info["job_ids"] else "-"
+        where = " ".join(str(v) for v in (info["node"], info["endpoint"]) if v) or "-"
+        table.add_row(name, f"{info['status']}, restarts {info['restarts']}", job, where, info["error"] or "-")
     return table
+
+
+def warning_lines(summary: dict[str, Any]) -> list[str]:
+    """The run's threshold warnings (truncation, unextracted answers), a line each."""
+    return [warning["message"] for warning in summary["warnings"]]

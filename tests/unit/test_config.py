@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ def assets(tmp_path: Path) -> Path:
     """The files a small config names (their contents are never read by the rules)."""
     folder = tmp_path / "assets"
     (folder / "random_init").mkdir(parents=True)
-    for name in ("train.jsonl", "heldout.jsonl", "warmstart.jsonl"):
-        (folder / name).write_text('{"id": "p1", "question": "1+1=?", "answer": "2"}\n')
+    for number, name in enumerate(("train.jsonl", "heldout.jsonl", "warmstart.jsonl"), start=1):
+        (folder / name).write_text(f'{{"id": "p1", "question": "{number}+1=?", "answer": "{number + 1}"}}\n')
     return folder
 
 
@@ -63,7 +64,7 @@ CASES = [
     ({"generate": {"backend": "vllm", "vllm": {"lora": True}}, "train": {"method": "full"}}, [],
      ["generate.vllm.lora: serves each iteration's LoRA adapter, but train.method is full"]),
     # Training combinations that cannot work (the small config trains with QLoRA settings, no GPU).
-    ({"train": {"strategy": "zero3"}}, [], ["train.strategy: zero3 shards the weights", "QLoRA", "load_in_4bit: false"]),
+    ({"train": {"strategy": "zero3", "load_in_4bit": True}}, [], ["train.strategy: zero3 shards the weights", "QLoRA", "load_in_4bit: false"]),
     ({"train": {"strategy": "zero2"}}, [], ["train.strategy: zero2 (DeepSpeed) needs a GPU per process", "gpus_per_task"]),
     ({"train": {"strategy": "zero2"}, "executor": {"train": {"gpus_per_task": 1}}}, [],
      ["train.strategy: zero2 needs DeepSpeed, which is not installed"]),
@@ -103,6 +104,23 @@ CASES = [
     ({}, ["generate.num_samples=-1"], ["command line", "generate.num_samples"]),
     ({}, ["generate.no_such_key=1"], ["command line", "generate.no_such_key: unknown key"]),
     ({}, ["num_iterations"], ["command line", "key.sub_key=value"]),
+    # Counts and lists that cannot mean what they say.
+    ({"train": {"max_steps": -5}}, [], ["train.max_steps: is -5", "or -1 to train train.num_epochs epochs"]),
+    ({"train": {"max_steps": 0}}, [], ["train.max_steps: is 0"]),
+    ({"learning_rates": [1e-3, 1e-3, 1e-3]}, [], ["train.learning_rates: has 3 entries but num_iterations is 2"]),
+    # Paths that cannot be what they name (relative ones resolve against the checkout, where the tests run).
+    ({"data": {"train": "tests"}}, [], ["data.train: tests is a folder; give a file of problems"]),
+    ({"data": {"heldout": "tests"}}, [], ["data.heldout: tests is a folder"]),
+    ({}, ["runs_dir=README.md"], ["runs_dir: ", "README.md is a file", "README.md/small cannot be made under it"]),
+    # The command line: a value the shell split or left unquoted is blamed on its argument.
+    ({}, ["train.learning_rates=[1e-3,", "2e-3]"], ["command line: 'train.learning_rates=[1e-3,': not a YAML value",
+                                                   "quote the whole argument"]),
+    ({}, ['run_name="small'], ["command line: 'run_name=\"small': not a YAML value"]),
+    ({}, ["generate={num_samples: 2, num_samples: 3}"], ["command line: 'generate={num_samples: 2, num_samples: 3}'",
+                                                         "'num_samples' is given twice"]),
+    ({}, ["train.learning_rates=[1e-3, x]"], ["command line: train.learning_rates[1]", "(got 'x')"]),
+    ({}, ["generate={num_samples: 0}"], ["command line: generate.num_samples", "greater than or equal to 1"]),
+    ({}, ["train.max_steps=-5"], ["command line: train.max_steps: is -5"]),
 ]
 
 
@@ -119,12 +137,70 @@ def test_a_bad_config_is_one_line_naming_the_file_or_command_line_and_the_key(
         assert words in message, message
 
 
+def test_a_held_out_set_that_is_the_training_set_is_refused(tmp_path: Path, assets: Path) -> None:
+    """The same file, or another with the same problems: held-out accuracy would measure the training problems."""
+    train = tmp_path / "train_small.jsonl"
+    copy = tmp_path / "copy.jsonl"
+    load(tmp_path, assets)  # writes train_small.jsonl
+    copy.write_bytes(train.read_bytes())
+    for heldout in (train, copy):
+        with pytest.raises(InputError, match=rf"data.heldout: {heldout} holds the same problems as data.train \({train}\)"):
+            load(tmp_path, assets, data={"heldout": str(heldout)})
+
+
+def test_a_runs_dir_that_cannot_be_written_is_refused(tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run as root here, where every folder is writable: the permission is taken away in the check's view."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)
+    with pytest.raises(InputError, match=rf"runs_dir: cannot write in {locked} \(permission denied\)"):
+        load(tmp_path, assets, [f"runs_dir={locked / 'runs'}"])
+
+
+def test_yaml_keys_given_twice_are_refused_naming_both_lines(tmp_path: Path, assets: Path) -> None:
+    """yaml.safe_load keeps the last of two ``generate:`` sections; a config never loses one silently."""
+    config = tmp_path / "twice.yaml"
+    base = yaml.safe_dump(small_config(assets, tmp_path / "runs"))
+    config.write_text(base + "generate:\n  max_tokens: 5\n")
+    first = base.splitlines().index("generate:") + 1
+    twice = len(base.splitlines()) + 1
+    with pytest.raises(InputError, match=rf"^{config}:{twice}: .*'generate' is given twice, on lines {first} and {twice}"):
+        load_config(config)
+    config.write_text(base.replace("\ngenerate:\n", "\ngenerate:\n  temperature: 0.5\n  temperature: 0.6\n", 1))
+    with pytest.raises(InputError, match=rf"^{config}:{first + 2}: .*'temperature' is given twice, on lines {first + 1} and {first + 2}"):
+        load_config(config)
+    # A merge ("<<: *anchor") may set again what it merged.
+    config.write_text(base.replace("\ngenerate:\n", "\ngenerate:\n  <<: {num_samples: 4, max_tokens: 6}\n", 1))
+    assert load_config(config).generate.max_tokens == 12
+
+
+def test_a_config_path_that_is_a_folder_or_unreadable_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=rf"^{tmp_path}: is a folder, not a YAML config file$"):
+        load_config(tmp_path)
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\x80\xff")
+    with pytest.raises(InputError, match=rf"^{binary}: not UTF-8 text"):
+        load_config(binary)
+
+
+def test_a_damaged_stored_config_is_one_line_saying_what_to_do(tmp_path: Path, assets: Path) -> None:
+    stored = tmp_path / "config.yaml"
+    stored.write_text("model: [\n")
+    with pytest.raises(InputError, match=rf"^{stored}:2: invalid YAML .*stored config is damaged: restore it, or start a new run"):
+        read_run_config(stored)
+    stored.write_text("run_name: x\n")
+    with pytest.raises(InputError, match=rf"^{stored}: model: required key is missing; the run's stored config is damaged"):
+        read_run_config(stored)
+
+
 def test_the_rules_of_a_method_apply_only_to_runs_that_use_it(tmp_path: Path, assets: Path) -> None:
     """A ReST-only run with GRPO settings that GRPO could not run is not refused for them."""
     _, config = load(tmp_path, assets, grpo={"num_generations": 4, "batch_size": 3})
     assert config.grpo.batch_size == 3
     with pytest.raises(InputError, match="grpo.batch_size"):
         load(tmp_path, assets, schedule=["rest", "grpo"], grpo={"num_generations": 4, "batch_size": 3})
+    # ReST's learning rates, two here, are not read by a GRPO run (of one iteration).
+    assert load(tmp_path, assets, method="grpo", num_iterations=1)[1].train.learning_rates == [1e-3, 5e-4]
 
 
 def test_sections_refuse_bad_values_however_they_are_made() -> None:

@@ -20,6 +20,7 @@ from pipeline.config import RunConfig, dump_yaml
 from pipeline.loop.driver import Driver
 from pipeline.loop.hacking import RunStopped
 from pipeline.loop.submitter import Submitter
+from pipeline.loop.summary import summarize
 from pipeline.planning.planner import Planner
 from pipeline.planning.stage import StageFailed, StagePlan
 from pipeline.scheduling.watch import JobInfo, SchedulerUnavailable
@@ -89,9 +90,11 @@ class RecordingSubmitter(Submitter):
         self.watcher = watcher or FakeWatcher()
         self.outcome = outcome
         self.calls: list[tuple[str, list[str], str | None]] = []
+        self.specs: dict[str, Any] = {}  # the spec each task was last submitted with
 
     def submit(self, stage: StagePlan, tasks: list, dependency: str | None = None) -> list[str]:
         self.calls.append((stage.key, [t.key for t in tasks], dependency))
+        self.specs.update({t.key: t.spec for t in tasks})
         job_ids = []
         for index, task in enumerate(tasks):
             attempt = self.ledger.read(task.key).get("attempts", 0) + 1
@@ -117,7 +120,10 @@ def make_config(tmp_path: Path, **sections: Any) -> RunConfig:
         "executor": {"cluster": "debug", "poll_interval_s": 0.01, "max_poll_interval_s": 0.01, "max_attempts": 2},
     }
     for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:  # a top-level key
+            data[section] = values
     return TypeAdapter(RunConfig).validate_python(data)
 
 
@@ -450,7 +456,7 @@ def test_check_hacking_stops_the_run_when_asked(tmp_path: Path) -> None:
     driver, _ = make_driver(tmp_path, grpo={"stop_on_hacking": True})
 
     with pytest.raises(RunStopped, match="stopped by grpo.stop_on_hacking: iteration 1: reward format rose 0.200 -> 0.900"):
-        driver.check_hacking({"hacking": [FLAG]}, 1)
+        driver.check_iteration({"hacking": [FLAG], "collapse": []}, 1)
 
     run = driver.ledger.read("run")
     assert run["status"] == "stopped"
@@ -461,7 +467,7 @@ def test_check_hacking_stops_the_run_when_asked(tmp_path: Path) -> None:
 def test_check_hacking_only_prints_without_stop_on_hacking(tmp_path: Path) -> None:
     driver, _ = make_driver(tmp_path, grpo={"stop_on_hacking": False})
 
-    driver.check_hacking({"hacking": [FLAG]}, 1)
+    driver.check_iteration({"hacking": [FLAG], "collapse": []}, 1)
 
     assert "reward hacking?" in output(driver) and "reward format rose 0.200 -> 0.900" in output(driver)
     assert driver.ledger.read("run") == {}
@@ -470,9 +476,9 @@ def test_check_hacking_only_prints_without_stop_on_hacking(tmp_path: Path) -> No
 def test_check_hacking_ignores_other_iterations_and_the_last(tmp_path: Path) -> None:
     driver, _ = make_driver(tmp_path, grpo={"stop_on_hacking": True})
 
-    driver.check_hacking({"hacking": [FLAG]}, 2)  # a flag of another iteration
+    driver.check_iteration({"hacking": [FLAG], "collapse": []}, 2)  # a flag of another iteration
     assert output(driver) == ""
-    driver.check_hacking({"hacking": [FLAG]}, 1, can_stop=False)  # nothing left to stop
+    driver.check_iteration({"hacking": [FLAG], "collapse": []}, 1, can_stop=False)  # nothing left to stop
     assert "reward hacking?" in output(driver)
     assert driver.ledger.read("run") == {}
 
@@ -522,14 +528,17 @@ def test_run_stops_before_the_next_iteration_on_hacking(tmp_path: Path) -> None:
         driver.run()
 
     submitted = [key for key, _, _ in submitter.calls]
-    assert submitted[-1] == "iter_001/eval"
-    assert not any(key.startswith("iter_002") or key == "export" for key in submitted)
+    # The best so far is exported first: no iteration beat the base model (0.5), so nothing is.
+    assert submitted[-2:] == ["iter_001/eval", "export"]
+    assert not any(key.startswith("iter_002") for key in submitted)
+    assert submitter.specs["export"].iteration == 0
     assert driver.ledger.read("run")["status"] == "stopped"
     assert driver.current_stage().key == "iter_002/generate"
 
 
 def test_run_without_stop_on_hacking_goes_on(tmp_path: Path) -> None:
-    driver, submitter = make_driver(tmp_path, hacking_metrics)
+    # Held-out accuracy fell 30 points: the collapse guard, turned off here, would stop it.
+    driver, submitter = make_driver(tmp_path, hacking_metrics, export={"collapse_margin": None})
     frozen_run(driver)
 
     driver.run()
@@ -537,3 +546,107 @@ def test_run_without_stop_on_hacking_goes_on(tmp_path: Path) -> None:
     assert submitter.calls[-1][0] == "export"
     assert driver.ledger.read("run")["status"] == "done"
     assert "reward hacking?" in output(driver)
+
+
+# -- the model exported, and the collapse guard ---------------------------------------------------
+
+
+def accuracies(heldout: list[float], dev: list[float] | None = None) -> Outcome:
+    """Each evaluation reports ``heldout[i]`` (and ``dev[i]``) for iteration i, 0 the base model."""
+
+    def outcome(key: str, attempt: int) -> dict[str, Any]:
+        if not key.endswith("/eval"):
+            return succeed(key, attempt)
+        iteration = 0 if key.startswith("baseline") else int(key[len("iter_"):len("iter_001")])
+        metrics = {"heldout_accuracy": heldout[iteration], **({"dev_accuracy": dev[iteration]} if dev else {})}
+        return {"status": "done", "metrics": metrics}
+
+    return outcome
+
+
+def run_to_the_end(driver: Driver) -> None:
+    frozen_run(driver)
+    driver.run()
+
+
+def test_the_best_iteration_on_heldout_is_exported_and_the_line_says_heldout_chose_it(tmp_path: Path) -> None:
+    driver, submitter = make_driver(tmp_path, accuracies([0.10, 0.30, 0.20]))
+
+    run_to_the_end(driver)
+
+    export = submitter.specs["export"]
+    assert export.iteration == 1 and export.model_path == str(driver.planner.layout.trained_model(1))
+    assert export.choice == "iteration 1, the best: held-out accuracy 30.0% (base model 10.0%); chosen on the held-out set (no data.dev), so its figure flatters it"
+    assert driver.ledger.read("run")["status"] == "done", "a 10-point fall from the best is no collapse: still above the base model"
+
+
+def test_export_iteration_last_exports_the_last_iteration(tmp_path: Path) -> None:
+    driver, submitter = make_driver(tmp_path, accuracies([0.10, 0.30, 0.20]), export={"iteration": "last"})
+
+    run_to_the_end(driver)
+
+    assert submitter.specs["export"].iteration == 2
+    assert submitter.specs["export"].model_path == str(driver.planner.layout.trained_model(2))
+
+
+def test_with_a_dev_set_the_best_is_chosen_on_dev_accuracy_recorded_beside_heldout(tmp_path: Path) -> None:
+    (tmp_path / "dev.jsonl").write_text("")
+    driver, submitter = make_driver(tmp_path, accuracies(heldout=[0.10, 0.30, 0.20], dev=[0.10, 0.20, 0.40]),
+                                    data={"dev": str(tmp_path / "dev.jsonl")})
+
+    run_to_the_end(driver)
+
+    assert submitter.specs["baseline/eval"].dev_problems_path == str(driver.planner.layout.dev_problems)
+    export = submitter.specs["export"]
+    assert export.iteration == 2 and export.choice == "iteration 2, the best: dev accuracy 40.0% (base model 10.0%)"
+    summary = summarize(driver.run_dir)
+    assert summary["base_dev_accuracy"] == 0.10
+    assert [(e["metrics"]["heldout_accuracy"], e["metrics"]["dev_accuracy"]) for e in summary["iterations"]] == [(0.30, 0.20), (0.20, 0.40)]
+
+
+def test_a_collapse_stops_the_run_and_exports_the_best_iteration_so_far(tmp_path: Path) -> None:
+    driver, submitter = make_driver(tmp_path, accuracies([0.20, 0.30, 0.10, 0.50]), num_iterations=3,
+                                    train={"learning_rates": [1e-5] * 3})
+    frozen_run(driver)
+
+    with pytest.raises(RunStopped, match=r"stopped by the collapse guard: iteration 2: held-out accuracy 10.0%, below the"
+                                         r" base model's 20.0% by more than export.collapse_margin \(0.05\)"):
+        driver.run()
+
+    submitted = [key for key, _, _ in submitter.calls]
+    assert submitted[-2:] == ["iter_002/eval", "export"] and not any(key.startswith("iter_003") for key in submitted)
+    assert submitter.specs["export"].iteration == 1
+    run = driver.ledger.read("run")
+    assert run["status"] == "stopped" and "collapse guard" in run["error"]
+    assert "collapse: iteration 2" in output(driver)
+    assert summarize(driver.run_dir)["collapse"][0]["iteration"] == 2
+
+    # A rerun stays stopped, and exports nothing twice.
+    again, resubmitter = make_driver(tmp_path, accuracies([0.20, 0.30, 0.10, 0.50]), num_iterations=3,
+                                     train={"learning_rates": [1e-5] * 3})
+    with pytest.raises(RunStopped):
+        again.run()
+    assert resubmitter.calls == []
+
+
+def test_a_flat_run_is_not_stopped_and_says_no_iteration_beat_the_base_model(tmp_path: Path) -> None:
+    """A control (samples kept at random) stays within the margin of the base model: it runs to its end."""
+    driver, submitter = make_driver(tmp_path, accuracies([0.20, 0.16, 0.19]))
+
+    run_to_the_end(driver)
+
+    assert driver.ledger.read("run")["status"] == "done" and "collapse" not in output(driver)
+    export = submitter.specs["export"]
+    assert export.iteration == 0
+    assert export.choice == ("no iteration beat the base model (held-out accuracy 20.0%; best: iteration 2, 19.0%):"
+                             " nothing exported; the base model (model.path) stays the best")
+
+
+def test_a_collapse_in_the_last_iteration_is_flagged_and_the_best_exported(tmp_path: Path) -> None:
+    driver, submitter = make_driver(tmp_path, accuracies([0.20, 0.30, 0.00]))
+
+    run_to_the_end(driver)
+
+    assert driver.ledger.read("run")["status"] == "done", "nothing left to stop"
+    assert "collapse: iteration 2: held-out accuracy 0.0%" in output(driver)
+    assert submitter.specs["export"].iteration == 1
