@@ -209,6 +209,28 @@ def reporting(target: JobTarget, primary: bool = True) -> Iterator[dict[str, Any
     report_status(ledger, target, Status.DONE, metrics=metrics, error=None)
 
 
+# transformers' OSErrors (5.x) for a folder that is no model: a path that does not exist, a file missing
+# (config, weights), a config.json that is not JSON. Other OSErrors (EIO, ESTALE, EMFILE) are the
+# file system's, and transient.
+NOT_A_MODEL = ("does not appear to have a file named", "Error no file named", "is not a valid JSON file",
+               "is not a local folder", "Repo id must be in the form")
+
+
+@contextmanager
+def loading(model_path: str) -> Iterator[None]:
+    """Around a model's load: a folder that is wrong (missing, files missing, a config that does not
+    parse or names an unknown model) fails the job for good, as a retry would read it again; every
+    other error stays transient (an NFS hiccup, too many open files, the network)."""
+    try:
+        yield
+    except Exception as error:
+        if not (isinstance(error, (FileNotFoundError, ValueError, KeyError))
+                or isinstance(error, OSError) and any(words in str(error) for words in NOT_A_MODEL)):
+            raise
+        first_line = str(error).partition("\n")[0]  # transformers' go on with advice about the Hub
+        raise PermanentJobError(f"model {model_path} does not load: {first_line}") from error
+
+
 def report_progress(target: JobTarget, done: int, total: int, rate: float) -> None:
     """The job's progress in its own record, from which the driver tells a straggler (ETA)."""
 

@@ -26,6 +26,7 @@ from jobs.sections import REJECT_UNKNOWN_KEYS, PositiveInt, load_yaml
 from jobs.services.config import RewardServiceConfig
 from jobs.training.config import GrpoConfig, TrainConfig
 from jobs.vllm.config import VllmServiceConfig
+from pipeline.layout import RunLayout
 from pipeline.planning.export import ExportConfig
 from pipeline.scheduling.executors import (
     PATTERN_RULES,
@@ -42,6 +43,15 @@ Method = Literal["rest", "grpo"]
 RENAMED = {
     "learning_rates": "train.learning_rates",
     "grpo.num_iterations": "grpo.passes_per_generation",
+}
+# Defaults changed since runs were started (dotted key -> the old default), under the top-level key
+# that marks a config written after the change: a run's stored config holds every key, so one that
+# lacks the marker was written before. Such a run is read with the old defaults for the keys that
+# its config does not set (its stored config, and the config it is rerun with), so that it resumes,
+# is advanced and exports as it was started.
+CHANGED_DEFAULTS: dict[str, dict[str, Any]] = {
+    # filter.verifier: auto; export.iteration: best and the collapse guard (issue 27).
+    "export": {"filter.verifier": "multiple_choice", "export.iteration": "last", "export.collapse_margin": None},
 }
 
 
@@ -257,12 +267,34 @@ def renamed(data: dict[str, Any]) -> list[tuple[str, str]]:
     return moved
 
 
+def old_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """The defaults (dotted key -> value) that a run's ``stored`` config was written under, where they
+    changed since (``CHANGED_DEFAULTS``)."""
+    return {key: value for marker, defaults in CHANGED_DEFAULTS.items() if marker not in stored for key, value in defaults.items()}
+
+
+def set_unset(data: dict[str, Any], values: dict[str, Any]) -> list[str]:
+    """Set the dotted keys of ``values`` that ``data`` does not set, in place; the keys set."""
+    done = []
+    for key, value in values.items():
+        try:
+            section, last = _parent(data, key, create=True)
+        except ValueError:  # a value where a section belongs: validation names it
+            continue
+        if last not in section:
+            section[last] = value
+            done.append(key)
+    return done
+
+
 def load_config(path: Path | str, overrides: list[str] = (), check: Callable[[RunConfig], None] | None = None,
                 stored: bool = False) -> RunConfig:
     """The config in ``path`` with ``overrides`` (``a.b=value``), validated by its sections' rules and
     then by ``check`` (the rules spanning sections: pipeline.rules). Every problem is an InputError
     naming the file or the command line, and the key. A key under its old name is read as the new
-    one, with a line saying so, except in a run's ``stored`` config (written by an earlier version)."""
+    one, with a line saying so, except in a run's ``stored`` config (written by an earlier version).
+    A run's ``stored`` config, or a config whose run exists and was started before some defaults
+    changed, is read with the old defaults for the keys it does not set (``CHANGED_DEFAULTS``)."""
     path = Path(path)
     data = read_yaml(path)
     from_command_line = {apply_override(data, item) for item in overrides}
@@ -273,7 +305,16 @@ def load_config(path: Path | str, overrides: list[str] = (), check: Callable[[Ru
                 print(f"warning: command line: {old} is now {new}; read as that", file=sys.stderr)
             elif not stored:
                 print(f"warning: {path}: {old} is now {new}; read as that (rename it in the config)", file=sys.stderr)
+        if stored:
+            set_unset(data, old_defaults(data))
         config = _ADAPTER.validate_python(data)
+        run_config = RunLayout(config.run_dir).config
+        if not stored and run_config.is_file():
+            kept = set_unset(data, old_defaults(read_yaml(run_config, STORED_FIX)))
+            if kept:
+                print(f"note: run {config.run_name!r} was started before the defaults of {', '.join(kept)} changed;"
+                      " it keeps the ones it was started with", file=sys.stderr)
+                config = _ADAPTER.validate_python(data)
         if check is not None:
             check(config)
     except (ValidationError, ValueError) as error:
@@ -289,6 +330,7 @@ def read_run_config(path: Path) -> RunConfig:
     be reachable)."""
     data = read_yaml(path, STORED_FIX)
     renamed(data)
+    set_unset(data, old_defaults(data))
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as error:
@@ -302,8 +344,10 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
     """A run's stored config as this version writes it: renamed keys under their new names, and the
-    defaults of keys added since it was written, so that upgrading does not make a run look changed."""
+    defaults of keys added since it was written (the old ones where they changed since: the run
+    keeps them), so that upgrading does not make a run look changed."""
     renamed(stored)
+    set_unset(stored, old_defaults(stored))
     try:
         return yaml.safe_load(dump_yaml(_ADAPTER.validate_python(stored)))
     except ValidationError:  # keys this version no longer knows: compared as written

@@ -2,9 +2,10 @@
 refused before anything is written or submitted: ``check_config`` raises ``ValueError('key: why')``
 naming every key involved. A rule about one section alone lives on that section (its
 ``__post_init__``, next to the code that reads it); the rules here run only for the sections some
-iteration's method reads (``Recipe.sections``). ``check_run`` adds what only a new or resumed run
-needs checked (the model folder's files, this machine's vLLM and GPUs), ``check_problems`` the
-rules of the training problems, and ``gpu_warning`` says which SLURM jobs ask for no GPU.
+iteration's method reads (``Recipe.sections``). ``check_run`` adds what only a run started or
+rerun from the command line needs checked (rules added since runs were started, the model folder's
+files, this machine's vLLM and GPUs), ``check_problems`` the rules of the training problems, and
+``gpu_warning`` says which SLURM jobs ask for no GPU.
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wa
 
 
 def check_config(config: RunConfig) -> None:
-    """Every rule of this module that the run's methods call for (the files' contents and this
-    machine are checked apart, once, before a run is created: ``check_contents``, ``check_machine``)."""
+    """The rules that the run's methods call for, on every config: a new run's, and a run's stored
+    config read again to requeue or advance it (``Driver.open``). Rules that runs started earlier
+    need not meet are ``check_run``'s."""
     sections = used_sections(config)
     check_iterations(config)
     check_files(config)
-    check_data(config)
     check_writable(config.run_dir, "runs_dir", folder=True)
     check_writable(Path(config.export_dir), "export_dir", folder=True)
     check_executor_keys(config)
@@ -73,8 +74,12 @@ def check_iterations(config: RunConfig) -> None:
             f"train.learning_rates: has {len(rates)} entries but ReST iteration {rest[-1]} needs one"
             + (f" (num_iterations is {config.num_iterations})" if not config.schedule else f" (schedule: {config.schedule})")
         )
-    # Read by ReST iterations only; the defaults' three rates serve runs of fewer iterations too.
-    if rest and len(rates) > config.num_iterations and rates != TrainConfig().learning_rates:
+
+
+def check_unused_rates(config: RunConfig) -> None:
+    """No ReST learning rate is left unused (the defaults' three serve runs of fewer iterations too)."""
+    rates = config.train.learning_rates
+    if "rest" in config.methods() and len(rates) > config.num_iterations and rates != TrainConfig().learning_rates:
         raise ValueError(f"train.learning_rates: has {len(rates)} entries but num_iterations is {config.num_iterations};"
                          " give one per iteration (or raise num_iterations)")
 
@@ -180,12 +185,6 @@ def check_training(config: RunConfig) -> None:
             )
         if importlib.util.find_spec("deepspeed") is None:
             raise ValueError(f"train.strategy: {train.strategy} needs DeepSpeed, which is not installed here (pip install -e '.[gpu]')")
-    # Without a GPU the job loads the model unquantized and trains on the nodes' CPUs until its time limit.
-    if config.executor.cluster == "slurm" and train.method == "lora" and train.load_in_4bit and resources.gpus_per_task < 1:
-        raise ValueError(
-            "train.load_in_4bit: QLoRA (train.method: lora with 4-bit loading) needs a GPU per process, but executor.train"
-            " asks SLURM for none; set executor.train.gpus_per_task: 1 (or train.load_in_4bit: false to train unquantized)"
-        )
     for tracker in train.report_to:
         modules, package = TRACKERS[tracker]
         if not any(importlib.util.find_spec(module) for module in modules):
@@ -225,17 +224,25 @@ VLLM_KEYS = {"generate": "generate.backend", "eval": "eval.backend", "vllm": "se
 GPU_JOBS = {"generate": "vLLM generation", "eval": "vLLM evaluation", "vllm": "the vLLM service", "train": "training"}
 # Whether a python has vLLM: looked up, not imported (an import takes seconds).
 HAS_VLLM = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+# Seconds that python may take to say so (a cold start on a network file system takes some).
+VLLM_LOOKUP_S = 120
 
 
 def check_run(config: RunConfig) -> None:
-    """``check_config``, then what only a run needs checked, once, before anything is written: the
-    model folder's files (a config.json and weights; LoRA's target modules among its layers), and
-    what this machine has for the jobs (vLLM, local GPUs; not where SLURM's commands are missing:
-    the jobs do not run here, and a dry run previews them)."""
+    """``check_config``, then what only a run started or rerun from the command line needs checked,
+    once, before anything is written: the rules added since runs were started (a run's stored config,
+    read again to requeue or advance it, is not refused for them), the model folder's files (a
+    config.json and weights; LoRA's target modules among its layers), and what this machine has for
+    the jobs (vLLM, local GPUs; not where SLURM's commands are missing: the jobs do not run here,
+    and a dry run previews them)."""
     check_config(config)
+    sections = used_sections(config)
+    check_unused_rates(config)
+    check_data(config)
+    if "train" in sections:
+        check_quantized_on_gpu(config)
     folder = Path(config.model.path)
     check_model_folder(folder)
-    sections = used_sections(config)
     if config.train.method == "lora" and "train" in sections:
         check_target_modules(folder, config.train.target_modules)
     if missing_scheduler(config.executor.cluster):
@@ -243,6 +250,18 @@ def check_run(config: RunConfig) -> None:
     check_vllm_installed(config, sections)
     if config.executor.cluster == "local":
         check_local_gpus(config)
+
+
+def check_quantized_on_gpu(config: RunConfig) -> None:
+    """QLoRA on SLURM has a GPU: without one the job loads the model unquantized and trains on the
+    nodes' CPUs until its time limit."""
+    train = config.train
+    if (config.executor.cluster == "slurm" and train.method == "lora" and train.load_in_4bit
+            and stage_resources(config, "train").gpus_per_task < 1):
+        raise ValueError(
+            "train.load_in_4bit: QLoRA (train.method: lora with 4-bit loading) needs a GPU per process, but executor.train"
+            " asks SLURM for none; set executor.train.gpus_per_task: 1 (or train.load_in_4bit: false to train unquantized)"
+        )
 
 
 def check_model_folder(folder: Path) -> None:
@@ -304,7 +323,13 @@ def check_vllm_installed(config: RunConfig, sections: set[str]) -> None:
         return
     python = vllm_python(vllm)
     found = shutil.which(python) is not None
-    if not found or subprocess.run([python, "-c", HAS_VLLM], capture_output=True, check=False, timeout=120).returncode:
+    try:
+        has_vllm = found and not subprocess.run([python, "-c", HAS_VLLM], capture_output=True, check=False,
+                                                timeout=VLLM_LOOKUP_S).returncode
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"generate.vllm.python: {python} did not say within {VLLM_LOOKUP_S} s whether it has vLLM (a"
+                         " slow or hung file system?); try again, or set generate.vllm.python to another python") from None
+    if not has_vllm:
         raise ValueError(
             f"{VLLM_KEYS[starts[0]]}: vllm starts vLLM servers with {python} (generate.vllm.python), which "
             + ("does not exist" if not found else "has no vLLM")

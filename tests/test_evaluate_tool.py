@@ -35,17 +35,27 @@ def test_evaluate_judges_with_the_configs_verifier_and_scores_its_rewards(tiny_a
 @pytest.mark.unit
 @pytest.mark.parametrize(("argv", "message"), [
     (["MODEL", "missing.jsonl"], "missing.jsonl"),
-    (["NOT_A_MODEL", "DATA"], "not a model folder (no config.json in it)"),
+    (["NOT_A_MODEL", "DATA"], "MODEL_DIR: {tmp}/data.jsonl is a file"),
+    (["EMPTY_FOLDER", "DATA"], "MODEL_DIR: {tmp}/empty is an empty folder"),
+    (["NO_WEIGHTS", "DATA"], "MODEL_DIR: {tmp}/no_weights has no weights"),
     (["MODEL", "DATA", "--verifier", "nope"], "--verifier: "),
-    (["MODEL", "DATA", "--config", "NOT_A_MODEL"], "--config: "),
+    (["MODEL", "DATA", "--config", "EMPTY_FOLDER"], "--config: {tmp}/empty: not a run directory"),
     (["MODEL", "DATA", "--max-tokens", "0"], "--max-tokens: must be at least 1"),
+    (["MODEL", "DATA", "--output", "DATA"], "--output: {tmp}/data.jsonl is a file; give a folder"),
+    (["MODEL", "DATA", "--output", "UNDER_A_FILE"], "--output: {tmp}/data.jsonl is a file, so"),
+    (["MODEL", "DATA", "--rewards", "no.such.module:reward"], "cannot import reward 'no.such.module:reward'"),
 ])
 def test_evaluate_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    write_jsonl(tmp_path / "data.jsonl", [{"id": "q", "question": "1+1=?", "answer": "2"}])
-    paths = {"MODEL": str(model), "DATA": str(tmp_path / "data.jsonl"), "NOT_A_MODEL": str(tmp_path)}
-    assert evaluate.main([paths.get(arg, arg) for arg in argv]) == 2
+    model, no_weights = tmp_path / "model", tmp_path / "no_weights"
+    for folder in (model, no_weights, tmp_path / "empty"):
+        folder.mkdir()
+    for folder in (model, no_weights):
+        (folder / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, [{"id": "q", "question": "1+1=?", "answer": "2"}])
+    paths = {"MODEL": model, "DATA": data, "NOT_A_MODEL": data, "EMPTY_FOLDER": tmp_path / "empty", "NO_WEIGHTS": no_weights,
+             "UNDER_A_FILE": data / "out"}
+    assert evaluate.main([str(paths.get(arg, arg)) for arg in argv]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
+    assert err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err

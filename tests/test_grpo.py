@@ -140,7 +140,8 @@ def test_grpo_job_trains_and_writes_model_adapter_card_and_step_log(tiny_assets:
     for entry in steps:
         for key in ("loss", "learning_rate", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                     "completions/mean_length", "completions/clipped_ratio", "tokens_per_s", "peak_memory_mib",
-                    "rewards/correctness/mean", "rewards/correctness/std", "rewards/digits/mean", "rewards/digits/std"):
+                    "rewards/correctness/mean", "rewards/correctness/std", "rewards/digits/mean", "rewards/digits/std",
+                    "groups/none_pass", "groups/some_pass", "groups/all_pass"):
             assert isinstance(entry[key], float | int), (key, entry)
         assert entry["rewards/correctness/failed"] == entry["rewards/digits/failed"] == 0
     assert any(s["rewards/digits/mean"] > 0 for s in steps)

@@ -5,9 +5,11 @@ are permanent (not retried) or transient (retried). In process: ``pipeline.run.m
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import multiprocessing
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,11 @@ import pytest
 from rich.console import Console
 from safetensors.numpy import save_file
 
-from jobs.runtime import reporting
+from jobs.generation.backends import TransformersBackend
+from jobs.runtime import loading, reporting
 from jobs.specs import JobTarget
+from jobs.training.config import GrpoConfig
+from jobs.training.grpo import rollout_options
 from pipeline.config import load_config
 from pipeline.loop.driver import Driver
 from pipeline.planning.planner import Planner
@@ -230,3 +235,79 @@ def test_nothing_to_train_on_fails_the_stage_after_one_job(tiny_assets: Path, tm
                                           r" permanent\): PermanentJobError: nothing to train on"):
         driver.run_stage(planner.stage("iter_001/train"))
     assert driver.ledger.read("iter_001/train")["attempts"] == 1
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("error", "permanent"), [
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "model/config.json"), True),
+    (ValueError("Unrecognized model in model. Should have a `model_type` key in its config.json."), True),
+    (KeyError("model_type"), True),
+    (OSError("model does not appear to have a file named config.json. Checkout 'https://huggingface.co/model'"), True),
+    (OSError(errno.EIO, "Input/output error", "model/model.safetensors"), False),
+    (OSError(errno.ESTALE, "Stale file handle", "model/config.json"), False),
+    (OSError(errno.EMFILE, "Too many open files"), False),
+    (ConnectionResetError("connection reset by peer"), False),
+])
+def test_a_wrong_model_folder_fails_for_good_a_file_system_error_does_not(error: Exception, permanent: bool) -> None:
+    with pytest.raises(PermanentJobError if permanent else type(error)) as raised, loading("model"):
+        raise error
+    if permanent:
+        assert str(raised.value).startswith("model model does not load: ") and raised.value.__cause__ is error
+    else:
+        assert raised.value is error, "a transient error passes unchanged: the driver retries the job"
+
+
+@pytest.mark.unit
+def test_grpo_on_a_node_whose_gpus_did_not_come_up_is_retried() -> None:
+    # pipeline.rules refuses vllm_mode without GPUs asked for: a job that gets here has a node whose CUDA failed.
+    with pytest.raises(RuntimeError, match="needs GPUs, and torch sees none on this node") as raised:
+        rollout_options(GrpoConfig(vllm_mode="colocate"), on_gpu=False, server=None)
+    assert not isinstance(raised.value, PermanentJobError)
+
+
+@pytest.mark.unit
+def test_a_service_is_not_started_again_after_a_permanent_error(tmp_path: Path) -> None:
+    driver, submitter = make_driver(tmp_path, executor={"max_attempts": 3})
+    stage = driver.planner.stage("baseline/eval")
+    driver.ledger.update("services/reward", {"status": "failed", "attempts": 1, "job_id": "7", "permanent": True,
+                                             "error": "PermanentJobError: model rm does not load: ..."})
+    with pytest.raises(StageFailed, match=r"service reward failed after 1 start\(s\) \(not started again: the error is"
+                                          r" permanent\): PermanentJobError: model rm"):
+        driver.services.start("reward", stage)
+    assert submitter.calls == []
+
+
+def broken_models(root: Path, model: Path) -> dict[str, Path]:
+    """Folders that pass the run's check of the model folder (a config.json and weights) and do not load,
+    and a path that does not exist."""
+    folders = {"config.json not JSON": "{not json", "an unknown architecture": json.dumps({"model_type": "qwen9"})}
+    broken = {"missing": root / "missing"}
+    for name, config in folders.items():
+        broken[name] = folder = root / name.replace(" ", "_")
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(config)
+        (folder / "model.safetensors").symlink_to(model / "model.safetensors")
+    return broken
+
+
+def test_transformers_errors_for_a_model_that_does_not_load_are_permanent(tiny_assets: Path, tmp_path: Path) -> None:
+    """transformers' own errors (its messages are what tells a wrong folder from a file system's error)."""
+    for folder in broken_models(tmp_path, tiny_assets / "random_init").values():
+        with pytest.raises(PermanentJobError, match=f"model {folder} does not load: "):
+            TransformersBackend(str(folder), batch_size=1)
+
+
+def test_a_model_that_does_not_load_fails_the_baseline_eval_after_one_job(tiny_assets: Path, tmp_path: Path) -> None:
+    """The real eval job (the first to load the model), submitted by the real submitter in this process."""
+    broken = broken_models(tmp_path / "models", tiny_assets / "random_init")["config.json not JSON"]
+    config = load_config(write_config(tmp_path / "run.yaml", small_config(
+        tiny_assets, tmp_path / "runs", model={"path": str(broken)}, executor={"cluster": "debug", "max_attempts": 3})))
+    planner = Planner(config, config.run_dir, num_train=24)
+    planner.layout.heldout_problems.parent.mkdir(parents=True)
+    shutil.copy(config.data.heldout, planner.layout.heldout_problems)
+    driver = Driver(config, planner, Console(file=io.StringIO()))
+    with pytest.raises(StageFailed, match=r"baseline/eval failed after 1 attempt\(s\) \(not retried: the error is"
+                                          rf" permanent\): PermanentJobError: model {broken} does not load: .* is not a valid"
+                                          " JSON file"):
+        driver.run_stage(planner.stage("baseline/eval"))
+    assert driver.ledger.read("baseline/eval")["attempts"] == 1

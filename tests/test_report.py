@@ -98,24 +98,48 @@ def test_report_on_a_real_run(tiny_assets: Path, tmp_path: Path) -> None:
 
 def test_report_on_a_grpo_run_without_filter_shows_each_reward_and_the_hacking_flag(tmp_path: Path) -> None:
     """GRPO without a pass-rate band has no filter stage, hence no categories: the report still
-    prints, charts each reward's curve, and shows the watch's flag (configs/demo_grpo_hacking.yaml's case)."""
+    prints, charts each reward's curve, shows the rollouts' pass-rate distribution, the watch's flag,
+    the collapse guard's and the final model's choice (configs/demo_grpo_hacking.yaml's case)."""
     run_dir = tmp_path / "run"
     ledger = Ledger(run_dir)
     ledger.update("run", {"run_name": "hacked", "num_iterations": 2, "status": "stopped", "num_train": 20})
     write_config(run_dir / "config.yaml", {"run_name": "hacked", "method": "grpo", "num_iterations": 2, "model": {"path": "m"},
                                            "data": {"train": "t.jsonl", "heldout": "h.jsonl"},
-                                           "grpo": {"rewards": [{"name": "format", "tags": ["think"], "layout": "present"}]}})
+                                           "grpo": {"rewards": [{"name": "format", "tags": ["think"], "layout": "present"}]},
+                                           "export": {"iteration": "best", "collapse_margin": 0.05}})
     ledger.set_status(["baseline/eval"], Status.DONE, metrics={"heldout_accuracy": 0.118})
-    step_log = [{"step": 2 * (i + 1), "policy_step": 2 * i + 1, "reward": f, "rewards/format/mean": f, "frac_reward_zero_std": 1 - f}
+    step_log = [{"step": 2 * (i + 1), "policy_step": 2 * i + 1, "reward": f, "rewards/format/mean": f, "frac_reward_zero_std": 1 - f,
+                 "groups/none_pass": 0.5 + i / 16, "groups/some_pass": 0.5 - i / 16, "groups/all_pass": 0.0}
                 for i, f in enumerate([0.92, 0.86, 0.88, 0.88, 0.95, 0.97, 1.0, 0.94])]
     ledger.set_status(["iter_001/train"], Status.DONE, metrics={"step_log": step_log, "final_reward": 0.94})
     ledger.set_status(["iter_001/eval"], Status.DONE, metrics={"heldout_accuracy": 0.0})
+    choice = "no iteration beat the base model (held-out accuracy 11.8%; best: iteration 1, 0.0%): nothing exported"
+    ledger.set_status(["export"], Status.DONE, metrics={"exported_iteration": 0, "export": None, "choice": choice})
     result = run_cli("tools/report.py", str(run_dir))
     assert result.returncode == 0, result.stderr
     assert "reward format (start -> end)" in result.stdout and "0.890 -> 0.970" in result.stdout
     assert "reward hacking? iteration 1: reward format rose 0.890 -> 0.970 while held-out accuracy fell 11.8% -> 0.0%" in result.stdout
     # What GRPO has, not the filter's panels left empty: its rounds, with the share of groups of one reward.
     assert "GRPO rollouts by round" in result.stdout and "Groups of one reward" in result.stdout and "14.0%" in result.stdout
+    # The pass-rate distribution: groups where none of the samples passes grow, round by round.
+    assert "Groups where no sample passes" in result.stdout and "50.0%" in result.stdout and "93.8%" in result.stdout
+    assert ("collapse: iteration 1: held-out accuracy 0.0%, below the base model's 11.8% by more than export.collapse_margin (0.05)"
+            in result.stdout)
+    assert f"final model: {choice}" in result.stdout
     assert "correct-rate distribution" not in result.stdout and "Too hard" not in result.stdout
     with Image.open(run_dir / "report.png") as image:
         assert image.format == "PNG" and image.width > 1000
+
+
+def test_the_rollouts_pass_rate_distribution_counts_groups_with_a_judged_sample() -> None:
+    """What the GRPO panel's rows show, as the training job counts it: groups (here of 2 samples) where
+    no sample passes, some do, or all do; a sample the verifier cannot judge (NaN) is left out, and
+    a group with none judged is not counted."""
+    import torch
+
+    from jobs.training.grpo_trainer import pass_shares
+
+    nan = float("nan")
+    passed = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, nan, nan, 1.0, nan])
+    assert pass_shares(passed, 2) == {"groups/none_pass": 0.25, "groups/some_pass": 0.25, "groups/all_pass": 0.5}
+    assert pass_shares(torch.tensor([nan, nan]), 2) == {}, "no group judged: no figure, not 0 %"

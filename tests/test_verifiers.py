@@ -229,6 +229,36 @@ MATH = [
 ]
 
 
+# (prediction, ground truth, right?) for truths that are formulas: judged alike by math and by auto, which
+# sends them to math. Every side is read whole, never as its last number ("y = 3x + 2" is not 2).
+FORMULAS = [
+    ("y = 3x + 2", "y = 3x + 2", True),
+    ("y=3x+2", "y = 3x + 2", True),
+    ("y = 5x + 2", "y = 3x + 2", False),
+    ("2", "y = 3x + 2", False),
+    ("x=2", "x = 2", True),
+    ("2", "x = 2", True),
+    ("z = 2", "x = 2", False),
+    ("x = 3", "x = 2", False),
+    ("(1,2)", "(1, 2)", True),
+    ("(5, 2)", "(1, 2)", False),
+    ("(2, 1)", "(1, 2)", False),
+    ("2", "(1, 2)", False),
+    ("[3,1]", "[3, 1]", True),
+    ("[0, 1]", "[3, 1]", False),
+    ("[0,1]", "[0, 1]", True),
+    ("(0, 1)", "[0, 1]", False),
+    ("1", "[0, 1]", False),
+    # Names of functions and constants without their backslash are mathematics, not words.
+    ("sqrt(2)", "\\sqrt{2}", True),
+    ("\\sqrt{2}", "sqrt(2)", True),
+    ("sqrt(3)", "sqrt(2)", False),
+    ("\\frac{\\pi}{2}", "pi/2", True),
+    ("pi/3", "pi/2", False),
+    ("2 pi", "2\\pi", True),
+]
+
+
 EXACT = [
     ("Paris", "paris", True),
     ("  New   York ", "new york", True),
@@ -262,7 +292,9 @@ TABLES = {"multiple_choice": MULTIPLE_CHOICE, "numeric": NUMERIC, "math": MATH, 
 
 
 @pytest.mark.parametrize(
-    ("verifier", "prediction", "truth", "ok"), [(name, *case) for name, table in TABLES.items() for case in table]
+    ("verifier", "prediction", "truth", "ok"),
+    [(name, *case) for name, table in TABLES.items() for case in table]
+    + [(name, *case) for name in ("math", "auto") for case in FORMULAS],
 )
 def test_verifier(verifier: str, prediction: str, truth: str, ok: bool | None) -> None:
     assert VERIFIERS[verifier](prediction, truth) is ok
@@ -316,17 +348,32 @@ AUTO = [
     ("3/4", "numeric"),
     ("$18", "numeric"),
     ("50%", "numeric"),
+    # A number with unit words, as numeric reads it.
+    ("5 cm", "numeric"),
+    ("18 dollars", "numeric"),
+    ("12 hours", "numeric"),
+    ("2 apples", "numeric"),
+    ("5 km/h", "numeric"),
+    ("5\\text{ cm}", "numeric"),
+    ("3 sounds", "numeric"),
+    ("(C) 3 sounds", "multiple_choice"),
     ("\\frac{1}{2}", "math"),
     ("2\\sqrt{2}", "math"),
-    ("5\\text{ cm}", "math"),
     ("x^2+1", "math"),
+    ("y = 3x + 2", "math"),
+    ("(1, 2)", "math"),
+    ("[0, 1]", "math"),
+    ("sqrt(2)", "math"),
+    ("pi/2", "math"),
+    ("2 pi", "math"),
+    ("3 x", "math"),
     ("x", "math"),
     ("[1,2)", "math"),
     ("\\frac{1}{", "math"),
     ("Paris", "exact"),
     ("\\text{Paris}", "exact"),
-    ("3 sounds", "exact"),
     ("Paris 2024", "exact"),
+    ("2 apples and 3 oranges", "exact"),
     ("New York City", "exact"),
 ]
 
@@ -348,6 +395,14 @@ AUTO_END_TO_END = [
     ("ANSWER: Paris.", "Paris", True),
     ("ANSWER: pairs", "Paris", False),
     ("ANSWER: 1", "\\frac{1}{", None),
+    ("ANSWER: 5", "5 cm", True),
+    ("The length is \\boxed{5\\text{ cm}}", "5 cm", True),
+    ("ANSWER: 6 cm", "5 cm", False),
+    ("ANSWER: 18", "18 dollars", True),
+    ("ANSWER: (C) 3 sounds", "3 sounds", True),
+    ("ANSWER: 4 sounds", "3 sounds", False),
+    ("ANSWER: y = 3x + 2", "y = 3x + 2", True),
+    ("ANSWER: y = 5x + 2", "y = 3x + 2", False),
 ]
 
 

@@ -466,7 +466,7 @@ def greedy_accuracy(model_dir: Path, problems: list[dict[str, Any]], media_dir: 
         with torch.inference_mode():
             output = model.generate(**inputs, do_sample=False, max_new_tokens=24)
         answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct += sum(verifier(extract(a).answer_prediction, p["answer"]) for a, p in zip(answers, batch, strict=True))
+        correct += sum(verifier(extract(a).answer_prediction, p["answer"]) is True for a, p in zip(answers, batch, strict=True))
     return correct / len(problems)
 
 

@@ -2,9 +2,10 @@
 
 Prints the seed's "Interpreting Analytics Across Iterations" table for the whole run (category
 shares, mean correct rate, filtered samples, training reward, held-out accuracy), the correct-rate
-distribution per iteration that has a filter, GRPO's rollouts by round (reward, groups of one
-reward, each reward's mean), the seed's warning signs with its advice, the run's threshold warnings
-(completions cut at max_tokens, answers not extracted) and what the reward-hacking check flagged;
+distribution per iteration that has a filter, GRPO's rollouts by round (reward, the shares of
+groups in which no sample, some or all pass, each reward's mean), the seed's warning signs with its
+advice, the run's warnings (completions cut at max_tokens, each filter's own), what the
+reward-hacking check and the collapse guard flagged, and the final model (which iteration, why);
 writes RUN_DIR/report.png with the category shares (for a GRPO run without a filter: the share of
 rollout groups of one reward per step), the held-out accuracy per iteration and, for runs that
 trained on rewards (GRPO), each reward's mean per step. A SLURM run's
@@ -30,7 +31,9 @@ from pipeline.scheduling.watch import SchedulerUnavailable
 from pipeline.views.accounting import CostUnavailable, cost_table, run_cost
 from pipeline.views.tables import (
     CATEGORY_ROWS,
+    collapse_lines,
     distribution_table,
+    export_line,
     fitted,
     grpo_tables,
     hacking_lines,
@@ -67,7 +70,7 @@ def plot(summary: dict[str, Any]) -> bytes:
         # GRPO without a filter: its own measure of problems too hard or mastered, per step.
         shares.clear()
         shares.plot([s for s, _ in zero_std], [100 * v for _, v in zero_std], marker=".", color="#c0392b")
-        shares.set(title="Rollout groups of one reward (all or none pass)", xlabel="Step (iterations in a row)", ylabel="% of groups",
+        shares.set(title="Rollout groups of one reward (no signal)", xlabel="Step (iterations in a row)", ylabel="% of groups",
                    ylim=(0, 105))
     elif not iterations:
         shares.text(0.5, 0.5, "no filter results yet", ha="center", va="center", transform=shares.transAxes)
@@ -172,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     for table in grpo_tables(console, summary):
         console.print(table)
     print_warning_signs(console, warning_signs(summary))
-    for line in [*warning_lines(summary), *hacking_lines(summary)]:
+    for line in [*warning_lines(summary), *hacking_lines(summary), *collapse_lines(summary)]:
         console.print(line, style="yellow", markup=False)
+    if line := export_line(summary):
+        console.print(line, markup=False, highlight=False)
     try:
         console.print(cost_table(run_cost(args.run_dir)))
     except CostUnavailable:

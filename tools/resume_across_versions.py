@@ -8,10 +8,12 @@ its sections moved beside their code) is unpacked with ``git archive`` into a te
 run (ReST, or GRPO with ``--method grpo``) of the tiny test model on the embedded default, with this
 checkout's Python environment, written with the key names the old version knows (``learning_rates``,
 ``grpo.num_iterations``: this version reads them under their new names, and must not take the run's
-stored config for a changed one). When
+stored config for a changed one), and leaving ``filter.verifier`` and the export to their defaults
+(changed since: the run keeps the old ones, multiple_choice and the last iteration). When
 iteration 1's training is done its driver and jobs are killed (SIGKILL, as a node dies); then this
 checkout reruns the same command. Prints what each version did, and exits 1 if the rerun failed,
-changed a stage the old version had finished, or did not finish the run.
+changed a stage the old version had finished, did not finish the run, or exported another
+iteration than the defaults the run was started with choose.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import old_defaults
 from state.ledger import LEGACY, RECORD, Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,13 +55,15 @@ def main() -> int:
     subprocess.run([sys.executable, "-c", f"from pathlib import Path; from tools.demo import build; build(Path({str(work / 'assets')!r}), base='random')"],
                    cwd=ROOT, check=True, capture_output=True)
     assets = work / "assets"
-    # Keys both versions know: the old one refuses keys it has not heard of.
+    # Keys both versions know: the old one refuses keys it has not heard of. filter.verifier is left
+    # to the old default (multiple_choice: it judges the additions' numbers wrong, which training on
+    # the replay data takes).
     config = {
         "run_name": "small", "runs_dir": str(work / "runs"), "num_iterations": 2, "learning_rates": [1e-3, 5e-4],
         "model": {"path": str(assets / "random_init")},
         "data": {"train": str(assets / "train.jsonl"), "heldout": str(assets / "heldout.jsonl")},
         "generate": {"num_samples": 2, "max_tokens": 12, "batch_size": 8, "num_shards": 2},
-        "filter": {"verifier": "numeric", "strategy": "all"},
+        "filter": {"strategy": "all"},
         "train": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "max_steps": 2,
                   "batch_size": 4, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
                   "replay_data": str(assets / "warmstart.jsonl")},
@@ -99,6 +104,12 @@ def main() -> int:
     if rerun.returncode != 0 or after["run"].get("status") != "done" or changed:
         print(rerun.stdout[-3000:] + rerun.stderr[-3000:])
         print(f"FAILED: {'records of finished stages changed: ' + ', '.join(changed) if changed else 'the rerun did not finish'}")
+        return 1
+    started_with = old_defaults(yaml.safe_load((ledger.parent / "config.yaml").read_text())).get("export.iteration", "best")
+    export = after.get("export", {}).get("metrics", {})
+    print(f"this checkout: exported {export.get('choice')}")
+    if started_with == "last" and export.get("exported_iteration") != config["num_iterations"]:
+        print("FAILED: the run was started when the last iteration was exported, and exported another")
         return 1
     print("OK: the run resumed where the earlier version left it; nothing it had finished was redone")
     return 0

@@ -3,7 +3,9 @@
 The ledger's view (stages, shards, attempts, metrics, a training job's step and ETA) beside the
 scheduler's live one (state, pending reason, node, elapsed time, exit code), from one scheduler
 query; whether the process driving the run still runs (and how to resume it when not); the
-warnings of the run's thresholds (completions cut at max_tokens, answers not extracted).
+warnings (completions cut at max_tokens, and each filter's own: answers not extracted, problems
+left unjudged), the reward-hacking and collapse flags, and the final model: which iteration was
+exported and why.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pipeline.loop.submitter import IN_FLIGHT
 from pipeline.loop.summary import stored_config, summarize
 from pipeline.scheduling.watch import SLURM_ALIVE, job_rows
 from pipeline.views.tables import (
+    collapse_lines,
     driver_line,
+    export_line,
     fits,
     fitted,
     grpo_tables,
@@ -84,11 +88,11 @@ def report(run_dir: Path, cluster: str, console: Console) -> tuple[dict, Group]:
         fits(console, table)  # rows, not columns, grow with the run: a word too long for 80 columns is folded
     parts += fitted(console, lambda iterations: iteration_table(summary, iterations), summary["iterations"])
     parts += grpo_tables(console, summary)
-    parts += [Text(line, style="yellow") for line in [*warning_lines(summary), *hacking_lines(summary)]]
+    parts += [Text(line, style="yellow") for line in [*warning_lines(summary), *hacking_lines(summary), *collapse_lines(summary)]]
     if line := driver_line(summary):
         parts.append(Text(line, style="bold red"))
-    if summary["export"]["path"]:
-        parts.append(Text(f"final model exported to {summary['export']['path']}"))
+    if line := export_line(summary):
+        parts.append(Text(line))
     return summary, Group(*parts)
 
 

@@ -16,7 +16,7 @@ from jobs.generation.protocol import (
     Sampling,
 )
 from jobs.problems.prompts import check_backend_takes
-from jobs.runtime import pick_device
+from jobs.runtime import loading, pick_device
 
 if TYPE_CHECKING:
     from jobs.vllm.server import ServerFiles
@@ -29,12 +29,14 @@ class TransformersBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device, dtype = pick_device()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        with loading(model_path):
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         # Left padding keeps every prompt's end next to its generated tokens.
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.model = model.to(self.device).eval()
         self.batch_size = batch_size
 
     def generate(self, conversations: list[Messages], sampling: Sampling) -> list[list[Completion]]:

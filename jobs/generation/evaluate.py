@@ -3,7 +3,10 @@ development problems when the run has them (``dev_accuracy``, ``dev_predictions.
 
 With ``eval.backend: vllm`` the job starts vLLM servers of the model it evaluates, as a generation
 shard does (``generate.vllm``'s settings, logs under ``<eval>/servers``), and stops them at the end.
-A request the servers still refuse after the retries counts as a wrong answer, with its error.
+A request the servers still refuse after the retries counts as a wrong answer, with its error. A
+problem whose ground truth the verifier cannot read (no verdict) is neither: it is left out of the
+accuracy and counted (``heldout_unjudged``, ``dev_unjudged``); each prediction line names the
+verifier that judged it (``filter.verifier: auto`` chooses per problem).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from jobs.problems.data import read_jsonl
 from jobs.problems.prompts import messages_for
 from jobs.runtime import Throughput, reporting
 from jobs.scoring.answers import extract
-from jobs.scoring.verifiers import get_verifier
+from jobs.scoring.verifiers import get_verifier, verifier_for
 from jobs.specs import EvalSpec
 from jobs.vllm.server import ServerFiles
 from state import atomic_write_bytes
@@ -51,18 +54,20 @@ def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
     failed = [o for o in outcomes if o.error]
     if failed and len(failed) == len(problems):
         raise RuntimeError(f"every held-out request failed, e.g. {problems[failed[0].index]['id']!r}: {failed[0].error}")
-    lines, correct, truncated = [], [], 0
+    lines, verdicts, truncated = [], [], 0
     for outcome in sorted(outcomes, key=lambda o: o.index):
         problem = problems[outcome.index]
-        line: dict[str, Any] = {"id": problem["id"], "prediction": None, "correct": False, "raw_output": None}
+        line: dict[str, Any] = {"id": problem["id"], "prediction": None, "correct": False, "raw_output": None,
+                                "verifier": verifier_for(spec.filter.verifier, problem["answer"])}
         if outcome.error:
             line["error"] = outcome.error  # counted as wrong: the model was asked and gave no answer
         else:
             (completion,) = outcome.completions
             truncated += completion.num_tokens >= spec.eval.max_tokens
             prediction = extract(completion.text, spec.filter.answer_pattern).answer_prediction
-            line.update(prediction=prediction, correct=bool(verifier(prediction, problem["answer"])), raw_output=completion.text)
-        correct.append(line["correct"])
+            verdict = verifier(prediction, problem["answer"])
+            line.update(prediction=prediction, correct=None if verdict is None else bool(verdict), raw_output=completion.text)
+        verdicts.append(line["correct"])
         lines.append(json.dumps(line))
     start = 0
     for name, subset in sets.items():
@@ -70,8 +75,10 @@ def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
         start = part.stop
         file = "predictions.jsonl" if name == "heldout" else f"{name}_predictions.jsonl"
         atomic_write_bytes(output / file, ("\n".join(lines[part]) + "\n").encode())
-        hits = sum(correct[part])
-        metrics.update({f"{name}_accuracy": hits / len(subset), f"{name}_correct": hits, f"{name}_problems": len(subset)})
+        judged = [verdict for verdict in verdicts[part] if verdict is not None]
+        hits = sum(judged)
+        metrics.update({f"{name}_accuracy": hits / len(judged) if judged else None, f"{name}_correct": hits,
+                        f"{name}_problems": len(subset), f"{name}_unjudged": len(subset) - len(judged)})
     metrics.update(failed_items=len(failed), **truncation(len(outcomes) - len(failed), truncated))
     metrics.update(progress.totals())
 

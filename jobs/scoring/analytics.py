@@ -32,7 +32,7 @@ class Analytics:
         self.malformed = 0
         # Judged candidates with no answer to extract (e.g. cut inside <think>).
         self.unextracted = 0
-        # Problems by the verifier that judged them (filter.verifier: auto chooses per problem).
+        # Problems by the verifier that judged them (filter.verifier: auto chooses per problem); none with filter.reward.
         self.verifiers: Counter[str] = Counter()
 
     def add(self, k: int, correct: int, category: str, kept: int) -> None:

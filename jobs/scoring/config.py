@@ -55,9 +55,9 @@ class FilterConfig:
     mastered_sample_rate: Fraction = 0.1
     # auto | multiple_choice | numeric | math | exact | regex (the ground truth is the pattern), or a
     # function (prediction, ground_truth) -> bool (None: cannot tell) given as "package.module:function".
-    # auto picks each problem's by its ground truth's shape: "... #### 72" or a number -> numeric,
-    # option letters ("(B) Piano", "B") -> multiple_choice, LaTeX or a formula -> math, other text ->
-    # exact; the filter records the choice per problem (filtered_pass_rates.jsonl's "verifier").
+    # auto picks each problem's by its ground truth's shape: "... #### 72" or a number (with up to
+    # three unit words: "5 cm") -> numeric, option letters ("(B) Piano", "B") -> multiple_choice,
+    # LaTeX or a formula ("y = 3x + 2", "sqrt(2)") -> math, other text -> exact; the filter records the choice per problem (filtered_pass_rates.jsonl's "verifier").
     verifier: str = "auto"
     # Regex (or list of regexes, tried in order) whose group is the answer; tried before the
     # built-in rules: ANSWER: line, \boxed{}, ####, "answer is", last line.

@@ -84,6 +84,11 @@ class Verdicts:
     malformed: int = 0  # candidates without a text (raw_output null)
 
 
+def truth_as_text(truth: Any) -> str:
+    """A ground truth as the verifiers take it: a data set's numeric truths (72, not "72") as their JSON text."""
+    return truth if isinstance(truth, str) else json.dumps(truth)
+
+
 class Judge:
     """Extraction and verification of candidates: each distinct answer ending is extracted once,
     each distinct (answer, truth) pair verified once (verifiers are pure).
@@ -467,12 +472,11 @@ def _filter_into(
             analytics.failed += 1
             rates.write(orjson.dumps({"id": pid, "failed": True}) + b"\n")
             continue
-        # A data set's numeric truths (72, not "72") are judged as their JSON text.
-        truth_text = truth if isinstance(truth, str) else json.dumps(truth)
+        truth_text = truth_as_text(truth)
         verifier = verifier_for(config.verifier, truth_text)
-        analytics.verifiers[verifier] += 1
         scores = None
         if rewards is None:
+            analytics.verifiers[verifier] += 1
             verdicts = judge.judge(texts, truth_text)
         else:
             scores = score_candidates(rewards, record, texts)

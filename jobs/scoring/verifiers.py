@@ -8,8 +8,9 @@ and so are answers that differ only in case, but for ``regex``, whose pattern sa
 A data set picks one by name in ``filter.verifier``:
 
 - ``auto`` (the default): each problem's by its ground truth's shape (``choose_verifier``): GSM8K's
-  ``... #### 72`` -> numeric, option letters ("(B) Piano", "B") -> multiple_choice, a number ("72",
-  "1,234", "3/4") -> numeric, mathematics (LaTeX, "x^2+1") -> math, anything else -> exact.
+  ``... #### 72`` -> numeric, option letters ("(B) Piano", "B") -> multiple_choice, a number, alone or
+  with unit words ("72", "1,234", "3/4", "5 cm", "18 dollars") -> numeric, mathematics (LaTeX, "x^2+1",
+  "y = 3x + 2", "(1, 2)", "sqrt(2)", "pi/2") -> math, anything else -> exact.
 - ``multiple_choice``: the seed's rules. Option letters decide ("B" = "(B) Piano"); without a letter
   the option text decides, case-insensitively, equal or contained as whole words ("piano", "It is a
   piano"). A prediction that names several options ("A or B", "(A) 3 (B) 4"), hedges ("piano or
@@ -174,13 +175,18 @@ def numeric(prediction: str, ground_truth: str) -> bool | None:
 
 
 # A LaTeX command ("\\frac", "\\text"); a word of two or more letters ("Paris", "on"), which math-verify
-# would read between $ signs as a product of single letters ("pairs" = "Paris").
+# would read between $ signs as a product of single letters ("pairs" = "Paris"); names of functions and
+# constants written without their backslash ("sqrt(2)", "pi/2"), which are mathematics, not words.
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 _WORD_OF_LETTERS = re.compile(r"[^\W\d_]{2,}")
+_MATH_NAMES = r"sqrt|d?frac|pi|infty|sin|cos|tan|log|ln|exp"
+_MATH_NAME = re.compile(rf"(?<![\\A-Za-z])(?:{_MATH_NAMES})(?![A-Za-z])")
+# As a LaTeX command: all but "sqrt(...)", which math-verify reads itself ("\sqrt(2)" it does not).
+_BARE_COMMAND = re.compile(rf"(?<![\\A-Za-z])(?!sqrt\s?\()(?:{_MATH_NAMES})(?![A-Za-z])")
 
 
 def _has_words(text: str) -> bool:
-    return _WORD_OF_LETTERS.search(_LATEX_COMMAND.sub(" ", text)) is not None
+    return _WORD_OF_LETTERS.search(_MATH_NAME.sub(" ", _LATEX_COMMAND.sub(" ", text))) is not None
 
 
 def _has_latex(text: str) -> bool:
@@ -192,17 +198,13 @@ def _math_parse(text: str) -> list[Any]:
     """What math-verify reads in ``text``; empty when it finds no mathematics there (a word, a name)."""
     from math_verify import parse
 
-    forms = [text]
     if "$" not in text and not _has_words(text):
-        # math-verify reads bare LaTeX ("2\sqrt{2}", "\{1,2\}", "x^2+1") right only between $ signs:
-        # outside them it takes "2\sqrt{2}" for 2. Words are never wrapped.
-        forms.insert(0 if "\\" in text else 1, f"${text}$")
-    for form in forms:
-        parsed = parse(form, parsing_timeout=_math_timeout())
-        # A list of strings alone is text math-verify could not turn into mathematics.
-        if any(not isinstance(value, str) for value in parsed):
-            return parsed
-    return []
+        # math-verify reads mathematics right only between $ signs: outside them it takes the last number
+        # ("y = 3x + 2", "(1, 2)" and "2\sqrt{2}" are 2), and "pi" only as "\pi". Words are never wrapped.
+        text = "$" + _BARE_COMMAND.sub(lambda name: "\\" + name.group(), text) + "$"
+    parsed = parse(text, parsing_timeout=_math_timeout())
+    # A list of strings alone is text math-verify could not turn into mathematics.
+    return parsed if any(not isinstance(value, str) for value in parsed) else []
 
 
 def _math_timeout() -> int | None:
@@ -255,8 +257,11 @@ def regex_match(prediction: str, ground_truth: str) -> bool | None:
 
 # --- auto --------------------------------------------------------------------------------------
 
-# The whole answer is one number: "72", "-1,234.5", "3/4", "50%" (edge punctuation and "$" already off).
-_NUMBER_ONLY = re.compile(rf"(?:{_NUMBER.pattern})%?")
+# The whole answer is one number, then at most three unit words: "72", "-1,234.5", "3/4", "50%", "5 cm",
+# "18 dollars", "5 km/h" (edge punctuation and "$" already off). A unit is a word of two or more letters
+# or a ratio of words; not a variable ("3 x") nor a mathematical name ("2 pi").
+_UNIT = rf"(?!(?:{_MATH_NAMES})(?![a-z]))(?:[^\W\d_]{{2,}}|[^\W\d_]+(?:/[^\W\d_]+)+)"
+_NUMBER_WITH_UNITS = re.compile(rf"(?:{_NUMBER.pattern})%?(?:\s+{_UNIT}){{0,3}}")
 # A lone lower-case letter is a variable ("x", "$y$"), not an option.
 _VARIABLE = re.compile(r"\$?[a-z]\$?")
 
@@ -268,10 +273,10 @@ def choose_verifier(ground_truth: str) -> str:
         return "numeric"  # GSM8K's worked solution, its answer after ####
     if _parse_option(ground_truth)[0] and not _VARIABLE.fullmatch(ground_truth.strip()):
         return "multiple_choice"
-    if _NUMBER_ONLY.fullmatch(normalize(ground_truth)):
+    if _NUMBER_WITH_UNITS.fullmatch(normalize(ground_truth)):
         return "numeric"
     if _has_latex(ground_truth) or (not _has_words(_LATEX_TEXT.sub("", ground_truth)) and _math_gold(ground_truth)):
-        return "math"  # LaTeX, or an expression without words ("x^2+1", "5\\text{ cm}"); not prose with a number
+        return "math"  # LaTeX, or an expression without words ("x^2+1", "y = 3x + 2"); not prose with a number
     return "exact"
 
 

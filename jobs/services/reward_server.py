@@ -67,7 +67,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jobs.runtime import pick_device
+from jobs.runtime import loading, pick_device
 from jobs.sections import add_options, section_from_options
 from jobs.services.config import RewardServiceConfig
 from jobs.services.process import run_api_key
@@ -236,20 +236,22 @@ def load_scorer(config: RewardServiceConfig) -> Scorer:
     if not (path / "config.json").is_file():
         raise ValueError(f"services.reward.model: {path} is not a model folder (no config.json there)")
     device, dtype = pick_device()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if config.kind == "yes_probability":
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token  # pads are masked out: any token will do
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        scorer: Scorer = YesProbabilityScorer(model.to(device).eval(), tokenizer, config.batch_size, str(path))
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, local_files_only=True)
-        if model.config.num_labels not in (1, 2):
-            raise ValueError(f"services.reward.model: {path} has {model.config.num_labels} labels; a classifier reward needs 1 (its logit is the score) or 2 (the probability of label 1)")
-        if tokenizer.pad_token is None:
-            raise ValueError(f"services.reward.model: {path}'s tokenizer has no pad token, needed to score in batches")
-        model.config.pad_token_id = tokenizer.pad_token_id
-        scorer = ClassifierScorer(model.to(device).eval(), tokenizer, config.batch_size, str(path))
+    # A folder that does not load (or a model unfit for the kind) fails for good, not retried.
+    with loading(str(path)):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if config.kind == "yes_probability":
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token  # pads are masked out: any token will do
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            scorer: Scorer = YesProbabilityScorer(model.to(device).eval(), tokenizer, config.batch_size, str(path))
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, local_files_only=True)
+            if model.config.num_labels not in (1, 2):
+                raise ValueError(f"services.reward.model: {path} has {model.config.num_labels} labels; a classifier reward needs 1 (its logit is the score) or 2 (the probability of label 1)")
+            if tokenizer.pad_token is None:
+                raise ValueError(f"services.reward.model: {path}'s tokenizer has no pad token, needed to score in batches")
+            model.config.pad_token_id = tokenizer.pad_token_id
+            scorer = ClassifierScorer(model.to(device).eval(), tokenizer, config.batch_size, str(path))
     log.info("reward service: %s model %s loaded on %s (%s)", config.kind, path, device, str(dtype).removeprefix("torch."))
     return scorer
 

@@ -31,7 +31,14 @@ from typing import Any
 
 from jobs.problems.data import MEDIA_FIELDS, read_jsonl
 from jobs.problems.prompts import messages_for
-from jobs.runtime import log, pick_device, report_status, reporting, stop_if_preempted
+from jobs.runtime import (
+    loading,
+    log,
+    pick_device,
+    report_status,
+    reporting,
+    stop_if_preempted,
+)
 from jobs.scoring.pass_rates import select_problems
 from jobs.scoring.rewards import RewardContext, RewardSet
 from jobs.specs import GrpoSpec, JobTarget
@@ -50,6 +57,7 @@ from state import Ledger, PermanentJobError, Status
 STEP_LOG_KEYS = (
     "step", "policy_step", "loss", "learning_rate", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
     "completions/mean_length", "completions/clipped_ratio", "tokens_per_s", "samples_per_s", "peak_memory_mib",
+    "groups/none_pass", "groups/some_pass", "groups/all_pass",  # the rollouts' pass-rate distribution (grpo_trainer)
 )
 # The exit status of a job the watchdog ended.
 STALLED_EXIT = 3
@@ -61,7 +69,7 @@ def grpo_dataset(problems_path: str, system_prompt: str | None) -> list[dict[str
     for problem in read_jsonl(problems_path):
         if "prompt" in problem:
             raise PermanentJobError(f"{problems_path}: problem {problem['id']!r} has a field 'prompt', which GRPO uses for the"
-                             " chat messages: rename it")
+                                    " chat messages: rename it")
         media = next((f for f in MEDIA_FIELDS if f in problem), None)
         if media:
             raise PermanentJobError(f"{problems_path}: problem {problem['id']!r} has a {media}: GRPO rollouts are text-only here")
@@ -77,8 +85,10 @@ def rollout_options(grpo: GrpoConfig, on_gpu: bool, server: tuple[str, int] | No
     if grpo.vllm_mode is None:
         return {"use_vllm": False}
     if not on_gpu:
-        raise PermanentJobError(f"grpo.vllm_mode: {grpo.vllm_mode} needs GPUs and this node has none"
-                         " (leave it unset for TRL's transformers generation)")
+        # pipeline.rules refuses vllm_mode without executor.train.gpus_per_task: this job asked for GPUs and
+        # got a node whose CUDA did not come up, a fault of the node that a retry may not meet (transient).
+        raise RuntimeError(f"grpo.vllm_mode: {grpo.vllm_mode} needs GPUs, and torch sees none on this node (its GPUs"
+                           " did not come up, or torch was built without CUDA)")
     # ZeRO-3 shards the weights: vLLM needs them gathered to generate (and to receive them).
     options: dict[str, Any] = {"use_vllm": True, "vllm_mode": grpo.vllm_mode, "ds3_gather_for_generation": True}
     if server:
@@ -153,12 +163,14 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
                  selection["above_band"], selection["no_pass_rate"])
         if not rows:
             raise PermanentJobError(f"grpo.pass_rate_band: no problem's pass rate lies in {list(grpo.pass_rate_band)} ({selection});"
-                             " widen the band")
-    reward_set = RewardSet(grpo.rewards, RewardContext(spec.verifier, spec.answer_pattern, spec.services))
+                                    " widen the band")
+    context = RewardContext(spec.verifier, spec.answer_pattern, spec.services)
+    reward_set = RewardSet(grpo.rewards, context)
     device, dtype = pick_device()
     on_gpu = device == "cuda"
-    tokenizer = AutoTokenizer.from_pretrained(spec.init_model)
-    model = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization(config, on_gpu, dtype))
+    with loading(spec.init_model):
+        tokenizer = AutoTokenizer.from_pretrained(spec.init_model)
+        model = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization(config, on_gpu, dtype))
     peft_config = lora_config(config, config.target_modules)
     checkpoints = output / "checkpoints"
     args = GRPOConfig(
@@ -192,7 +204,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         model=model, reward_funcs=[TrlReward(reward_set, named) for named in reward_set.rewards], args=args,
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=peft_config,
         callbacks=[on_preemption, StepMetrics(completions_per_step, on_gpu, shown=("reward",)), watchdog, LedgerProgress(spec.target)],
-        reward_set=reward_set, rollouts_dir=output / "rollouts",
+        reward_set=reward_set, context=context, rollouts_dir=output / "rollouts",
     )
     log.info("GRPO: %d problems, %d completions per step (%d prompts x %d generations per generation batch of %d steps),"
              " %d processes, rollouts by %s", len(rows), completions_per_step, args.generation_batch_size // grpo.num_generations,
@@ -248,8 +260,11 @@ def run(spec: GrpoSpec) -> dict[str, Any]:
     if place and place.multi_node:
         # The last node serves: the training world is the tasks of the other nodes, the first ranks.
         if rank >= place.training_tasks:
+            # Permanent for this layout (srun's SLURM_DISTRIBUTION or the cluster's default deals tasks to nodes
+            # cyclically): every retry gets it. A rank that reports nothing raises it, before reporting(): the
+            # ledger records no permanence, and the driver sees only that the job failed.
             raise PermanentJobError(f"grpo.vllm_mode: server needs the job's tasks dealt to nodes in blocks; rank {rank} trains"
-                             f" but is not among the first {place.training_tasks}")
+                                    f" but is not among the first {place.training_tasks}")
         os.environ["WORLD_SIZE"] = str(place.training_tasks)
     with reporting(spec.target, primary=rank == 0) as metrics:
         train_grpo(spec, metrics, rank == 0, multi_node=bool(place and place.multi_node))

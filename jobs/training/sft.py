@@ -25,14 +25,12 @@ import os
 import random
 import shutil
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from jobs.problems.data import load_problems
 from jobs.problems.prompts import has_media, messages_for, template_messages
-from jobs.runtime import log, pick_device, reporting, stop_if_preempted
+from jobs.runtime import loading, log, pick_device, reporting, stop_if_preempted
 from jobs.specs import TrainSpec
 from jobs.training.config import TrainConfig
 from state import PermanentJobError, atomic_write_json
@@ -69,18 +67,6 @@ def sft_examples(data_path: str | None, replay_path: str | None, system_prompt: 
             example["weight"] = weight
         examples.append(example)
     return examples
-
-
-@contextmanager
-def loading(model_path: str) -> Iterator[None]:
-    """A model folder that does not load (files missing, unreadable or of an unknown model) fails the
-    job for good: a retry reads the same files. The network's errors stay transient."""
-    try:
-        yield
-    except (OSError, ValueError) as error:
-        if isinstance(error, (ConnectionError, TimeoutError)):
-            raise
-        raise PermanentJobError(f"model {model_path} does not load: {error}") from error
 
 
 def trainer_options(config: TrainConfig, on_gpu: bool) -> dict[str, Any]:

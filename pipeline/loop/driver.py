@@ -154,7 +154,8 @@ class Driver:
 
     def check_iteration(self, summary: dict[str, Any], iteration: int, can_stop: bool = True, wait: bool = True) -> None:
         """After an iteration: say what the reward-hacking check and the collapse guard saw, and stop the
-        run before the next iteration on a collapse, or on hacking if grpo.stop_on_hacking says so."""
+        run before the next iteration on hacking if grpo.stop_on_hacking says so, or on a collapse; the
+        reason names each check that fired, the hacking check first."""
         flags = [flag for flag in summary["hacking"] if flag["iteration"] == iteration]
         for flag in flags:
             self.console.print(f"[yellow]reward hacking?[/yellow] {describe(flag)}", highlight=False)
@@ -163,22 +164,30 @@ class Driver:
             self.console.print(f"[red]collapse:[/red] {describe_collapse(flag)}", highlight=False)
         if not can_stop:
             return
-        if collapsed:
-            self.stop(f"stopped by the collapse guard: {describe_collapse(collapsed[0])}", wait)
+        reasons = []
         if flags and self.config.grpo.stop_on_hacking:
-            self.stop(f"stopped by grpo.stop_on_hacking: {describe(flags[0])}", wait)
+            reasons.append(f"grpo.stop_on_hacking: {describe(flags[0])}")
+        if collapsed:
+            reasons.append(f"the collapse guard: {describe_collapse(collapsed[0])}")
+        if reasons:
+            self.stop("stopped by " + "; and by ".join(reasons), wait)
 
     def stop(self, why: str, wait: bool) -> NoReturn:
-        """Stop the run: export the best iteration so far (export.iteration) first, waiting for it unless
-        ``wait`` is false (a detached run's advance job: the export job goes on its own), record why, and
-        raise RunStopped."""
-        export = self.planner.stage(EXPORT)
-        if wait:
-            self.run_stage(export)
-            self.console.print(f"final model: {(self.ledger.read(EXPORT).get('metrics') or {}).get('choice')}", highlight=False)
-        elif self.ledger.read(EXPORT).get("status") not in (*IN_FLIGHT, str(Status.DONE)):
-            self.submitter.submit(export, export.tasks)
+        """Stop the run: record why, then export the best iteration so far (export.iteration), waiting for
+        it unless ``wait`` is false (a detached run's advance job: the export job goes on its own), and
+        raise RunStopped; an export that fails is added to the reason, which it does not replace."""
         self.ledger.update("run", {"status": "stopped", "error": why, "ended_at": now()})
+        export = self.planner.stage(EXPORT)
+        if not wait:
+            if self.ledger.read(EXPORT).get("status") not in (*IN_FLIGHT, str(Status.DONE)):
+                self.submitter.submit(export, export.tasks)
+            raise RunStopped(why)
+        try:
+            self.run_stage(export)
+        except StageFailed as failure:
+            self.ledger.update("run", {"error": f"{why}; then the export failed: {str(failure).splitlines()[0]}"})
+            raise RunStopped(f"{why}\nthen the export of the best iteration so far failed: {failure}") from failure
+        self.console.print(f"final model: {(self.ledger.read(EXPORT).get('metrics') or {}).get('choice')}", highlight=False)
         raise RunStopped(why)
 
     # -- the loop ------------------------------------------------------------------------

@@ -12,7 +12,9 @@ iteration.
 The collapse guard, for every method: an iteration whose accuracy (dev, else held-out) fell below
 the base model's by more than ``export.collapse_margin`` stops the run before the next iteration.
 A run that stays flat (a control whose samples are kept at random) is within the margin and goes on.
-A stopped run exports the best iteration so far (``export.iteration``).
+When both stop an iteration, the reason names the hacking check first, then the guard. A stopped run
+exports the best iteration so far (``export.iteration``). status.py and report.py show both checks' flags,
+those of the last iteration (which stops nothing) too.
 """
 
 from __future__ import annotations

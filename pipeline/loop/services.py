@@ -4,9 +4,10 @@ the stages that need them run.
 Before a stage that needs a service runs, the driver submits the service's job (unless one serves
 already) and waits until its ledger record says ``serving`` and its endpoint answers /health.
 While the stage runs, every poll checks the service's job: one that died or was cancelled is
-resubmitted (up to ``executor.max_attempts`` starts), and its clients wait for the new endpoint
-instead of failing. When the next stage does not need it, the driver cancels it (the job also
-stops by itself once the stages it serves are done, which covers detached runs).
+resubmitted (up to ``executor.max_attempts`` starts; none after a permanent error: a retry would
+fail alike), and its clients wait for the new endpoint instead of failing. When the next
+stage does not need it, the driver cancels it (the job also stops by itself once the stages it
+serves are done, which covers detached runs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jobs.services import runner
 from jobs.specs import ServiceSpec, VllmServing
 from jobs.vllm.config import VllmServiceConfig
 from pipeline.config import RunConfig
-from pipeline.loop.submitter import IN_FLIGHT, Submitter
+from pipeline.loop.submitter import IN_FLIGHT, Submitter, may_retry
 from pipeline.planning.planner import Planner
 from pipeline.planning.stage import RunContext, StageFailed, StagePlan, Task
 from pipeline.scheduling.executors import Resources
@@ -106,8 +107,9 @@ class ServiceKeeper:
             self.ledger.update(service_key(name), {"attempts": 0, "error": None})
             record["attempts"] = 0
         attempts = record.get("attempts", 0)
-        if attempts >= self.executor.max_attempts:
-            raise StageFailed(f"service {name} failed after {attempts} start(s): {record.get('error')}")
+        if not may_retry(record, self.executor.max_attempts):
+            why = " (not started again: the error is permanent)" if record.get("permanent") else ""
+            raise StageFailed(f"service {name} failed after {attempts} start(s){why}: {record.get('error')}")
         if attempts:
             self.log(f"service {name}: {record.get('error')}; starting it again")
         plan = service_plan(self.planner, name, self.consumers(stage, name))

@@ -17,6 +17,7 @@ from pipeline.loop.services import configured, service_fields, service_key
 from pipeline.loop.submitter import IN_FLIGHT
 from pipeline.planning.planner import Planner
 from pipeline.planning.stages import ADVANCE, EXPORT, choice_metric
+from pipeline.scheduling.watch import process_identity
 from state import InputError, Ledger
 from state.ledger import now
 
@@ -29,18 +30,6 @@ def _job_fields(record: dict[str, Any]) -> dict[str, Any]:
         "restart_count": record.get("restart_count", 0),
         "error": record.get("error"),
     }
-
-
-def process_identity(pid: int) -> str | None:
-    """``<boot id>:<start time>`` of process ``pid`` (Linux), which a pid used again or a reboot does not
-    repeat; None when there is no such process, it is a zombie, or the machine has no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
-    return None if fields[0] == "Z" else f"{boot}:{fields[19]}"
 
 
 def driver_identity(run_dir: Path | str) -> dict[str, Any]:
@@ -75,25 +64,20 @@ def driver_state(run: dict[str, Any], advance: dict[str, Any]) -> dict[str, Any]
 
 
 def run_warnings(config: RunConfig, base: dict[str, Any], iterations: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Stages whose metrics pass the run's thresholds: completions cut at max_tokens (``truncated_fraction``
-    over generate.warn_truncated) and candidates with no answer to extract (``unextracted_fraction`` over
-    filter.warn_unextracted), each with a message saying what to change."""
+    """Stages whose completions were cut at max_tokens over the run's threshold (``truncated_fraction``
+    over generate.warn_truncated), each with a message saying what to change. Warnings a job computes
+    itself (the filter's ``warnings`` metric) are its own, in its metrics."""
     stages = [(0, "eval", base)] + [(e["iteration"], name, info["metrics"]) for e in iterations for name, info in e["stages"].items()]
     found = []
+    threshold = config.generate.warn_truncated
     for iteration, name, metrics in stages:
-        where = f"iteration {iteration} {name}" if iteration else f"{BASELINE} {name}"
-        truncated, threshold = metrics.get("truncated_fraction"), config.generate.warn_truncated
+        truncated = metrics.get("truncated_fraction")
         if truncated is not None and truncated > threshold:
+            where = f"iteration {iteration} {name}" if iteration else f"{BASELINE} {name}"
             limit = "eval.max_tokens" if name == "eval" else "generate.max_tokens"
             found.append({"iteration": iteration, "stage": name, "key": "truncated_fraction", "value": truncated, "threshold": threshold,
                           "message": f"{where}: {truncated:.0%} of the completions ({metrics.get('truncated')}) hit max_tokens"
                                      f" (over generate.warn_truncated: {threshold:g}): their answers are cut off; raise {limit}"})
-        unextracted, threshold = metrics.get("unextracted_fraction"), config.filter.warn_unextracted
-        if unextracted is not None and unextracted > threshold:
-            found.append({"iteration": iteration, "stage": name, "key": "unextracted_fraction", "value": unextracted, "threshold": threshold,
-                          "message": f"{where}: no answer could be extracted from {unextracted:.0%} of the candidates (over"
-                                     f" filter.warn_unextracted: {threshold:g}), so they are judged wrong: see the answer formats"
-                                     " the README lists, filter.answer_pattern, or generate.max_tokens"})
     return found
 
 
@@ -165,5 +149,6 @@ def summarize(run_dir: Path | str) -> dict[str, Any]:
         "advance": _job_fields(advance := ledger.read(ADVANCE)),
         # Whether the process driving the run still runs (a detached run has none), and how to resume it.
         "driver": driver_state(run, advance),
+        # Completions cut at max_tokens over generate.warn_truncated; a filter's own warnings are in its metrics.
         "warnings": run_warnings(planner.config, base.get("metrics") or {}, iterations),
     }

@@ -121,14 +121,25 @@ def controller_reasons(job_ids: list[str]) -> dict[str, str]:
     return {job_id: reason for job_id, reason in rows if job_id in asked and reason != "None"}
 
 
+def process_identity(pid: int) -> str | None:
+    """``<boot id>:<start time>`` of process ``pid`` (Linux), which a pid used again or a reboot does not
+    repeat; None when there is no such process, it is a zombie, or the machine has no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+    return None if fields[0] == "Z" else f"{boot}:{fields[19]}"
+
+
 def _local_info(pid: int) -> JobInfo:
     """A local job's controller (pid = job id) still runs: alive, not a zombie, and submitit's."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:
         return JobInfo("FINISHED")
-    alive = stat.rsplit(")", 1)[1].split()[0] != "Z" and b"submitit" in cmdline
+    alive = b"submitit" in cmdline and process_identity(pid) is not None
     return JobInfo("RUNNING" if alive else "FINISHED")
 
 

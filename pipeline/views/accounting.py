@@ -1,11 +1,17 @@
-"""What a run cost, per iteration and stage, from SLURM's accounting.
+"""What a run cost, per iteration and stage: from SLURM's accounting for a SLURM run, from what its
+jobs measured of themselves for a local one.
 
-Every job the ledger recorded for a task (every attempt: ``job_ids``) is looked up in one ``sacct``
+SLURM: every job the ledger recorded for a task (every attempt: ``job_ids``) is looked up in one ``sacct``
 call, requeued runs of a job included (``--duplicates``): GPU-seconds are elapsed x allocated GPUs
 (``AllocTRES`` gres/gpu), CPU-seconds are sacct's own ``CPUTimeRAW`` (elapsed x allocated CPUs),
 queue wait is start - submit. Stages whose jobs start vLLM servers (generation shards, evaluation)
 also say what share of their working time went to starting servers rather than generating, from
 the ``server_start_s`` and ``seconds`` their tasks report.
+
+Local (``executor.cluster: local``): each job's ledger record (``usage``) holds its wall seconds from
+start to end and the CPU seconds (user + system) of its process and of the child processes it waited
+for; a job killed before it could report is counted as unmeasured. A stage's elapsed time runs from
+its first job's start to its last job's end (its jobs may run side by side).
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ from pipeline.scheduling.watch import sacct_text
 from state import Ledger
 
 FIELDS = ("JobID", "State", "Submit", "Start", "ElapsedRaw", "AllocTRES", "CPUTimeRAW")
+# What local_cost sums per stage, iteration and run.
+LOCAL_FIGURES = ("jobs", "executions", "unmeasured", "wall_seconds", "cpu_seconds")
 
 
 class CostUnavailable(RuntimeError):
-    """The run's costs cannot be counted (not a SLURM run)."""
+    """The run's costs cannot be counted this way (SLURM's accounting of a run that is not a SLURM run,
+    the jobs' own measures of a run whose jobs ran inside the driver)."""
 
 
 @dataclass
@@ -169,9 +178,79 @@ def cost_table(cost: dict[str, Any]) -> Table:
     return table
 
 
+def _label(iteration: int | str | None) -> str:
+    """An iteration as the tables name it: baseline (0), services (None), run (the total)."""
+    return "services" if iteration is None else "baseline" if iteration == 0 else str(iteration)
+
+
 def _cells(row: dict[str, Any]) -> list[str]:
-    iteration = row["iteration"]
-    label = "services" if iteration is None else ("baseline" if iteration == 0 else str(iteration))
-    return [label, row["stage"], str(len(row["job_ids"])), str(row["runs"]), _hours(row["gpu_seconds"]),
+    return [_label(row["iteration"]), row["stage"], str(len(row["job_ids"])), str(row["runs"]), _hours(row["gpu_seconds"]),
             _hours(row["cpu_seconds"]), f"{row['queue_wait_seconds']:.0f} / {row['max_queue_wait_seconds']:.0f}",
             _share(row["server_start_share"])]
+
+
+def local_cost(run_dir: Path | str) -> dict[str, Any]:
+    """A local run's wall and CPU seconds per stage, per iteration and in all, from its ledger."""
+    cluster, groups = stage_records(Path(run_dir))
+    if cluster == "debug":
+        raise CostUnavailable(f"{run_dir} ran on executor.cluster=debug, inside the driver's process: its jobs have no figures of their own")
+    stages = []
+    for cost, records in groups:
+        ran = [r for r in records if r.get("job_ids") or r.get("usage")]
+        if not ran:
+            continue
+        usage = [r.get("usage") or {} for r in ran]
+        stages.append(_elapsed({
+            "iteration": cost.iteration, "stage": cost.stage,
+            "jobs": sum(len(r.get("job_ids", [])) for r in ran),
+            "executions": sum(u.get("executions", 0) for u in usage),
+            # Ended without a word of its usage: killed, or run by an earlier version.
+            "unmeasured": sum(not u and r.get("status") in ("done", "failed") for r, u in zip(ran, usage, strict=True)),
+            "wall_seconds": round(sum(u.get("wall_s", 0.0) for u in usage), 1),
+            "cpu_seconds": round(sum(u.get("cpu_s", 0.0) for u in usage), 1),
+            "started_at": min((r["started_at"] for r in ran if r.get("started_at")), default=None),
+            "ended_at": max((r["ended_at"] for r in ran if r.get("ended_at")), default=None),
+        }))
+    iterations = sorted({s["iteration"] for s in stages if s["iteration"] is not None})
+    return {
+        "run_dir": str(Path(run_dir).resolve()),
+        "stages": stages,
+        "iterations": [_local_sum(i, [s for s in stages if s["iteration"] == i]) for i in iterations],
+        "total": _local_sum(None, stages),
+    }
+
+
+def _elapsed(row: dict[str, Any]) -> dict[str, Any]:
+    start, end = row["started_at"], row["ended_at"]
+    elapsed = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds() if start and end and end >= start else None
+    return {**row, "elapsed_seconds": elapsed}
+
+
+def _local_sum(iteration: int | None, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"iteration": iteration, "stage": "all", **{k: sum(r[k] for r in rows) for k in LOCAL_FIGURES}}
+    total["wall_seconds"], total["cpu_seconds"] = round(total["wall_seconds"], 1), round(total["cpu_seconds"], 1)
+    total["started_at"] = min((r["started_at"] for r in rows if r["started_at"]), default=None)
+    total["ended_at"] = max((r["ended_at"] for r in rows if r["ended_at"]), default=None)
+    return _elapsed(total)
+
+
+def local_table(cost: dict[str, Any]) -> Table:
+    table = Table(title=f"cost of {cost['run_dir']} (the jobs' own measures)",
+                  caption="wall, CPU: summed over the stage's jobs; elapsed: first start to last end")
+    for column in ("iteration", "stage", "jobs", "wall s", "CPU s", "elapsed s", "unmeasured"):
+        table.add_column(column, justify="left" if column in ("iteration", "stage") else "right")
+    iterations = {row["iteration"]: row for row in cost["iterations"]}
+    rows = cost["stages"]
+    for index, row in enumerate(rows):
+        table.add_row(*_local_cells(row))
+        following = rows[index + 1]["iteration"] if index + 1 < len(rows) else object()
+        if row["iteration"] in iterations and following != row["iteration"]:
+            table.add_row(*_local_cells(iterations[row["iteration"]]), style="bold", end_section=True)
+    table.add_row(*_local_cells({**cost["total"], "iteration": "run"}), style="bold")
+    return table
+
+
+def _local_cells(row: dict[str, Any]) -> list[str]:
+    elapsed = row["elapsed_seconds"]
+    return [_label(row["iteration"]), row["stage"], str(row["jobs"]), f"{row['wall_seconds']:.0f}", f"{row['cpu_seconds']:.0f}",
+            "-" if elapsed is None else f"{elapsed:.0f}", str(row["unmeasured"])]

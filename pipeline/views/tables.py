@@ -12,7 +12,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from jobs.scoring.learning_zone import RATE_BUCKETS
-from pipeline.loop.hacking import describe, reward_rise
+from pipeline.loop.hacking import describe, describe_collapse, reward_rise
 
 CATEGORY_ROWS = (
     ("too_hard", "Too hard (0 correct)", "Decreasing"),
@@ -108,6 +108,10 @@ def iteration_table(summary: dict[str, Any], iterations: Sequence[dict[str, Any]
         "Held-out accuracy", _percent(summary["base_heldout_accuracy"]),
         *[_percent(e["metrics"].get("heldout_accuracy")) for e in iterations], "Increasing",
     )
+    # data.dev: the figure the exported iteration is chosen on and the collapse guard watches.
+    if summary["base_dev_accuracy"] is not None or any(e["metrics"].get("dev_accuracy") is not None for e in summary["iterations"]):
+        table.add_row("Dev accuracy", _percent(summary["base_dev_accuracy"]),
+                      *[_percent(e["metrics"].get("dev_accuracy")) for e in iterations], "Increasing")
     return table
 
 
@@ -129,17 +133,24 @@ def grpo_rounds(entry: dict[str, Any]) -> list[dict[str, Any]]:
 ROUND_ROWS = (
     ("reward", "Reward, mean"),
     ("reward_std", "Reward, std"),
-    # Groups whose samples all got the same reward (all solved or none): no learning signal.
-    ("frac_reward_zero_std", "Groups of one reward (all or none pass)"),
+    # The pass-rate distribution: groups (a prompt's samples) in which no sample, some or all pass,
+    # a sample passing when the run's verifier accepts it (jobs/training/grpo_trainer.py).
+    ("groups/none_pass", "Groups where no sample passes"),
+    ("groups/some_pass", "Groups where some pass"),
+    ("groups/all_pass", "Groups where all pass"),
+    # Groups whose samples all got the same total reward: no learning signal.
+    ("frac_reward_zero_std", "Groups of one reward (no signal)"),
     ("completions/clipped_ratio", "Completions cut at max length"),
 )
+# Rows of shares, shown as percentages.
+SHARES = ("frac_", "groups/", "completions/")
 MAX_ROUNDS = 8
 
 
 def grpo_table(entry: dict[str, Any], rounds: Sequence[dict[str, Any]]) -> Table:
     """Rounds of one GRPO iteration (columns) by what their rollouts scored: mean and spread of the
-    reward, the share of groups whose samples all scored alike (the pass rate at 0 or 1), completions
-    cut off, and each reward's mean."""
+    reward, the shares of groups in which no sample, some or all pass, of groups whose samples all
+    scored alike, completions cut off, and each reward's mean."""
     table = new_table(f"iteration {entry['iteration']}: GRPO rollouts by round (step of the policy)", "Rollouts",
                       *[f"step {r['policy_step']}" for r in rounds])
     for column in table.columns[1:]:
@@ -147,7 +158,7 @@ def grpo_table(entry: dict[str, Any], rounds: Sequence[dict[str, Any]]) -> Table
     names = dict.fromkeys(k for r in rounds for k in r if k.startswith("rewards/") and k.endswith("/mean"))
     for key, label in (*ROUND_ROWS, *[(name, f"  reward {name.split('/')[1]}, mean") for name in names]):
         if any(r.get(key) is not None for r in rounds):
-            table.add_row(label, *[_percent(r.get(key)) if key.startswith(("frac_", "completions/")) else _number(r.get(key)) for r in rounds])
+            table.add_row(label, *[_percent(r.get(key)) if key.startswith(SHARES) else _number(r.get(key)) for r in rounds])
     return table
 
 
@@ -174,6 +185,22 @@ def _selected(selection: dict[str, Any] | None) -> str:
 def hacking_lines(summary: dict[str, Any]) -> list[str]:
     """The reward-hacking check's flags, a line each."""
     return [f"reward hacking? {describe(flag)}" for flag in summary["hacking"]]
+
+
+def collapse_lines(summary: dict[str, Any]) -> list[str]:
+    """The collapse guard's flags, a line each (one in the last iteration, which stops nothing, too)."""
+    return [f"collapse: {describe_collapse(flag)}" for flag in summary["collapse"]]
+
+
+def export_line(summary: dict[str, Any]) -> str | None:
+    """The final model: which iteration export.iteration chose and why (on which accuracy, or that no
+    iteration beat the base model), and where it went; or the export's failure."""
+    export = summary["export"]
+    if export["choice"]:
+        return f"final model: {export['choice']}"
+    if export["status"] == "failed":
+        return f"final model: the export failed: {export['error']}"
+    return None
 
 
 def distribution_table(summary: dict[str, Any], iterations: Sequence[dict[str, Any]]) -> Table:
@@ -319,5 +346,10 @@ def services_table(summary: dict[str, Any]) -> Table:
 
 
 def warning_lines(summary: dict[str, Any]) -> list[str]:
-    """The run's threshold warnings (truncation, unextracted answers), a line each."""
-    return [warning["message"] for warning in summary["warnings"]]
+    """The run's warnings, a line each, iteration by iteration: completions cut at max_tokens (the run's
+    threshold) and what each filter job warned of itself (its ``warnings`` metric: problems left
+    unjudged, candidates without a text, answers not extracted)."""
+    found = [(warning["iteration"], warning["message"]) for warning in summary["warnings"]]
+    found += [(entry["iteration"], f"iteration {entry['iteration']} filter: {warning}")
+              for entry in summary["iterations"] for warning in entry["metrics"].get("warnings") or []]
+    return [line for _, line in sorted(found, key=lambda item: item[0])]

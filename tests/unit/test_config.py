@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import yaml
 from jobs.scoring.config import FilterConfig
 from jobs.training.config import GrpoConfig, TrainConfig
 from pipeline.config import (
+    RunConfig,
     differences,
     dump_yaml,
     load_config,
@@ -20,7 +24,7 @@ from pipeline.config import (
     with_defaults,
 )
 from pipeline.planning.stages import stage_resources
-from pipeline.rules import check_config
+from pipeline.rules import check_config, check_run, check_vllm_installed, used_sections
 from state import InputError
 from tests.conftest import small_config
 
@@ -37,10 +41,10 @@ def assets(tmp_path: Path) -> Path:
     return folder
 
 
-def load(tmp_path: Path, assets: Path, overrides: list[str] = (), **change: Any):
+def load(tmp_path: Path, assets: Path, overrides: list[str] = (), check: Callable[[RunConfig], None] = check_config, **change: Any):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(small_config(assets, tmp_path / "runs", **change)))
-    return path, load_config(path, list(overrides), check=check_config)
+    return path, load_config(path, list(overrides), check=check)
 
 
 # (change to the config, override args, expected words in the error line)
@@ -107,10 +111,7 @@ CASES = [
     # Counts and lists that cannot mean what they say.
     ({"train": {"max_steps": -5}}, [], ["train.max_steps: is -5", "or -1 to train train.num_epochs epochs"]),
     ({"train": {"max_steps": 0}}, [], ["train.max_steps: is 0"]),
-    ({"learning_rates": [1e-3, 1e-3, 1e-3]}, [], ["train.learning_rates: has 3 entries but num_iterations is 2"]),
     # Paths that cannot be what they name (relative ones resolve against the checkout, where the tests run).
-    ({"data": {"train": "tests"}}, [], ["data.train: tests is a folder; give a file of problems"]),
-    ({"data": {"heldout": "tests"}}, [], ["data.heldout: tests is a folder"]),
     ({}, ["runs_dir=README.md"], ["runs_dir: ", "README.md is a file", "README.md/small cannot be made under it"]),
     # The command line: a value the shell split or left unquoted is blamed on its argument.
     ({}, ["train.learning_rates=[1e-3,", "2e-3]"], ["command line: 'train.learning_rates=[1e-3,': not a YAML value",
@@ -137,6 +138,27 @@ def test_a_bad_config_is_one_line_naming_the_file_or_command_line_and_the_key(
         assert words in message, message
 
 
+# Rules added since runs were started: a run started or rerun from the command line (check_run) is
+# refused for them; a run's stored config read again to requeue or advance it (check_config) is not.
+RUN_CASES = [
+    ({"learning_rates": [1e-3, 1e-3, 1e-3]}, ["train.learning_rates: has 3 entries but num_iterations is 2"]),
+    ({"data": {"train": "tests"}}, ["data.train: tests is a folder; give a file of problems"]),
+    ({"data": {"heldout": "tests"}}, ["data.heldout: tests is a folder"]),
+    ({"train": {"load_in_4bit": True}, "executor": {"cluster": "slurm"}}, ["train.load_in_4bit: QLoRA", "asks SLURM for none"]),
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), RUN_CASES)
+def test_rules_added_since_runs_started_refuse_a_run_from_the_command_line_only(
+    tmp_path: Path, assets: Path, change: dict[str, Any], expected: list[str]
+) -> None:
+    with pytest.raises(InputError) as refused:
+        load(tmp_path, assets, check=check_run, **change)
+    for words in expected:
+        assert words in str(refused.value), refused.value
+    load(tmp_path, assets, **change)  # check_config, as Driver.open applies it
+
+
 def test_a_held_out_set_that_is_the_training_set_is_refused(tmp_path: Path, assets: Path) -> None:
     """The same file, or another with the same problems: held-out accuracy would measure the training problems."""
     train = tmp_path / "train_small.jsonl"
@@ -145,7 +167,21 @@ def test_a_held_out_set_that_is_the_training_set_is_refused(tmp_path: Path, asse
     copy.write_bytes(train.read_bytes())
     for heldout in (train, copy):
         with pytest.raises(InputError, match=rf"data.heldout: {heldout} holds the same problems as data.train \({train}\)"):
-            load(tmp_path, assets, data={"heldout": str(heldout)})
+            load(tmp_path, assets, check=check_run, data={"heldout": str(heldout)})
+        load(tmp_path, assets, data={"heldout": str(heldout)})
+
+
+def test_a_python_that_does_not_say_whether_it_has_vllm_is_one_line(tmp_path: Path, assets: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A python that hangs (a stalled network file system) is refused in one line, not a traceback."""
+    _, config = load(tmp_path, assets, generate={"backend": "vllm", "vllm": {"python": sys.executable}})
+
+    def hang(command: list[str], **options: Any) -> None:
+        raise subprocess.TimeoutExpired(command, options["timeout"])
+
+    monkeypatch.setattr(subprocess, "run", hang)
+    with pytest.raises(ValueError, match=rf"^generate.vllm.python: {sys.executable} did not say within 120 s whether it has vLLM"):
+        check_vllm_installed(config, used_sections(config))
 
 
 def test_a_runs_dir_that_cannot_be_written_is_refused(tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:

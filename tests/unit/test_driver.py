@@ -18,7 +18,7 @@ from rich.console import Console
 
 from pipeline.config import RunConfig, dump_yaml
 from pipeline.loop.driver import Driver
-from pipeline.loop.hacking import RunStopped
+from pipeline.loop.hacking import RunStopped, describe
 from pipeline.loop.submitter import Submitter
 from pipeline.loop.summary import summarize
 from pipeline.planning.planner import Planner
@@ -521,11 +521,19 @@ def hacking_metrics(key: str, attempt: int) -> dict[str, Any]:
 
 
 def test_run_stops_before_the_next_iteration_on_hacking(tmp_path: Path) -> None:
+    """configs/demo_grpo_hacking.yaml's case: held-out accuracy also fell below the base model's, so the
+    collapse guard fires too; the hacking check, asked to stop, is named first, the guard after it."""
     driver, submitter = make_driver(tmp_path, hacking_metrics, grpo={"stop_on_hacking": True})
     frozen_run(driver)
 
-    with pytest.raises(RunStopped):
+    with pytest.raises(RunStopped) as stopped:
         driver.run()
+
+    assert str(stopped.value) == (
+        "stopped by grpo.stop_on_hacking: iteration 1: reward format rose 0.100 -> 0.900 while held-out accuracy fell 50.0% -> 20.0%;"
+        " and by the collapse guard: iteration 1: held-out accuracy 20.0%, below the base model's 50.0% by more than"
+        " export.collapse_margin (0.05)")
+    assert driver.ledger.read("run")["error"] == str(stopped.value)
 
     submitted = [key for key, _, _ in submitter.calls]
     # The best so far is exported first: no iteration beat the base model (0.5), so nothing is.
@@ -534,6 +542,33 @@ def test_run_stops_before_the_next_iteration_on_hacking(tmp_path: Path) -> None:
     assert submitter.specs["export"].iteration == 0
     assert driver.ledger.read("run")["status"] == "stopped"
     assert driver.current_stage().key == "iter_002/generate"
+
+
+def test_without_stop_on_hacking_the_collapse_guard_alone_stops_it(tmp_path: Path) -> None:
+    driver, _ = make_driver(tmp_path, hacking_metrics, grpo={"stop_on_hacking": False})
+    frozen_run(driver)
+
+    with pytest.raises(RunStopped, match=r"^stopped by the collapse guard: iteration 1: held-out accuracy 20.0%[^;]*$"):
+        driver.run()
+
+    assert "reward hacking? iteration 1" in output(driver), "flagged, not stopped by"
+
+
+def test_a_failed_export_of_a_stopped_run_keeps_why_it_stopped(tmp_path: Path) -> None:
+    driver, submitter = make_driver(tmp_path, failing(["export"], times=99, error="OSError: No space left on device"),
+                                    grpo={"stop_on_hacking": True})
+
+    with pytest.raises(RunStopped) as stopped:
+        driver.check_iteration({"hacking": [FLAG], "collapse": []}, 1)
+
+    assert submitter.submitted() == [["export"], ["export"]]
+    message = str(stopped.value)
+    assert message.startswith("stopped by grpo.stop_on_hacking: iteration 1: reward format rose 0.200 -> 0.900")
+    assert "then the export of the best iteration so far failed: export failed after 2 attempt(s): OSError: No space left" in message
+    run = driver.ledger.read("run")
+    assert run["status"] == "stopped"
+    assert run["error"] == ("stopped by grpo.stop_on_hacking: " + describe(FLAG) +
+                            "; then the export failed: export failed after 2 attempt(s): OSError: No space left on device")
 
 
 def test_run_without_stop_on_hacking_goes_on(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,22 +20,22 @@ from jobs.runtime import reporting
 from jobs.specs import JobTarget
 from pipeline.config import load_config
 from pipeline.layout import RunLayout
+from pipeline.views.samples import samples_view
 from state import Ledger
 from tests.conftest import small_config, write_config
 from tools import cost, samples
-from tools.samples import samples_view
 
 pytestmark = pytest.mark.unit
 
 PROBLEMS = [{"id": f"p{i}", "question": f"{i}+{i}=?", "answer": str(2 * i)} for i in range(4)]
 
 
-def grpo_run(tmp_path: Path) -> RunLayout:
+def grpo_run(tmp_path: Path, verifier: str = "numeric") -> RunLayout:
     """A GRPO run with a pass-rate band (so it generates), rewarded for correctness and a <think> block;
     its first iteration's two shards and the base model's held-out predictions written."""
     for name in ("train.jsonl", "heldout.jsonl"):
         write_jsonl(tmp_path / "assets" / name, PROBLEMS)
-    config = small_config(tmp_path / "assets", tmp_path / "runs", method="grpo",
+    config = small_config(tmp_path / "assets", tmp_path / "runs", method="grpo", filter={"verifier": verifier},
                           grpo={"rewards": [{"name": "correctness"}, {"name": "format", "weight": 0.1, "tags": ["think"], "layout": "present"}],
                                 "pass_rate_band": [0.1, 0.9], "num_generations": 2, "batch_size": 2})
     layout = RunLayout(tmp_path / "runs" / "small")
@@ -79,6 +80,20 @@ def test_samples_show_each_sample_with_its_answer_verdict_and_rewards_at_80_colu
     assert "2 of 2 samples right" in blocks["p2"] and "1 of 2 samples right" in blocks["p3"], "a bare last line is the answer"
 
 
+def test_samples_judge_as_the_filter_does_and_name_the_verifier_auto_chose(tmp_path: Path) -> None:
+    layout = grpo_run(tmp_path, verifier="auto")
+    # A data set's numeric truth (4, not "4") and a candidate without a text, which the filter leaves out.
+    (shard,) = layout.shard_outputs(1, "generate", ["shard_00002"]).values()
+    record = generation_record({"id": "p9", "question": "2+2=?", "answer": "4"}, [("ANSWER: 4", 3), ("x", 1), ("ANSWER: 5", 3)])
+    record["ground_truth"], record["candidates"][1]["raw_output"] = 4, None
+    write_jsonl(Path(shard), [record])
+    text = rendered(samples_view(layout.run_dir, 1, 1, ["p9"], False, 0, 160))
+    assert "verifier: numeric (auto)" in text
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"]) and "samples" not in line]
+    assert [row[:3] for row in rows] == [["1", "4", "right"], ["2", "no", "output"], ["3", "5", "wrong"]]
+    assert "1 of 2 samples right; 1 not judged" in text
+
+
 def test_samples_of_the_base_model_are_its_held_out_predictions(tmp_path: Path) -> None:
     layout = grpo_run(tmp_path)
     text = rendered(samples_view(layout.run_dir, 0, 3, ["p3"], False, 0, 160))
@@ -96,6 +111,23 @@ def test_samples_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest
     assert samples.main([str(layout.run_dir), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("tool", [cost, samples])
+@pytest.mark.parametrize(("damage", "message"), [
+    ("config", "config.yaml"),
+    ("ledger", "not a run directory (no ledger/ and config.yaml in it)"),
+])
+def test_cost_and_samples_on_a_damaged_run_say_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], tool: Any,
+                                                               damage: str, message: str) -> None:
+    layout = grpo_run(tmp_path)
+    if damage == "config":
+        layout.config.write_text("num_iterations: [2\n")
+    else:
+        shutil.rmtree(layout.run_dir / "ledger")
+    assert tool.main([str(layout.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
 
 
 def busy_job(target: JobTarget, cpu_seconds: float) -> None:

@@ -1,6 +1,7 @@
 """Scoring that is right, in process: the verifier auto picks per problem (GSM8K data with the
-default config), ground truths no verifier can read (unknown, not wrong), malformed candidates,
-empty groups, and a filter that says when it could extract almost no answers."""
+default config), ground truths no verifier can read (unknown, not wrong, in the filter and in the
+evaluation), malformed candidates, empty groups, and a filter that says when it could extract almost
+no answers."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ from typing import Any
 import pytest
 import yaml
 
-from jobs.problems.data import load_problems
+from jobs.generation import evaluate as eval_job
+from jobs.generation.config import EvalConfig, GenerateConfig
+from jobs.generation.protocol import Completion, Outcome, Request
+from jobs.problems.data import load_problems, write_jsonl
 from jobs.scoring.config import FilterConfig, RewardConfig, RewardFilterConfig
 from jobs.scoring.filtering import filter_generations
 from jobs.scoring.pass_rates import select_problems
 from jobs.scoring.records import score_candidates
 from jobs.scoring.rescore import score_generations
 from jobs.scoring.rewards import RewardContext, RewardSet
+from jobs.specs import EvalSpec, JobTarget
 from pipeline.config import load_config
 from pipeline.rules import check_config
 from tests.conftest import small_config
@@ -140,6 +145,7 @@ def test_a_candidate_without_text_fails_only_itself(tmp_path: Path) -> None:
     reward = RewardFilterConfig([RewardConfig("correctness"), RewardConfig("tag_count", 0.5)], threshold=1.0)
     stats = filter_generations([shard], output, FilterConfig(strategy="all", reward=reward), 42, 4)
     assert pass_rates(output)["p"]["candidates"] == 3 and stats["total_correct"] == 2
+    assert stats["problems_per_verifier"] == {}, "the rewards judged, not a verifier"
     assert stats["reward_failures"]["correctness"]["failed"] == 1
     scored = score_generations([shard], RewardSet(reward.rewards, RewardContext("auto")), tmp_path / "scored.jsonl")
     (line,) = map(json.loads, (tmp_path / "scored.jsonl").read_text().splitlines())
@@ -183,3 +189,49 @@ def test_the_control_keeps_as_many_samples_per_problem_as_the_filter_drawn_blind
     # Drawn at random: about a quarter right (2 of 8), not all of them.
     right = sum(s["response"] == "ANSWER: 5" for s in kept[True]) / len(kept[True])
     assert 0.1 < right < 0.5, right
+
+
+class CannedBackend:
+    """Answers the i-th request with ``texts[i]``."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def run(self, requests: list[Request], on_outcome: Any) -> None:
+        for index, text in enumerate(self.texts[: len(requests)]):
+            on_outcome(Outcome(index, [Completion(text, 3)]))
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_evaluation_leaves_problems_it_cannot_judge_out_of_its_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    heldout = [{"id": "num", "question": "?", "answer": "#### 7"}, {"id": "mc", "question": "?", "answer": "(B) Piano"},
+               {"id": "text", "question": "?", "answer": "Paris"}]
+    write_jsonl(tmp_path / "heldout.jsonl", heldout)
+    write_jsonl(tmp_path / "dev.jsonl", [{"id": "unit", "question": "?", "answer": "5 cm"}])
+    texts = ["ANSWER: 7", "ANSWER: (C) Violin", "ANSWER: Paris.", "ANSWER: 5"]
+    monkeypatch.setattr(eval_job, "make_backend", lambda *args: CannedBackend(texts))
+    out = tmp_path / "eval"
+
+    def evaluate(verifier: str) -> tuple[dict[str, Any], dict[str, tuple[str, bool | None]]]:
+        spec = EvalSpec(JobTarget(str(tmp_path), "eval"), str(tmp_path / "heldout.jsonl"), "model", str(out), EvalConfig(),
+                        FilterConfig(verifier=verifier), GenerateConfig(), 42, str(tmp_path / "key"),
+                        dev_problems_path=str(tmp_path / "dev.jsonl"))
+        metrics: dict[str, Any] = {}
+        eval_job.evaluate(spec, metrics)
+        lines = [json.loads(line) for name in ("predictions", "dev_predictions") for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        return metrics, {line["id"]: (line["verifier"], line["correct"]) for line in lines}
+
+    metrics, verdicts = evaluate("auto")
+    assert verdicts == {"num": ("numeric", True), "mc": ("multiple_choice", False), "text": ("exact", True), "unit": ("numeric", True)}
+    assert (metrics["heldout_accuracy"], metrics["heldout_unjudged"], metrics["dev_accuracy"]) == (pytest.approx(2 / 3), 0, 1.0)
+    # Truths numeric cannot read (no number): left out of the accuracy and counted, not judged wrong.
+    metrics, verdicts = evaluate("numeric")
+    assert verdicts["mc"] == verdicts["text"] == ("numeric", None)
+    assert {k: metrics[k] for k in ("heldout_accuracy", "heldout_correct", "heldout_problems", "heldout_unjudged")} == {
+        "heldout_accuracy": 1.0, "heldout_correct": 1, "heldout_problems": 3, "heldout_unjudged": 2,
+    }

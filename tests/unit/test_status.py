@@ -1,6 +1,7 @@
 """tools/status.py's decisions, in process: a driver gone, the ledger's and the scheduler's words in
 agreement, a training job's step and ETA, tables whole at 80 columns, GRPO's rounds, the run's
-threshold warnings, one line for a damaged run directory; and the counts they read (truncation)."""
+warnings (its thresholds', and its filters' own), the collapse guard, dev accuracy and the export's
+choice, one line for a damaged run directory; and the counts they read (truncation)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import pytest
 from rich.console import Console
 
 from jobs.generation.generate import finish
-from pipeline.loop.summary import driver_identity, process_identity, summarize
+from pipeline.loop.summary import driver_identity, summarize
+from pipeline.scheduling.watch import process_identity
 from pipeline.views.tables import (
     fitted,
     grpo_tables,
@@ -175,28 +177,69 @@ def test_a_damaged_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert status_of(tmp_path, capsys)[0] == 2
 
 
-def test_truncation_and_unextracted_answers_warned_over_their_thresholds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_truncation_over_its_threshold_and_the_filters_own_warnings_are_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     ledger = make_run(run_dir, generate={"warn_truncated": 0.3})
     ledger.update("iter_001/generate", {"status": "done", "metrics": {"truncated": 40, "truncated_fraction": 0.4}})
-    ledger.update("iter_001/filter", {"status": "done", "metrics": {"unextracted_fraction": 0.95}})
+    # What jobs/scoring/filtering.py records: its warnings, each computed there, once.
+    filtered = ["2 problem(s) left out: none of their candidates could be judged (...), first 'p7'",
+                "no answer could be extracted from 95% of the candidates (over filter.warn_unextracted: 0.9), so they are judged wrong"]
+    ledger.update("iter_001/filter", {"status": "done", "metrics": {"unextracted_fraction": 0.95, "warnings": filtered}})
     ledger.update("iter_001/eval", {"status": "done", "metrics": {"truncated": 1, "truncated_fraction": 0.25}})  # under 0.3
     ledger.update("baseline/eval", {"status": "done", "metrics": {"truncated": 5, "truncated_fraction": 0.5}})
     summary = summarize(run_dir)
     assert [(w["iteration"], w["stage"], w["key"]) for w in summary["warnings"]] == [
-        (0, "eval", "truncated_fraction"), (1, "generate", "truncated_fraction"), (1, "filter", "unextracted_fraction")]
-    text = " ".join(status_of(run_dir, capsys)[1].split())
+        (0, "eval", "truncated_fraction"), (1, "generate", "truncated_fraction")], "the filter's are its own, not computed again"
+    assert summary["iterations"][0]["metrics"]["warnings"] == filtered
+    out = status_of(run_dir, capsys)[1]
+    text = " ".join(out.split())
     assert ("iteration 1 generate: 40% of the completions (40) hit max_tokens (over generate.warn_truncated: 0.3): their answers"
             " are cut off; raise generate.max_tokens") in text
     assert "baseline eval: 50% of the completions (5) hit max_tokens" in text and "raise eval.max_tokens" in text
-    assert "no answer could be extracted from 95% of the candidates (over filter.warn_unextracted: 0.9)" in text
+    assert f"iteration 1 filter: {filtered[0]}" in text and f"iteration 1 filter: {filtered[1]}" in text
+    assert text.count("no answer could be extracted") == 1
+    assert text.index("baseline eval") < text.index("iteration 1 generate") < text.index("iteration 1 filter: 2 problem(s)")
+    assert_whole(out, ["judged", "max_tokens", "extracted", "candidates"])
+
+
+def test_collapse_dev_accuracy_and_the_exports_choice_are_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A collapse in the last iteration stops nothing: status and report are where a user sees it,
+    beside the dev accuracy the choice was made on and the choice itself (nothing exported here)."""
+    run_dir = tmp_path / "run"
+    (tmp_path / "dev.jsonl").write_text("")
+    ledger = make_run(run_dir, iterations=2, data={"train": "t.jsonl", "heldout": "h.jsonl", "dev": str(tmp_path / "dev.jsonl")},
+                      export={"collapse_margin": 0.05})
+    for key, heldout, dev in (("baseline/eval", 0.25, 0.20), ("iter_001/eval", 0.20, 0.18), ("iter_002/eval", 0.0, 0.05)):
+        ledger.update(key, {"status": "done", "metrics": {"heldout_accuracy": heldout, "dev_accuracy": dev}})
+    choice = "no iteration beat the base model (dev accuracy 20.0%; best: iteration 1, 18.0%): nothing exported; the base model (model.path) stays the best"
+    ledger.update("export", {"status": "done", "metrics": {"exported_iteration": 0, "export": None, "choice": choice}})
+    ledger.update("run", {"status": "done"})
+    out = status_of(run_dir, capsys)[1]
+    text = " ".join(out.split())
+    assert re.search(r"Dev accuracy \S* 20\.0% \S* 18\.0% \S* 5\.0%", text), text
+    assert ("collapse: iteration 2: dev accuracy 5.0%, below the base model's 20.0% by more than export.collapse_margin (0.05)"
+            in text)
+    assert f"final model: {choice}" in text
+    assert_whole(out, ["Dev", "export.collapse_margin", "exported", "model.path"])
+    summary = json.loads(status_of(run_dir, capsys, "--json")[1])
+    assert summary["export"]["choice"] == choice and [f["iteration"] for f in summary["collapse"]] == [2]
+
+
+def test_a_failed_export_is_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    ledger = make_run(run_dir)
+    ledger.update("export", {"status": "failed", "attempts": 2, "error": "OSError: [Errno 28] No space left on device"})
+    text = " ".join(status_of(run_dir, capsys)[1].split())
+    assert "final model: the export failed: OSError: [Errno 28] No space left on device" in text
 
 
 def test_grpo_shows_its_rounds_instead_of_empty_filter_panels(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     ledger = make_run(run_dir, iterations=1, method="grpo")
     steps = [{"step": s, "policy_step": s - (s - 1) % 2, "reward": 0.1 * s, "reward_std": 0.2, "frac_reward_zero_std": 0.5 - 0.025 * s,
-              "rewards/correctness/mean": 0.05 * s, "rewards/format/mean": 1.0} for s in range(1, 21)]
+              "rewards/correctness/mean": 0.05 * s, "rewards/format/mean": 1.0,
+              # The pass-rate distribution jobs/training/grpo_trainer.py records.
+              "groups/none_pass": 0.625, "groups/some_pass": 0.25, "groups/all_pass": 0.125} for s in range(1, 21)]
     ledger.update("iter_001/train", {"status": "done", "metrics": {"step_log": steps, "final_reward": 2.0}})
     summary = summarize(run_dir)
     console = Console(file=io.StringIO(), width=80)
@@ -207,7 +250,9 @@ def test_grpo_shows_its_rounds_instead_of_empty_filter_panels(tmp_path: Path) ->
     assert {"Groups", "correctness,", "Reward,"} <= set(text.split())
     # 8 of the 10 rounds, the first and the last among them, in tables as wide as 80 columns allow.
     assert [column.header for table in rounds for column in table.columns[1:]] == [f"step {s}" for s in (1, 3, 7, 9, 11, 13, 17, 19)]
-    assert_whole(text, ["correctness", "47.5%", "2.5%", "1.000", "0.100", "0.950"])
+    assert_whole(text, ["correctness", "47.5%", "2.5%", "1.000", "0.100", "0.950", "passes", "62.5%", "25.0%", "12.5%"])
+    assert [row for row in rounds[0].columns[0].cells if "pass" in row] == [
+        "Groups where no sample passes", "Groups where some pass", "Groups where all pass"]
 
 
 def test_generation_counts_completions_cut_at_max_tokens(tmp_path: Path) -> None:
