@@ -312,12 +312,13 @@ def _map(function: Callable[[T], U], items: list[T]) -> list[U]:
         return list(pool.map(function, items))
 
 
-def _note_marker(newest: dict[str, int], marker: str) -> None:
-    """Count ``marker`` (``<name>@<version>``) in ``newest``, the highest version seen per record:
+def _note_markers(newest: dict[str, int], markers: Iterable[str]) -> None:
+    """Count ``markers`` (``<name>@<version>`` each) in ``newest``, the highest version seen per record:
     a marker lost to a crash leaves an older one behind (module docstring)."""
-    record, at, version = marker.rpartition("@")
-    if at and version.isdigit():
-        newest[record] = max(newest.get(record, 0), int(version))
+    for marker in markers:
+        record, at, version = marker.rpartition("@")
+        if at and version.isdigit() and int(version) > newest.get(record, 0):
+            newest[record] = int(version)
 
 
 def marker_bucket(folder: str, name: str) -> str:
@@ -381,7 +382,8 @@ class Ledger:
 
     def children(self, key: str) -> dict[str, Record]:
         """All records directly below ``key`` (e.g. the shards of a stage), by name, sorted."""
-        return dict(sorted(self._folder(self.root / key).items()))
+        records = self._folder(self.root / key)
+        return {name: records[name] for name in sorted(records)}
 
     def read_many(self, keys: Iterable[str]) -> dict[str, Record]:
         """``{key: read(key)}`` for many keys, in a few file reads per folder (see the module docstring)."""
@@ -391,27 +393,25 @@ class Ledger:
 
     def _folder(self, folder: Path) -> dict[str, Record]:
         """The records of ``folder`` by name: the snapshot's copies, and the records newer than them from their files."""
-        files: dict[str, str] = {}  # name -> its file's suffix: its record file, else a legacy one
-        newest: dict[str, int] = {}
+        # Listings of names (listdir, not scandir): a 10,000-record folder has 10,000 markers too.
         try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    name = entry.name
-                    if name[0] != ".":
-                        stem, dot, suffix = name.rpartition(".")
-                        if dot + suffix == RECORD:
-                            files[stem] = RECORD
-                        elif dot + suffix == LEGACY:
-                            files.setdefault(stem, LEGACY)
-                    else:  # a marker as ledgers before MARKERS kept them, ".<name>@<version>", or a hidden file
-                        _note_marker(newest, name[1:])
+            names = os.listdir(folder)
         except FileNotFoundError:
             return {}
-        with contextlib.suppress(FileNotFoundError), os.scandir(f"{folder}/{MARKERS}") as buckets:
-            for bucket in buckets:
-                with os.scandir(bucket.path) as markers:
-                    for marker in markers:
-                        _note_marker(newest, marker.name)
+        files: dict[str, str] = {}  # name -> its file's suffix: its record file, else a legacy one
+        hidden = []  # markers as ledgers before MARKERS kept them, ".<name>@<version>", and hidden files
+        for name in names:
+            if name[0] == ".":
+                hidden.append(name[1:])
+            elif name.endswith(RECORD):
+                files[name[: -len(RECORD)]] = RECORD
+            elif name.endswith(LEGACY):
+                files.setdefault(name[: -len(LEGACY)], LEGACY)
+        newest: dict[str, int] = {}
+        _note_markers(newest, hidden)
+        with contextlib.suppress(FileNotFoundError):
+            for bucket in os.listdir(f"{folder}/{MARKERS}"):
+                _note_markers(newest, os.listdir(f"{folder}/{MARKERS}/{bucket}"))
         snapshot = _load_snapshot(folder)
         # A record without markers was last written before markers existed: its snapshot copy holds.
         records = {n: snapshot[n] for n in files if n in snapshot}

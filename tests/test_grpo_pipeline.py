@@ -40,7 +40,8 @@ def test_pass_rate_band_keeps_the_problems_inside_it_and_says_why_others_left(tm
     problems = [{"id": i, "question": "q", "answer": "a"} for i in ("none", "some", "half", "all", "broken", "unseen")]
     selected, counts = select_problems(problems, rates, (0.25, 0.5))
     assert [p["id"] for p in selected] == ["some", "half"], "bounds included"
-    assert counts == {"band": [0.25, 0.5], "selected": 2, "problems": 6, "below_band": 1, "above_band": 1, "no_pass_rate": 2}
+    assert counts == {"band": [0.25, 0.5], "selected": 2, "problems": 6, "below_band": 1, "above_band": 1, "no_pass_rate": 2,
+                      "unjudged": 0}
 
 
 @pytest.mark.parametrize("name", ["demo_grpo", "demo_grpo_hacking"])

@@ -11,6 +11,7 @@ exported and why.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -24,9 +25,8 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.console import console as make_console
-from pipeline.loop.submitter import IN_FLIGHT
 from pipeline.loop.summary import stored_config, summarize
-from pipeline.scheduling.watch import SLURM_ALIVE, job_rows
+from pipeline.scheduling.watch import IN_FLIGHT, SLURM_ALIVE, job_rows
 from pipeline.views.tables import (
     collapse_lines,
     driver_line,
@@ -80,6 +80,16 @@ def jobs_table(rows: list[dict]) -> Table:
 
 
 def report(run_dir: Path, cluster: str, console: Console) -> tuple[dict, Group]:
+    # A big run's summary is a million small objects, made at once: the cycle collector, run again and
+    # again while they are made, cost a sixth of status's time (tools/bench/status_bench.py).
+    gc.disable()
+    try:
+        return _report(run_dir, cluster, console)
+    finally:
+        gc.enable()
+
+
+def _report(run_dir: Path, cluster: str, console: Console) -> tuple[dict, Group]:
     summary = summarize(run_dir)
     summary["jobs"] = job_rows(summary, cluster)
     reconcile(summary["jobs"], cluster)

@@ -20,11 +20,16 @@ from pipeline.config import RunConfig
 from pipeline.layout import RunLayout
 from pipeline.planning.stage import StagePlan, Task
 from pipeline.scheduling.executors import make_executor, max_array_size, submit_array
-from pipeline.scheduling.watch import UNKNOWN, JobInfo, JobWatcher, SchedulerUnavailable
+from pipeline.scheduling.watch import (
+    IN_FLIGHT,
+    UNKNOWN,
+    JobInfo,
+    JobWatcher,
+    SchedulerUnavailable,
+)
 from state import InputError, Ledger, Status
 from state.ledger import now
 
-IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING), str(Status.SERVING))
 # sacct's reason for a job cancelled while it waited on a dependency that failed (--kill-on-invalid-dep).
 NEVER_SATISFIED = ("Dependency", "DependencyNeverSatisfied")
 # What a new attempt must not inherit from the one before.

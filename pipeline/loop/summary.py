@@ -14,10 +14,9 @@ from pipeline.config import RunConfig, read_run_config
 from pipeline.layout import BASELINE, RunLayout, iteration_name
 from pipeline.loop.hacking import collapse_flags, hacking_flags
 from pipeline.loop.services import configured, service_fields, service_key
-from pipeline.loop.submitter import IN_FLIGHT
 from pipeline.planning.planner import Planner
 from pipeline.planning.stages import ADVANCE, EXPORT, choice_metric
-from pipeline.scheduling.watch import process_identity
+from pipeline.scheduling.watch import IN_FLIGHT, process_identity
 from state import InputError, Ledger
 from state.ledger import now
 

@@ -32,13 +32,21 @@ def shard_ranges(num_problems: int, num_shards: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
-@dataclass
 class Task:
-    """One job to run: the ledger record it owns, the function and its spec."""
+    """One job to run: the ledger record it owns, the function and its spec. The spec may come as
+    ``build``, which makes it when it is first read: status and the driver's polls plan a
+    10,000-shard stage for its tasks' keys, and only a submission reads their specs."""
 
-    key: str
-    function: Callable[[Any], dict[str, Any]]
-    spec: Any
+    __slots__ = ("_build", "_spec", "function", "key")
+
+    def __init__(self, key: str, function: Callable[[Any], dict[str, Any]], spec: Any = None, build: Callable[[], Any] | None = None):
+        self.key, self.function, self._spec, self._build = key, function, spec, build
+
+    @property
+    def spec(self) -> Any:
+        if self._build is not None:
+            self._spec, self._build = self._build(), None
+        return self._spec
 
 
 @dataclass

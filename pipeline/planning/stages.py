@@ -9,6 +9,7 @@ a detached chain, the services it needs, and how its metrics add up.
 from __future__ import annotations
 
 import re
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -94,33 +95,35 @@ def generate_stage(run: RunContext, iteration: int) -> StagePlan:
         f"shard_{index:05d}": (start, stop, None) for index, (start, stop) in enumerate(ranges)
     }
     shards.update({name: (parts[0], parts[-1] + 1, parts) for name, parts in split_parts(run.run_dir, key).items()})
-    # Paths once for all shards: every status and poll of a 10,000-shard stage builds this plan.
-    outputs = layout.shard_outputs(iteration, "generate", shards)
+    # Paths once for all shards, when a spec is first made: every status and poll of a 10,000-shard
+    # stage builds this plan, and reads only its tasks' keys.
+    outputs = cache(lambda: layout.shard_outputs(iteration, "generate", shards))
     problems_path, api_key_path, compile_cache_dir = (str(p) for p in (layout.train_problems, layout.api_key, layout.compile_caches))
-    tasks = [
-        Task(f"{key}/{name}", generate_job.run, GenerateShardSpec(
+
+    def spec(name: str, start: int, stop: int, indices: list[int] | None) -> GenerateShardSpec:
+        return GenerateShardSpec(
             target=run.target(f"{key}/{name}"),
             problems_path=problems_path,
             start=start,
             stop=stop,
             model_path=model,
-            output_path=outputs[name],
+            output_path=outputs()[name],
             generate=config.generate,
             seed=config.seed + iteration,
             api_key_path=api_key_path,
             compile_cache_dir=compile_cache_dir,
             indices=indices,
             progress_every_s=policy.progress_every_s if policy else 0.0,
-        ))
-        for name, (start, stop, indices) in shards.items()
-    ]
-    specs = {t.key: t.spec for t in tasks}
+        )
+
+    tasks = [Task(f"{key}/{name}", generate_job.run, build=partial(spec, name, *shard)) for name, shard in shards.items()]
+    by_key = {t.key: t for t in tasks}
     sizes = [b - a for a, b in ranges]
     return StagePlan(
         key, "generate", iteration, tasks, resources, totals=shard_totals,
         jobs_text=f"array of {len(sizes)} (problems per shard {min(sizes)}-{max(sizes)})",
         writes=str(layout.stage_dir(iteration, "generate")),
-        resplit=policy, split=lambda task_key: generate_job.close_early(specs[task_key]),
+        resplit=policy, split=lambda task_key: generate_job.close_early(by_key[task_key].spec),
     )
 
 
@@ -131,17 +134,20 @@ def filter_stage(run: RunContext, iteration: int, generations: StagePlan) -> Sta
     output = layout.stage_dir(iteration, "filter")
     key = str(output.relative_to(layout.run_dir))
     services = services_used(config.filter.reward.rewards) if config.filter.reward else set()
-    spec = FilterSpec(
-        target=run.target(key),
-        shard_paths=[t.spec.output_path for t in generations.tasks],
-        num_problems=run.num_train,
-        output_dir=str(output),
-        filter=config.filter,
-        num_samples=config.generate.num_samples,
-        seed=config.seed,
-        services=service_refs(run, services),
-    )
-    return StagePlan(key, "filter", iteration, [Task(key, filter_job.run, spec)], stage_resources(config, "filter"),
+
+    def spec() -> FilterSpec:  # made when read: it reads every shard's spec
+        return FilterSpec(
+            target=run.target(key),
+            shard_paths=[t.spec.output_path for t in generations.tasks],
+            num_problems=run.num_train,
+            output_dir=str(output),
+            filter=config.filter,
+            num_samples=config.generate.num_samples,
+            seed=config.seed,
+            services=service_refs(run, services),
+        )
+
+    return StagePlan(key, "filter", iteration, [Task(key, filter_job.run, build=spec)], stage_resources(config, "filter"),
                      after="afterany", services=tuple(sorted(services)), reports=FILTER_REPORTS, writes=str(output))
 
 

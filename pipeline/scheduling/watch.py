@@ -20,9 +20,15 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import submitit
+from state import Status
 
+if TYPE_CHECKING:  # only a type here, and an import that costs status (which imports this module) a tenth of its time
+    import submitit
+
+# Ledger statuses of a record whose job may still run: submitted, running, or a service serving.
+IN_FLIGHT = (str(Status.SUBMITTED), str(Status.RUNNING), str(Status.SERVING))
 # States in which a SLURM job may still run (or run again).
 SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
                "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "STOPPED"}
@@ -48,6 +54,8 @@ class JobInfo:
 
 
 UNKNOWN = JobInfo("UNKNOWN")
+# A local job's states: one instance each, a run's jobs share them (status asks about tens of thousands).
+RUNNING, FINISHED = JobInfo("RUNNING"), JobInfo("FINISHED")
 
 
 def expand_job_ids(job_id: str) -> list[str]:
@@ -138,9 +146,9 @@ def _local_info(pid: int) -> JobInfo:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return JobInfo("FINISHED")
+        return FINISHED
     alive = b"submitit" in cmdline and process_identity(pid) is not None
-    return JobInfo("RUNNING" if alive else "FINISHED")
+    return RUNNING if alive else FINISHED
 
 
 class JobWatcher:
@@ -157,11 +165,11 @@ class JobWatcher:
         """The state of each job, with one scheduler query for all of them."""
         job_ids = [j for j in job_ids if j]
         if self.cluster == "debug":
-            return {j: JobInfo("FINISHED") for j in job_ids}
+            return dict.fromkeys(job_ids, FINISHED)
         if self.cluster == "local":
             # One listing of the processes: most jobs of a big run ended long ago (status.py asks about all).
             pids = set(os.listdir("/proc")) if os.path.isdir("/proc") else set()
-            return {j: JobInfo(self.jobs[j].state) if j in self.jobs else _local_info(int(j)) if j in pids else JobInfo("FINISHED")
+            return {j: JobInfo(self.jobs[j].state) if j in self.jobs else _local_info(int(j)) if j in pids else FINISHED
                     for j in job_ids}
         infos = sacct(job_ids)
         # Right after an array ends, sacct may show one bare row for the whole array: then every
@@ -192,27 +200,25 @@ def job_rows(summary: dict, cluster: str) -> list[dict]:
 
     One scheduler query for all of them; used by tools/status.py.
     """
-    rows = []
+    jobs = []  # (iteration, task, its record) of each record that has a job
     for iteration in summary["iterations"]:
         for stage, info in iteration["stages"].items():
-            entries = [(f"{stage} {s['name']}", s) for s in info.get("shards", [])] or [(stage, info)]
-            for label, record in entries:
-                if record["job_ids"]:
-                    rows.append({"iteration": iteration["iteration"], "task": label, "status": record["status"],
-                                 "attempts": record["attempts"], "job_id": record["job_ids"][-1]})
-    for name, service in summary["services"].items():
-        if service["job_ids"]:
-            rows.append({"iteration": None, "task": f"service {name}", "status": service["status"],
-                         "attempts": service["attempts"], "job_id": service["job_ids"][-1]})
-    advance = summary["advance"]
-    if advance["job_ids"]:
-        rows.append({"iteration": None, "task": "advance", "status": advance["status"], "attempts": advance["attempts"],
-                     "job_id": advance["job_ids"][-1]})
+            if info.get("shards"):
+                jobs += [(iteration["iteration"], f"{stage} {s['name']}", s) for s in info["shards"] if s["job_ids"]]
+            elif info["job_ids"]:
+                jobs.append((iteration["iteration"], stage, info))
+    jobs += [(None, f"service {name}", service) for name, service in summary["services"].items() if service["job_ids"]]
+    if summary["advance"]["job_ids"]:
+        jobs.append((None, "advance", summary["advance"]))
     try:
-        infos = JobWatcher(cluster).poll(row["job_id"] for row in rows)
+        infos = JobWatcher(cluster).poll(record["job_ids"][-1] for _, _, record in jobs)
     except SchedulerUnavailable as error:
-        infos = dict.fromkeys((row["job_id"] for row in rows), JobInfo("UNAVAILABLE", reason=str(error)))
-    for row in rows:
-        live = infos.get(row["job_id"], UNKNOWN)
-        row.update(scheduler_state=live.state, reason=live.reason, node=live.node, elapsed=live.elapsed, exit_code=live.exit_code)
+        infos = dict.fromkeys((record["job_ids"][-1] for _, _, record in jobs), JobInfo("UNAVAILABLE", reason=str(error)))
+    rows = []
+    for iteration, task, record in jobs:
+        job_id = record["job_ids"][-1]
+        live = infos.get(job_id, UNKNOWN)
+        rows.append({"iteration": iteration, "task": task, "status": record["status"], "attempts": record["attempts"], "job_id": job_id,
+                     "scheduler_state": live.state, "reason": live.reason, "node": live.node, "elapsed": live.elapsed,
+                     "exit_code": live.exit_code})
     return rows
