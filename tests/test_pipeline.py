@@ -156,6 +156,10 @@ def test_sigkill_during_iteration_2_generation_then_rerun(tiny_assets: Path, tmp
     driver.wait()
     assert ledger_record(run_dir, "iter_002/generate")["status"] == "running"
     assert ledger_record(run_dir, "iter_001/train")["status"] == "done"
+    status = run_cli("tools/status.py", str(run_dir))
+    assert status.returncode == 0, status.stderr
+    said = " ".join(status.stdout.split())
+    assert f"driver gone: process {driver.pid} on" in said and "to go on: cd" in said and "(its driver is gone)" in said
 
     rerun = run_cli("-m", "pipeline.run", str(config))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

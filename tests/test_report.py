@@ -64,6 +64,19 @@ def test_report_prints_the_seed_table_flags_warning_signs_and_writes_the_png(tmp
         assert image.format == "PNG" and image.width > 600 and image.height > 300
 
 
+def test_report_draws_the_control_and_says_what_self_training_adds_over_it(tmp_path: Path) -> None:
+    run_dir, control = filtered_run(tmp_path / "run"), filtered_run(tmp_path / "control")
+    for iteration, accuracy in enumerate([0.22, 0.18, 0.25], start=1):
+        Ledger(control).set_status([f"iter_{iteration:03d}/eval"], Status.DONE, metrics={"heldout_accuracy": accuracy})
+    result = run_cli("tools/report.py", str(run_dir), "--control", str(control))
+    assert result.returncode == 0, result.stderr
+    assert ("held-out accuracy to iteration 3: self-training 20.0% -> 60.0% (+40.0 points), control control 20.0% -> 25.0%"
+            " (+5.0); self-training adds +35.0 points over the control") in " ".join(result.stdout.split())
+    missing = run_cli("tools/report.py", str(run_dir), "--control", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and missing.stderr.strip().endswith("not a run directory (no ledger/ and config.yaml in it)")
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
 def test_summary_keeps_its_keys_and_adds_the_distributions(tmp_path: Path) -> None:
     summary = summarize(filtered_run(tmp_path / "run"))
     metrics = summary["iterations"][1]["metrics"]

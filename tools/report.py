@@ -10,7 +10,9 @@ writes RUN_DIR/report.png with the category shares (for a GRPO run without a fil
 rollout groups of one reward per step), the held-out accuracy per iteration and, for runs that
 trained on rewards (GRPO), each reward's mean per step. A SLURM run's
 report also has its cost per iteration and stage (GPU- and CPU-hours, queue wait, server start
-share; ``tools/cost.py``).
+share; ``tools/cost.py``). With ``--control CONTROL_RUN`` (the same run with filter.control: samples
+kept at random at the filter's keep rate, without the verifier) the accuracy chart draws the
+control's curve beside the run's, and a line gives the gain self-training adds over the control.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from pipeline.scheduling.watch import SchedulerUnavailable
 from pipeline.views.accounting import CostUnavailable, cost_table, run_cost
 from pipeline.views.tables import (
     CATEGORY_ROWS,
+    accuracy_points,
     collapse_lines,
+    control_line,
     distribution_table,
     export_line,
     fitted,
@@ -48,8 +52,9 @@ from state import InputError, atomic_write_bytes
 CATEGORY_COLORS = ("#c0392b", "#e67e22", "#f1c40f", "#7fb347", "#27ae60")
 
 
-def plot(summary: dict[str, Any]) -> bytes:
-    """PNG: category shares per iteration (stacked bars) and held-out accuracy (base = iteration 0)."""
+def plot(summary: dict[str, Any], control: tuple[str, dict[str, Any]] | None = None) -> bytes:
+    """PNG: category shares per iteration (stacked bars) and held-out accuracy (base = iteration 0),
+    with the ``control`` run's (its name, its summary) beside it."""
     # A GRPO iteration without the pass-rate band has no filter, hence no categories.
     iterations = [e for e in summary["iterations"] if e["metrics"].get("categories")]
     curves = reward_curves(summary)
@@ -75,16 +80,18 @@ def plot(summary: dict[str, Any]) -> bytes:
     elif not iterations:
         shares.text(0.5, 0.5, "no filter results yet", ha="center", va="center", transform=shares.transAxes)
 
-    points = [(0, summary["base_heldout_accuracy"])] + [
-        (e["iteration"], e["metrics"].get("heldout_accuracy")) for e in summary["iterations"]
-    ]
-    points = [(i, 100 * a) for i, a in points if a is not None]
-    accuracy.plot([i for i, _ in points], [a for _, a in points], marker="o", color="#2c3e50")
-    for i, a in points:
-        accuracy.annotate(f"{a:.1f}%", (i, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize="small")
+    lines = [("self-training", summary, "#2c3e50", 6)] + ([(f"control: {control[0]}", control[1], "#95a5a6", -12)] if control else [])
+    for label, run, color, offset in lines:
+        points = [(i, 100 * a) for i, a in accuracy_points(run)]
+        accuracy.plot([i for i, _ in points], [a for _, a in points], marker="o", color=color, label=label)
+        for i, a in points:
+            accuracy.annotate(f"{a:.1f}%", (i, a), textcoords="offset points", xytext=(0, offset), ha="center", fontsize="small",
+                              color=color)
+    if control:
+        accuracy.legend(fontsize="small", loc="upper left")
     accuracy.set(title="Held-out accuracy", xlabel="Iteration (0 = base model)", ylabel="% correct", ylim=(0, 105))
     accuracy.set_xticks(range(len(summary["iterations"]) + 1))
-    if not points:
+    if not accuracy_points(summary):
         accuracy.text(0.5, 0.5, "no held-out evaluation", ha="center", va="center", transform=accuracy.transAxes)
     if curves:
         (rewards,) = more
@@ -157,13 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--png", type=Path, help="where to write the chart (default RUN_DIR/report.png)")
+    parser.add_argument("--control", type=Path, metavar="CONTROL_RUN",
+                        help="the same run made with filter.control: true, drawn beside this one")
     args = parser.parse_args(argv)
     try:
-        stored_config(args.run_dir)
+        for run_dir in (args.run_dir, args.control):
+            if run_dir is not None:
+                stored_config(run_dir)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return InputError.exit_code
     summary = summarize(args.run_dir)
+    control = (args.control.name, summarize(args.control)) if args.control else None
     # Piped to a file or a job log, rich would fit the tables into 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     for table in fitted(console, lambda iterations: iteration_table(summary, iterations), summary["iterations"]):
@@ -179,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(line, style="yellow", markup=False)
     if line := export_line(summary):
         console.print(line, markup=False, highlight=False)
+    if control:
+        console.print(control_line(summary, control[1], control[0]), markup=False, highlight=False)
     try:
         console.print(cost_table(run_cost(args.run_dir)))
     except CostUnavailable:
@@ -186,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except SchedulerUnavailable as error:
         console.print(f"cost: SLURM's accounting could not be asked: {error}", style="yellow", markup=False)
     png = args.png or args.run_dir / "report.png"
-    atomic_write_bytes(png, plot(summary))
+    atomic_write_bytes(png, plot(summary, control))
     console.print(f"chart: {png}", markup=False)
     return 0
 

@@ -203,6 +203,27 @@ def export_line(summary: dict[str, Any]) -> str | None:
     return None
 
 
+def accuracy_points(summary: dict[str, Any]) -> list[tuple[int, float]]:
+    """(iteration, held-out accuracy) from the base model (iteration 0) on, where it was measured."""
+    points = [(0, summary["base_heldout_accuracy"])] + [(e["iteration"], e["metrics"].get("heldout_accuracy")) for e in summary["iterations"]]
+    return [(i, a) for i, a in points if a is not None]
+
+
+def control_line(summary: dict[str, Any], control: dict[str, Any], control_name: str) -> str:
+    """Held-out accuracy from the base model to the last iteration both runs measured, in the run
+    and in its control (a run with filter.control: the same steps, samples kept without the
+    verifier), and the gain self-training adds over the control."""
+    ours, theirs = dict(accuracy_points(summary)), dict(accuracy_points(control))
+    common = sorted(set(ours) & set(theirs) - {0})
+    if 0 not in ours or 0 not in theirs or not common:
+        return f"control {control_name}: no held-out accuracy measured in both runs yet"
+    last = common[-1]
+    gain, drift = ours[last] - ours[0], theirs[last] - theirs[0]
+    return (f"held-out accuracy to iteration {last}: self-training {ours[0]:.1%} -> {ours[last]:.1%} ({100 * gain:+.1f} points),"
+            f" control {control_name} {theirs[0]:.1%} -> {theirs[last]:.1%} ({100 * drift:+.1f}); self-training adds"
+            f" {100 * (gain - drift):+.1f} points over the control")
+
+
 def distribution_table(summary: dict[str, Any], iterations: Sequence[dict[str, Any]]) -> Table:
     """Per iteration (of those filtered): problems by correct rate and by number of correct candidates (the histogram)."""
     table = new_table(f"{run_title(summary)}: correct-rate distribution per iteration", "Problems with",
