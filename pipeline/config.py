@@ -34,7 +34,7 @@ from pipeline.scheduling.executors import (
     Resources,
     RunName,
 )
-from state import InputError
+from state import InputError, read_user_text
 
 Method = Literal["rest", "grpo"]
 # Keys renamed since runs were started with them: old dotted key -> new. A config that uses an old
@@ -182,15 +182,11 @@ def read_yaml(path: Path, fix: str = "") -> dict[str, Any]:
     """The mapping of keys to values in the YAML file ``path``; InputError naming the file (and the
     line), with ``fix`` (what to do) after it."""
     try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: config file not found{fix}") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not a YAML config file{fix}") from None
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}){fix}") from None
-    except OSError as error:
-        raise InputError(f"{path}: cannot be read ({error.strerror}){fix}") from None
+        text = read_user_text(path, "a YAML config file")
+    except InputError as error:
+        raise InputError(f"{error}{fix}") from None
+    try:
+        data = load_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

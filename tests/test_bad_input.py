@@ -74,7 +74,7 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    assert_refused(run_cli("-m", "pipeline.run", str(tmp_path / "nope.yaml")), "nope.yaml: config file not found")
+    assert_refused(run_cli("-m", "pipeline.run", str(tmp_path / "nope.yaml")), "nope.yaml: file not found")
 
 
 # In process: (change to the small config, extra arguments, words of the one line); "{tmp}" is the

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.scoring.records import RECORD_KEYS
-from state import InputError, atomic_write_bytes
+from state import InputError, atomic_write_bytes, read_user_text
 
 # A problem's media, each a path (or a list of paths) relative to generate.media_dir.
 MEDIA_FIELDS = ("sound", "image", "video")
@@ -59,14 +59,7 @@ def _check_media_fields(record: dict[str, Any], where: str) -> None:
 
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) for a JSON array or a JSONL file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder; give a file of problems (.jsonl or .json)") from None
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    text = read_user_text(path, "a file of problems (.jsonl or .json)")
     if text.lstrip().startswith("["):
         yield from _array_records(path, text)
         return

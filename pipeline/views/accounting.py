@@ -17,7 +17,7 @@ its first job's start to its last job's end (its jobs may run side by side).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -165,16 +165,22 @@ def _share(value: float | None) -> str:
 
 def cost_table(cost: dict[str, Any]) -> Table:
     table = Table(title=f"cost of {cost['run_dir']} (SLURM accounting)")
-    for column in ("iteration", "stage", "jobs", "runs", "GPU-h", "CPU-h", "queue wait s (sum / max)", "server start share"):
+    columns = ("iteration", "stage", "jobs", "runs", "GPU-h", "CPU-h", "queue wait s (sum / max)", "server start share")
+    return _fill(table, columns, cost, _cells)
+
+
+def _fill(table: Table, columns: tuple[str, ...], cost: dict[str, Any], cells: Callable[[dict[str, Any]], list[str]]) -> Table:
+    """``table`` with ``columns``: a row per stage, each iteration's total after its stages, the run's last."""
+    for column in columns:
         table.add_column(column, justify="left" if column in ("iteration", "stage") else "right")
     iterations = {row["iteration"]: row for row in cost["iterations"]}
     rows = cost["stages"]
     for index, row in enumerate(rows):
-        table.add_row(*_cells(row))
+        table.add_row(*cells(row))
         following = rows[index + 1]["iteration"] if index + 1 < len(rows) else object()
         if row["iteration"] in iterations and following != row["iteration"]:
-            table.add_row(*_cells(iterations[row["iteration"]]), style="bold", end_section=True)
-    table.add_row(*_cells({**cost["total"], "iteration": "run"}), style="bold")
+            table.add_row(*cells(iterations[row["iteration"]]), style="bold", end_section=True)
+    table.add_row(*cells({**cost["total"], "iteration": "run"}), style="bold")
     return table
 
 
@@ -237,17 +243,7 @@ def _local_sum(iteration: int | None, rows: list[dict[str, Any]]) -> dict[str, A
 def local_table(cost: dict[str, Any]) -> Table:
     table = Table(title=f"cost of {cost['run_dir']} (the jobs' own measures)",
                   caption="wall, CPU: summed over the stage's jobs; elapsed: first start to last end")
-    for column in ("iteration", "stage", "jobs", "wall s", "CPU s", "elapsed s", "unmeasured"):
-        table.add_column(column, justify="left" if column in ("iteration", "stage") else "right")
-    iterations = {row["iteration"]: row for row in cost["iterations"]}
-    rows = cost["stages"]
-    for index, row in enumerate(rows):
-        table.add_row(*_local_cells(row))
-        following = rows[index + 1]["iteration"] if index + 1 < len(rows) else object()
-        if row["iteration"] in iterations and following != row["iteration"]:
-            table.add_row(*_local_cells(iterations[row["iteration"]]), style="bold", end_section=True)
-    table.add_row(*_local_cells({**cost["total"], "iteration": "run"}), style="bold")
-    return table
+    return _fill(table, ("iteration", "stage", "jobs", "wall s", "CPU s", "elapsed s", "unmeasured"), cost, _local_cells)
 
 
 def _local_cells(row: dict[str, Any]) -> list[str]:
