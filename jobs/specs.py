@@ -70,6 +70,9 @@ class GenerateShardSpec:
     indices: list[int] | None = None
     # Seconds between progress reports to the ledger (0: none), for the driver's straggler re-split.
     progress_every_s: float = 0.0
+    # GRPO's rollouts (grpo.rollouts: arrays): every candidate keeps its completion token ids and
+    # the sampler's log-probabilities, and the policy version (iteration) that sampled it.
+    rollouts_of: int | None = None
 
 
 @dataclass
@@ -123,6 +126,8 @@ class GrpoSpec:
     # With grpo.pass_rate_band: the problems' pass rates measured just before (the filter's
     # filtered_pass_rates.jsonl); only those in the band are trained on.
     pass_rates_path: str | None = None
+    # With grpo.rollouts: arrays, the generation shards holding the samples to train on.
+    rollout_paths: list[str] | None = None
 
 
 @dataclass

@@ -212,6 +212,14 @@ def check_grpo(config: RunConfig) -> None:
             )
     if grpo.vllm_mode is not None and resources.gpus_per_task < 1:
         raise ValueError(f"grpo.vllm_mode: {grpo.vllm_mode} runs vLLM on GPUs; set executor.train.gpus_per_task (none here)")
+    if grpo.rollouts == "arrays":
+        # What the round's shards cannot give yet, or what has no meaning when they sample.
+        clash = ("generate.backend: vllm (its shards do not return log-probabilities yet; use transformers)"
+                 if config.generate.backend == "vllm" else
+                 f"grpo.vllm_mode: {grpo.vllm_mode} (the trainer's own rollouts)" if grpo.vllm_mode else
+                 "grpo.pass_rate_band (the trainer's own rollouts)" if grpo.pass_rate_band else None)
+        if clash:
+            raise ValueError(f"grpo.rollouts: arrays samples in the generation shards, and cannot go with {clash}")
 
 
 # --- Before a run is created or resumed (pipeline.run): the model's files and this machine -----------

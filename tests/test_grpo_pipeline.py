@@ -44,7 +44,7 @@ def test_pass_rate_band_keeps_the_problems_inside_it_and_says_why_others_left(tm
                       "unjudged": 0}
 
 
-@pytest.mark.parametrize("name", ["demo_grpo", "demo_grpo_hacking"])
+@pytest.mark.parametrize("name", ["demo_grpo", "demo_grpo_hacking", "demo_grpo_arrays"])
 def test_the_grpo_demo_configs_are_valid(name: str, tiny_assets: Path, tmp_path: Path) -> None:
     """configs/<name>.yaml plans as written, from a folder with the demo's assets (the random model
     stands in for the warm-started one: a dry run loads no weights)."""
@@ -137,6 +137,42 @@ def test_driver_and_training_job_killed_mid_grpo_then_rerun_resumes_from_the_las
     assert [entry["step"] for entry in metrics["step_log"]] == list(range(1, max_steps + 1)), "one continuous step log"
     # The steps after the checkpoint were trained by the second job, with rollouts of its own policies.
     assert all(entry["policy_step"] >= resumed_at for entry in metrics["step_log"] if entry["step"] > resumed_at)
+
+
+@pytest.mark.slow
+def test_grpo_rounds_train_on_the_samples_of_the_generation_arrays_with_their_log_probabilities(tiny_assets: Path, tmp_path: Path) -> None:
+    """grpo.rollouts: arrays, two rounds on the embedded default: each round's shards sample with the
+    last policy and keep every token's log-probability; the training job trains on those samples,
+    and its first step, on-policy, finds the trainer's log-probabilities equal to the stored ones
+    while the next, one update later, finds them apart and weighs the samples for it."""
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "arrays.yaml", small_config(
+        tiny_assets, runs, method="grpo", export_dir=str(tmp_path / "models"),
+        # A reward in which a random model's samples differ: groups with variance, so an update moves the policy.
+        grpo={**GRPO, "rollouts": "arrays", "temperature": 1.0, "learning_rates": [1e-2], "rewards": [{"name": "tests.test_grpo:digits"}]},
+        train={"warmup_ratio": 0.0},
+    ))
+    run_dir = runs / "small"
+    done = run_cli("-m", "pipeline.run", str(config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    for round_ in (1, 2):
+        assert {stage: ledger_record(run_dir, f"iter_{round_:03d}/{stage}")["status"] for stage in ("generate", "train", "eval")} == \
+            dict.fromkeys(("generate", "train", "eval"), "done")
+        records = [json.loads(line) for shard in sorted((run_dir / f"iter_{round_:03d}" / "generate").glob("shard_*.jsonl"))
+                   for line in shard.read_text().splitlines()]
+        assert len(records) == 24 and all(len(r["candidates"]) == 2 for r in records), "grpo.num_generations samples of every problem"
+        for candidate in (c for r in records for c in r["candidates"]):
+            assert candidate["policy"] == round_ - 1, "sampled by the policy the round starts from"
+            assert len(candidate["completion_ids"]) == len(candidate["logprobs"]) == candidate["num_tokens"] <= 12
+            assert all(lp <= 0 for lp in candidate["logprobs"])
+        train = ledger_record(run_dir, f"iter_{round_:03d}/train")["metrics"]
+        assert train["rollouts"] == "arrays" and train["rollouts_left_out"] == 0 and train["steps"] == 2
+        first, second = train["step_log"]
+        assert first["sampling/sampling_logp_difference/mean"] < 1e-4, "the stored log-probabilities are the trainer's own"
+        assert second["sampling/sampling_logp_difference/mean"] > 1e-3, "one update later they differ"
+        assert second["sampling/importance_sampling_ratio/min"] != second["sampling/importance_sampling_ratio/max"]
+    card = read_json(run_dir / "iter_002" / "train" / "model_card.json")
+    assert card["init_model"] == str(run_dir / "iter_001" / "train" / "model")
 
 
 def test_two_exports_in_the_same_second_keep_both_models(tiny_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from jobs.generation.generate import generation_record
+from jobs.generation.protocol import Completion
 from jobs.problems.data import load_problems
 from jobs.scoring.config import RewardConfig
 from jobs.scoring.rescore import group_advantages, parse_rewards
@@ -280,7 +281,7 @@ def test_problem_fields_reach_generation_records(tmp_path: Path) -> None:
     path.write_text(json.dumps(video) + "\n")
     problem = load_problems(path)[0]
     assert problem == {**video, "id": "7"}, "every field is kept, the id as text"
-    record = generation_record(problem, [("<answer>1.0 to 2.0</answer>", 9)])
+    record = generation_record(problem, [Completion("<answer>1.0 to 2.0</answer>", 9)])
     assert list(record) == ["id", "question", "ground_truth", "task_type", "duration", "timestamps", "candidates", "num_candidates"]
     assert tag_count([""], [record["candidates"][0]["raw_output"]], tags=("answer",)) == [0.5]
     path.write_text(json.dumps({**video, "candidates": []}) + "\n")

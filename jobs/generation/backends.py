@@ -58,11 +58,24 @@ class TransformersBackend:
                 max_new_tokens=sampling.max_tokens,
                 num_return_sequences=sampling.n,
                 pad_token_id=self.tokenizer.pad_token_id,
+                return_dict_in_generate=True,
+                output_scores=sampling.logprobs,
             )
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
+        new_tokens = output.sequences[:, batch["input_ids"].shape[1]:]
         lengths = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        completions = [Completion(t, n) for t, n in zip(texts, lengths, strict=True)]
+        if sampling.logprobs:
+            # The scores are the logits as sampled from (after temperature and top-p): normalized, the
+            # sampler's log-probabilities. A sample ends at its first end-of-sequence token.
+            logprobs = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+            eos = self.model.generation_config.eos_token_id
+            ends = set(eos if isinstance(eos, list) else [eos])
+            completions = []
+            for index, (row, text) in enumerate(zip(new_tokens.tolist(), texts, strict=True)):
+                size = next((i + 1 for i, token in enumerate(row) if token in ends), len(row))
+                completions.append(Completion(text, size, row[:size], logprobs[index, :size].tolist()))
+        else:
+            completions = [Completion(t, n) for t, n in zip(texts, lengths, strict=True)]
         return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(conversations))]
 
     def run(self, requests: list[Request], on_outcome: Callable[[Outcome], None]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from filelock import FileLock
 
 from jobs.generation.backends import make_backend, truncation
-from jobs.generation.protocol import Outcome, Request, Sampling
+from jobs.generation.protocol import Completion, Outcome, Request, Sampling
 from jobs.problems.data import MEDIA_FIELDS, read_jsonl
 from jobs.problems.prompts import messages_for
 from jobs.runtime import Throughput, log, reporting, stop_if_preempted
@@ -47,21 +47,23 @@ def resume_partial(partial: Path) -> set[str]:
     return {r["id"] for r in records if "error" not in r}
 
 
-def generation_record(problem: dict[str, Any], texts: list[tuple[str, int]]) -> dict[str, Any]:
+def generation_record(problem: dict[str, Any], completions: list[Completion], policy: int | None = None) -> dict[str, Any]:
     """One line of the seed's generations.jsonl, with the problem's other fields too (task_type,
-    duration ...: what the filter's and jobs.scoring.score_cli's rewards read as columns)."""
+    duration ...: what the filter's and jobs.scoring.score_cli's rewards read as columns); GRPO's
+    rollouts (``policy``: the iteration whose model sampled) with each candidate's tokens."""
     candidates = []
-    for text, num_tokens in texts:
-        extracted = extract(text)
-        candidates.append(
-            {
-                "raw_output": text,
-                "thinking_prediction": extracted.thinking_prediction,
-                "answer_text": extracted.answer_text,
-                "answer_prediction": extracted.answer_prediction,
-                "num_tokens": num_tokens,
-            }
-        )
+    for completion in completions:
+        extracted = extract(completion.text)
+        candidate = {
+            "raw_output": completion.text,
+            "thinking_prediction": extracted.thinking_prediction,
+            "answer_text": extracted.answer_text,
+            "answer_prediction": extracted.answer_prediction,
+            "num_tokens": completion.num_tokens,
+        }
+        if policy is not None:
+            candidate.update(completion_ids=completion.token_ids, logprobs=completion.logprobs, policy=policy)
+        candidates.append(candidate)
     record = {"id": problem["id"], **{f: problem[f] for f in MEDIA_FIELDS if f in problem}}
     record.update(question=problem["question"], ground_truth=problem["answer"])
     record.update({k: v for k, v in problem.items() if k not in record and k != "answer"})
@@ -138,7 +140,7 @@ def generate_shard(spec: GenerateShardSpec, metrics: dict[str, Any]) -> None:
                     messages_for(p, config.system_prompt, config.media_dir),
                     Sampling(
                         config.num_samples, config.temperature, config.top_p, p.get("max_tokens", config.max_tokens),
-                        seed=spec.seed * 1_000_003 + index_of[p["id"]],
+                        seed=spec.seed * 1_000_003 + index_of[p["id"]], logprobs=spec.rollouts_of is not None,
                     ),
                 )
                 for p in todo
@@ -151,7 +153,7 @@ def generate_shard(spec: GenerateShardSpec, metrics: dict[str, Any]) -> None:
                 with open(partial, "a", encoding="utf-8") as sink:
 
                     def write(outcome: Outcome) -> None:
-                        record = generation_record(todo[outcome.index], [(c.text, c.num_tokens) for c in outcome.completions])
+                        record = generation_record(todo[outcome.index], outcome.completions, spec.rollouts_of)
                         if outcome.error:
                             record["error"] = outcome.error
                         sink.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -16,12 +16,18 @@ class Sampling:
     top_p: float
     max_tokens: int
     seed: int
+    # Keep each sample's completion token ids and the sampler's log-probability of each of them.
+    logprobs: bool = False
 
 
 @dataclass(frozen=True)
 class Completion:
     text: str
     num_tokens: int
+    # With Sampling.logprobs: the tokens generated (the end-of-sequence token included) and the
+    # log-probability of each, after temperature (what GRPO's trainer computes for the same token).
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
 
 
 @dataclass(frozen=True)

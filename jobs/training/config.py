@@ -3,12 +3,13 @@ method trains with) and the ``grpo`` section (GRPO iterations)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Gt, Len
 
+from jobs.generation.config import GenerateConfig
 from jobs.scoring.config import RewardConfig
 from jobs.sections import REJECT_UNKNOWN_KEYS, Fraction, PositiveFloat, PositiveInt
 
@@ -119,11 +120,16 @@ class GrpoConfig:
     # must be a multiple of num_generations.
     batch_size: PositiveInt = 8
     gradient_accumulation_steps: PositiveInt = 1
-    # Optimizer steps per GRPO iteration.
+    # Optimizer steps per GRPO iteration (with rollouts: arrays, at most: a round trains once over its samples).
     max_steps: PositiveInt = 100
     logging_steps: PositiveInt = 5
     save_steps: PositiveInt = 25
-    # Rollouts: none (TRL's transformers generation, the CPU way), or vLLM on GPUs: server (trl
+    # Who samples: trainer (TRL's loop inside the training job), or arrays: each iteration is a round,
+    # the generation shards sample num_generations per problem with the last policy and keep their
+    # tokens' log-probabilities, and the training job trains once over them with TRL's loss and its
+    # importance-sampling correction between the sampler's log-probabilities and its own.
+    rollouts: Literal["trainer", "arrays"] = "trainer"
+    # Trainer rollouts: none (TRL's transformers generation, the CPU way), or vLLM on GPUs: server (trl
     # vllm-serve on the job's last node, or on GPUs of its own on a one-node job) or colocate.
     vllm_mode: Literal["server", "colocate"] | None = None
     # GPUs of each node that the vLLM server takes on a one-node job (vllm_mode: server).
@@ -142,6 +148,13 @@ class GrpoConfig:
     def __post_init__(self) -> None:
         if self.pass_rate_band is not None and self.pass_rate_band[0] > self.pass_rate_band[1]:
             raise ValueError(f"grpo.pass_rate_band: the low bound is above the high one ({list(self.pass_rate_band)})")
+
+    def sampling(self, generate: GenerateConfig) -> GenerateConfig:
+        """How the shards of a round sample (rollouts: arrays): the ``generate`` section's backend and
+        shards, with GRPO's samples per problem, temperature and length, and no top-p, which the
+        trainer's log-probabilities do not apply."""
+        return replace(generate, num_samples=self.num_generations, temperature=self.temperature, top_p=1.0,
+                       max_tokens=self.max_completion_length)
 
     def learning_rate(self, grpo_iteration: int) -> float:
         """The learning rate of the ``grpo_iteration``-th GRPO iteration of the run (0-based)."""

@@ -11,7 +11,9 @@ says what it guards in TRL's resume). ``<output>/rollouts/rank_<r>.jsonl`` lists
 generation dealt.
 
 Rollouts: TRL's transformers generation (``grpo.vllm_mode`` unset, the CPU way), or vLLM on GPUs:
-``colocate`` (in the training processes) or ``server`` (``trl vllm-serve``, jobs.training.rollout_server).
+``colocate`` (in the training processes) or ``server`` (``trl vllm-serve``, jobs.training.rollout_server);
+or, with ``grpo.rollouts: arrays``, the samples of this round's generation shards (``rollout_paths``),
+trained on once with the importance-sampling correction (jobs.training.grpo_trainer.StoredRolloutTrainer).
 
 A step (generation, rewards, weight sync, update) that runs longer than ``grpo.stall_timeout_s``
 fails the job: a watchdog thread records ``error: stalled: ...`` in the ledger and ends the process,
@@ -58,6 +60,9 @@ STEP_LOG_KEYS = (
     "step", "policy_step", "loss", "learning_rate", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
     "completions/mean_length", "completions/clipped_ratio", "tokens_per_s", "samples_per_s", "peak_memory_mib",
     "groups/none_pass", "groups/some_pass", "groups/all_pass",  # the rollouts' pass-rate distribution (grpo_trainer)
+    # Stored rollouts: how far the sampler's log-probabilities are from the trainer's, and the importance weights.
+    "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+    "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max",
 )
 # The exit status of a job the watchdog ended.
 STALLED_EXIT = 3
@@ -101,6 +106,11 @@ def rollout_options(grpo: GrpoConfig, on_gpu: bool, server: tuple[str, int] | No
     return options
 
 
+def rollout_source(grpo: GrpoConfig) -> str:
+    """Who sampled the rollouts: the generation arrays, or the trainer with vLLM or transformers."""
+    return "arrays" if grpo.rollouts == "arrays" else f"vllm_{grpo.vllm_mode}" if grpo.vllm_mode else "transformers"
+
+
 def stall_handler(target: JobTarget, primary: bool, timeout_s: float) -> Callable[[float, int], None]:
     """What the watchdog does on a stall: the ledger says why (rank 0), then the process ends at once."""
 
@@ -133,6 +143,18 @@ def train_grpo(spec: GrpoSpec, metrics: dict[str, Any], primary: bool = True, mu
         _train(spec, metrics, primary, server)
 
 
+def stored_rollouts(paths: list[str], rows: list[dict[str, Any]], group_size: int) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """The rows that have a whole group of samples in the shards at ``paths``, and each one's group
+    (its candidates' completion token ids and log-probabilities); a problem whose request failed has none."""
+    groups = {}
+    for path in paths:
+        for record in read_jsonl(path):
+            candidates = record["candidates"]
+            if len(candidates) == group_size:
+                groups[record["id"]] = [{"completion_ids": c["completion_ids"], "logprobs": c["logprobs"]} for c in candidates]
+    return [row for row in rows if row["id"] in groups], groups
+
+
 def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple[str, int] | None) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,7 +170,11 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     )
 
     # (as above)
-    from jobs.training.grpo_trainer import PolicyTrainer, TrlReward
+    from jobs.training.grpo_trainer import (
+        PolicyTrainer,
+        StoredRolloutTrainer,
+        TrlReward,
+    )
 
     config, grpo = spec.train, spec.grpo
     output = Path(spec.output_dir)
@@ -164,6 +190,11 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         if not rows:
             raise PermanentJobError(f"grpo.pass_rate_band: no problem's pass rate lies in {list(grpo.pass_rate_band)} ({selection});"
                                     " widen the band")
+    rollouts = None
+    if spec.rollout_paths is not None:
+        problems = len(rows)
+        rows, rollouts = stored_rollouts(spec.rollout_paths, rows, grpo.num_generations)
+        metrics["rollouts_left_out"] = problems - len(rows)
     context = RewardContext(spec.verifier, spec.answer_pattern, spec.services)
     reward_set = RewardSet(grpo.rewards, context)
     device, dtype = pick_device()
@@ -198,17 +229,27 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     )
     world_size = args.world_size
     completions_per_step = grpo.batch_size * grpo.gradient_accumulation_steps * world_size
+    extra: dict[str, Any] = {}
+    if rollouts is not None:
+        # Once over the round's samples: each generation batch is trained on for steps_per_generation x
+        # passes_per_generation steps, and the samples of a whole batch only.
+        batches = len(rows) * grpo.num_generations // args.generation_batch_size
+        if not batches:
+            raise PermanentJobError(f"grpo.batch_size: the round has {len(rows)} problems x {grpo.num_generations} samples, fewer"
+                                    f" than one generation batch ({args.generation_batch_size})")
+        args.max_steps = min(grpo.max_steps, batches * args.steps_per_generation * args.num_iterations)
+        extra["rollouts"] = rollouts
     on_preemption = CheckpointOnPreemption()
     watchdog = Watchdog(grpo.stall_timeout_s, stall_handler(spec.target, primary, grpo.stall_timeout_s))
-    trainer = PolicyTrainer(
+    trainer = (StoredRolloutTrainer if rollouts is not None else PolicyTrainer)(
         model=model, reward_funcs=[TrlReward(reward_set, named) for named in reward_set.rewards], args=args,
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=peft_config,
         callbacks=[on_preemption, StepMetrics(completions_per_step, on_gpu, shown=("reward",)), watchdog, LedgerProgress(spec.target)],
-        reward_set=reward_set, context=context, rollouts_dir=output / "rollouts",
+        reward_set=reward_set, context=context, rollouts_dir=output / "rollouts", **extra,
     )
     log.info("GRPO: %d problems, %d completions per step (%d prompts x %d generations per generation batch of %d steps),"
              " %d processes, rollouts by %s", len(rows), completions_per_step, args.generation_batch_size // grpo.num_generations,
-             grpo.num_generations, args.steps_per_generation, world_size, grpo.vllm_mode and f"vLLM ({grpo.vllm_mode})" or "transformers")
+             grpo.num_generations, args.steps_per_generation, world_size, rollout_source(grpo))
     resume = last_complete_checkpoint(checkpoints)
     if resume:
         log.info("resuming training from %s", resume)
@@ -236,7 +277,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         world_size=world_size,
         completions_per_step=completions_per_step,
         num_generations=grpo.num_generations,
-        rollouts=f"vllm_{grpo.vllm_mode}" if grpo.vllm_mode else "transformers",
+        rollouts=rollout_source(grpo),
         strategy=config.strategy,
         step_log=step_log,
     )

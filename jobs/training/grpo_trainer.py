@@ -23,6 +23,10 @@
      drawn from ``seed + e`` (``set_epoch``, which the trainer calls at every epoch), the first
      epoch's being TRL's own.
 
+``StoredRolloutTrainer`` trains on rollouts sampled elsewhere (the generation arrays): TRL's own
+loss, advantages and importance-sampling correction between the sampler's log-probabilities and the
+trainer's (``vllm_importance_sampling_*``), which TRL applies only when it believes vLLM sampled.
+
 Imported by the GRPO job inside its work: TRL and transformers take seconds to import.
 """
 
@@ -47,7 +51,7 @@ from state import atomic_write_json
 FAILURES_FILE = "reward_failures.json"
 # TRL's metrics of a generation (logged only by the step that generated): the steps that train on
 # the same rollouts log them too.
-ROLLOUT_METRICS = ("reward", "rewards/", "frac_reward_zero_std", "completions/", "num_tokens", "groups/")
+ROLLOUT_METRICS = ("reward", "rewards/", "frac_reward_zero_std", "completions/", "num_tokens", "groups/", "sampling/")
 
 
 def pass_shares(passed: torch.Tensor, group_size: int) -> dict[str, float]:
@@ -203,3 +207,29 @@ class PolicyTrainer(GRPOTrainer):
                 self.failed.update(totals["failed"])
                 self.first_error.update(totals["first_error"])
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+class StoredRolloutTrainer(PolicyTrainer):
+    """PolicyTrainer whose samples are read, not generated: ``rollouts`` maps each problem id to its
+    group, ``num_generations`` samples each with its completion token ids and the sampler's per-token
+    log-probabilities (processed: after temperature, as the trainer computes them). TRL deals each
+    problem ``num_generations`` times in a row; the k-th copy of a group trains on its k-th sample."""
+
+    def __init__(self, *args: Any, rollouts: dict[str, list[dict[str, Any]]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.rollouts = rollouts
+        # TRL weighs each token by the ratio of the trainer's probability to the sampler's only when it
+        # believes vLLM sampled; its own generation (the one other use of the flag) is replaced below.
+        self.use_vllm = True
+        self._dealt: list[dict[str, Any]] = []
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        self._dealt = inputs
+        return super()._generate_and_score_completions(inputs)
+
+    def _generate_single_turn(self, prompt_ids: Any, images: Any, multimodal_fields: Any,
+                              num_generations: int) -> tuple[list[list[int]], list[list[float]]]:
+        # This process's rows are the process_index-th slice of the generation batch, whose groups lie side by side.
+        first = self.accelerator.process_index * len(self._dealt)
+        samples = [self.rollouts[row["id"]][(first + i) % num_generations] for i, row in enumerate(self._dealt)]
+        return [s["completion_ids"] for s in samples], [s["logprobs"] for s in samples]

@@ -81,10 +81,12 @@ def shard_totals(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def generate_stage(run: RunContext, iteration: int) -> StagePlan:
+def generate_stage(run: RunContext, iteration: int, rollouts: bool = False) -> StagePlan:
     """An array of shards over the training set; a re-split straggler's rest (recorded in the stage's
-    ledger record, pipeline/scheduling/resplit.py) adds tasks of its own."""
+    ledger record, pipeline/scheduling/resplit.py) adds tasks of its own. ``rollouts``: a GRPO round's
+    samples, drawn as grpo.sampling says, with their tokens' log-probabilities."""
     config, layout = run.config, run.layout
+    generate = config.grpo.sampling(config.generate) if rollouts else config.generate
     key = f"{layout.stage_dir(iteration, 'generate').relative_to(layout.run_dir)}"
     ranges = shard_ranges(run.num_train, config.generate.num_shards)
     model = run.model_after(iteration - 1)  # once: thousands of shards, one model
@@ -108,12 +110,13 @@ def generate_stage(run: RunContext, iteration: int) -> StagePlan:
             stop=stop,
             model_path=model,
             output_path=outputs()[name],
-            generate=config.generate,
+            generate=generate,
             seed=config.seed + iteration,
             api_key_path=api_key_path,
             compile_cache_dir=compile_cache_dir,
             indices=indices,
             progress_every_s=policy.progress_every_s if policy else 0.0,
+            rollouts_of=iteration - 1 if rollouts else None,
         )
 
     tasks = [Task(f"{key}/{name}", generate_job.run, build=partial(spec, name, *shard)) for name, shard in shards.items()]
@@ -203,34 +206,42 @@ def eval_stage(run: RunContext, iteration: int) -> StagePlan:
                      reports=reports, writes=str(output))
 
 
-def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | None) -> StagePlan:
+def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | None = None,
+                     rollouts: StagePlan | None = None) -> StagePlan:
     """GRPO with TRL's GRPOTrainer from the last policy; with ``pass_rates`` (the filter of this
-    iteration's generations), only on the problems whose pass rate lies in grpo.pass_rate_band."""
+    iteration's generations), only on the problems whose pass rate lies in grpo.pass_rate_band; with
+    ``rollouts`` (this round's generation shards), on their samples instead of its own."""
     config, layout = run.config, run.layout
     output = layout.stage_dir(iteration, "train")
     key = str(output.relative_to(layout.run_dir))
     grpo = config.grpo
     services = services_used(grpo.rewards)
     earlier = sum(1 for i in range(1, iteration) if config.method_of(i) == "grpo")
-    spec = GrpoSpec(
-        target=run.target(key),
-        problems_path=str(layout.train_problems),
-        init_model=run.model_after(iteration - 1 if config.train.init_from == "previous" else 0),
-        base_model=run.model_after(0),
-        iteration=iteration,
-        output_dir=str(output),
-        learning_rate=grpo.learning_rate(earlier),
-        grpo=grpo,
-        train=config.train,
-        system_prompt=config.generate.system_prompt,
-        verifier=config.filter.verifier,
-        answer_pattern=config.filter.answer_pattern,
-        services=service_refs(run, services),
-        seed=config.seed + iteration,
-        pass_rates_path=str(layout.stage_dir(iteration, pass_rates.name) / "filtered_pass_rates.jsonl") if pass_rates else None,
-    )
-    detail = f"GRPO, lr {spec.learning_rate:g}, {grpo.num_generations} generations, {grpo.max_steps} steps, {config.train.strategy}"
-    return StagePlan(key, "train", iteration, [Task(key, grpo_job.run, spec)], stage_resources(config, "train"),
+    learning_rate = grpo.learning_rate(earlier)
+
+    def spec() -> GrpoSpec:  # made when read: with rollouts, it reads every shard's spec
+        return GrpoSpec(
+            target=run.target(key),
+            problems_path=str(layout.train_problems),
+            init_model=run.model_after(iteration - 1 if config.train.init_from == "previous" else 0),
+            base_model=run.model_after(0),
+            iteration=iteration,
+            output_dir=str(output),
+            learning_rate=learning_rate,
+            grpo=grpo,
+            train=config.train,
+            system_prompt=config.generate.system_prompt,
+            verifier=config.filter.verifier,
+            answer_pattern=config.filter.answer_pattern,
+            services=service_refs(run, services),
+            seed=config.seed + iteration,
+            pass_rates_path=str(layout.stage_dir(iteration, pass_rates.name) / "filtered_pass_rates.jsonl") if pass_rates else None,
+            rollout_paths=[t.spec.output_path for t in rollouts.tasks] if rollouts else None,
+        )
+
+    steps = "one pass over the round's samples" if rollouts else f"{grpo.max_steps} steps"
+    detail = f"GRPO, lr {learning_rate:g}, {grpo.num_generations} generations, {steps}, {config.train.strategy}"
+    return StagePlan(key, "train", iteration, [Task(key, grpo_job.run, build=spec)], stage_resources(config, "train"),
                      services=tuple(sorted(services)), reports=GRPO_REPORTS, writes=str(output), detail=detail)
 
 

@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console
 
 from jobs.generation.generate import generation_record
+from jobs.generation.protocol import Completion
 from jobs.problems.data import write_jsonl
 from jobs.runtime import reporting
 from jobs.specs import JobTarget
@@ -51,7 +52,7 @@ def grpo_run(tmp_path: Path, verifier: str = "numeric") -> RunLayout:
     }
     shards = layout.shard_outputs(1, "generate", ["shard_00000", "shard_00001"])
     for name, problems in zip(shards, (PROBLEMS[:2], PROBLEMS[2:]), strict=True):
-        write_jsonl(Path(shards[name]), [generation_record(p, samples_of[p["id"]]) for p in problems])
+        write_jsonl(Path(shards[name]), [generation_record(p, [Completion(*c) for c in samples_of[p["id"]]]) for p in problems])
     predictions = [{"id": p["id"], "prediction": None, "correct": False, "raw_output": f"ANSWER: {p['answer']}"} for p in PROBLEMS]
     write_jsonl(layout.stage_dir(0, "eval") / "predictions.jsonl", predictions)
     return layout
@@ -84,7 +85,7 @@ def test_samples_judge_as_the_filter_does_and_name_the_verifier_auto_chose(tmp_p
     layout = grpo_run(tmp_path, verifier="auto")
     # A data set's numeric truth (4, not "4") and a candidate without a text, which the filter leaves out.
     (shard,) = layout.shard_outputs(1, "generate", ["shard_00002"]).values()
-    record = generation_record({"id": "p9", "question": "2+2=?", "answer": "4"}, [("ANSWER: 4", 3), ("x", 1), ("ANSWER: 5", 3)])
+    record = generation_record({"id": "p9", "question": "2+2=?", "answer": "4"}, [Completion("ANSWER: 4", 3), Completion("x", 1), Completion("ANSWER: 5", 3)])
     record["ground_truth"], record["candidates"][1]["raw_output"] = 4, None
     write_jsonl(Path(shard), [record])
     text = rendered(samples_view(layout.run_dir, 1, 1, ["p9"], False, 0, 160))

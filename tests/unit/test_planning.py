@@ -319,6 +319,22 @@ def test_grpo_with_pass_rate_band_generates_and_filters_first(make_planner):
     assert {t.spec.model_path for t in third[0].tasks} == {str(planner.run_dir / "iter_002" / "train" / "model")}
 
 
+def test_a_grpo_round_over_the_arrays_samples_as_grpo_says_with_the_last_policy_and_trains_on_the_shards(make_planner):
+    planner = make_planner(num_iterations=2, method="grpo", data={"heldout": "h.jsonl"},
+                           generate={"num_samples": 16, "temperature": 0.9, "top_p": 0.95, "max_tokens": 2048, "num_shards": 3},
+                           grpo={"rollouts": "arrays", "num_generations": 8, "temperature": 0.7, "max_completion_length": 80})
+    second = planner.iteration(2)
+    assert keys(second) == ["iter_002/generate", "iter_002/train", "iter_002/eval"]
+    shards = [t.spec for t in second[0].tasks]
+    assert len(shards) == 3 and {s.rollouts_of for s in shards} == {1}
+    assert {s.model_path for s in shards} == {str(planner.run_dir / "iter_001" / "train" / "model")}
+    sampling = shards[0].generate
+    assert (sampling.num_samples, sampling.temperature, sampling.top_p, sampling.max_tokens) == (8, 0.7, 1.0, 80)
+    assert second[1].tasks[0].spec.rollout_paths == [s.output_path for s in shards]
+    # The held-out evaluation and the trainer's own rollouts keep the generate section as written.
+    assert second[2].tasks[0].spec.generate.num_samples == 16
+
+
 def test_grpo_without_heldout_is_train_only(make_planner):
     planner = make_planner(num_iterations=2, method="grpo")
     assert keys(planner.stages()) == ["iter_001/train", "iter_002/train", "export"]

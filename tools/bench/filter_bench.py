@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 
 from jobs.generation.generate import generation_record
+from jobs.generation.protocol import Completion
 from jobs.scoring.answers import answer_from, answer_part, answer_rules
 from jobs.scoring.filtering import available_cpus, read_generations
 from jobs.scoring.verifiers import get_verifier
@@ -90,7 +91,7 @@ def write_shards(folder: Path, num_candidates: int, k: int, text_bytes: int, num
                     answer = rng.choice(right if candidate < num_correct else wrong)
                     tail = f"</think>\nANSWER: {answer}"
                     offset = rng.randrange(len(filler) - text_bytes)
-                    texts.append((f"<think>{filler[offset:offset + text_bytes - len(tail) - 7]}{tail}", text_bytes // 4))
+                    texts.append(Completion(f"<think>{filler[offset:offset + text_bytes - len(tail) - 7]}{tail}", text_bytes // 4))
                 f.write(orjson.dumps(generation_record(problem, texts)) + b"\n")
     return paths, total_correct
 
