@@ -28,7 +28,9 @@ A data set picks one by name in ``filter.verifier``:
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from fractions import Fraction
@@ -299,6 +301,18 @@ VERIFIERS: dict[str, Verifier] = {
 }
 
 
+def user_module(name: str) -> Any:
+    """A user's module, found as ``python -m pipeline.run`` finds it: from the current folder too (a
+    tool run as ``python tools/status.py`` has its own folder on the path instead)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name.partition(".")[0] or os.getcwd() in sys.path:
+            raise
+        sys.path.append(os.getcwd())
+        return importlib.import_module(name)
+
+
 def named_function(name: str, kind: str, builtins: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:
     """A built-in ``kind`` (verifier, reward) by name, or a user's function given as
     ``package.module:function``; ValueError naming the known ones otherwise."""
@@ -308,7 +322,7 @@ def named_function(name: str, kind: str, builtins: Mapping[str, Callable[..., An
     if not sep:
         raise ValueError(f"unknown {kind} {name!r}: use one of {', '.join(sorted(builtins))} or 'package.module:function'")
     try:
-        function = getattr(importlib.import_module(module_name), attr)
+        function = getattr(user_module(module_name), attr)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"cannot import {kind} {name!r}: {error}") from None
     if callable(function):
