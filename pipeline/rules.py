@@ -217,7 +217,9 @@ def check_grpo(config: RunConfig) -> None:
         clash = ("generate.backend: vllm (its shards do not return log-probabilities yet; use transformers)"
                  if config.generate.backend == "vllm" else
                  f"grpo.vllm_mode: {grpo.vllm_mode} (the trainer's own rollouts)" if grpo.vllm_mode else
-                 "grpo.pass_rate_band (the trainer's own rollouts)" if grpo.pass_rate_band else None)
+                 "grpo.pass_rate_band (the trainer's own rollouts)" if grpo.pass_rate_band else
+                 "train.init_from: base (a round samples with the last policy, so it must train from it)"
+                 if config.train.init_from == "base" else None)
         if clash:
             raise ValueError(f"grpo.rollouts: arrays samples in the generation shards, and cannot go with {clash}")
 

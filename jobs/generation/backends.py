@@ -22,6 +22,35 @@ if TYPE_CHECKING:
     from jobs.vllm.server import ServerFiles
 
 
+class SampledLogprobs:
+    """A logits processor for ``model.generate`` that applies the sampling temperature itself (in place of
+    transformers' temperature warper, which runs after the processors a caller adds) and keeps the
+    log-probability of each token sampled, under the distribution it was drawn from: one step's
+    distribution at a time, where ``output_scores`` would keep every step's."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: Any = None
+        self.taken: list[Any] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self._take(input_ids[:, -1])
+        scores = scores / self.temperature
+        self.previous = scores.log_softmax(-1)
+        return scores
+
+    def _take(self, tokens: Any) -> None:
+        if self.previous is not None:
+            self.taken.append(self.previous.gather(-1, tokens[:, None])[:, 0])
+
+    def logprobs(self, sequences: Any) -> Any:
+        """(rows, generated tokens): the log-probability of each generated token of ``sequences``."""
+        import torch
+
+        self._take(sequences[:, -1])
+        return torch.stack(self.taken, dim=1)
+
+
 class TransformersBackend:
     """In-process ``model.generate`` (the seed's generate_hf.py), batched, text only."""
 
@@ -48,26 +77,25 @@ class TransformersBackend:
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         torch.manual_seed(sampling.seed)
         sample = sampling.temperature > 0
+        recorder = SampledLogprobs(sampling.temperature) if sampling.logprobs and sample else None
         with torch.inference_mode():
             output = self.model.generate(
                 **batch,
                 do_sample=sample,
-                temperature=sampling.temperature if sample else None,
+                temperature=(1.0 if recorder else sampling.temperature) if sample else None,
                 top_p=sampling.top_p if sample else None,
                 top_k=None,
                 max_new_tokens=sampling.max_tokens,
                 num_return_sequences=sampling.n,
                 pad_token_id=self.tokenizer.pad_token_id,
-                return_dict_in_generate=True,
-                output_scores=sampling.logprobs,
+                logits_processor=[recorder] if recorder else None,
             )
-        new_tokens = output.sequences[:, batch["input_ids"].shape[1]:]
+        new_tokens = output[:, batch["input_ids"].shape[1]:]
         lengths = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        if sampling.logprobs:
-            # The scores are the logits as sampled from (after temperature and top-p): normalized, the
-            # sampler's log-probabilities. A sample ends at its first end-of-sequence token.
-            logprobs = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+        if recorder:
+            # A sample ends at its first end-of-sequence token.
+            logprobs = recorder.logprobs(output)
             eos = self.model.generation_config.eos_token_id
             ends = set(eos if isinstance(eos, list) else [eos])
             completions = []

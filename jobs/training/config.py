@@ -114,10 +114,10 @@ class GrpoConfig:
     max_completion_length: PositiveInt = 256
     # Optimization passes over each generation batch (TRL's num_iterations, mu).
     passes_per_generation: PositiveInt = 1
-    # Optimizer steps per generation batch (default: gradient_accumulation_steps, as TRL).
+    # Micro-batches per generation batch (default: gradient_accumulation_steps, as TRL: one optimizer step).
     steps_per_generation: PositiveInt | None = None
-    # Prompts per process per step; the generation batch (prompts x processes x steps_per_generation)
-    # must be a multiple of num_generations.
+    # Completions per process per micro-batch; the generation batch (batch_size x processes x
+    # steps_per_generation) must be a multiple of num_generations.
     batch_size: PositiveInt = 8
     gradient_accumulation_steps: PositiveInt = 1
     # Optimizer steps per GRPO iteration (with rollouts: arrays, at most: a round trains once over its samples).

@@ -155,6 +155,14 @@ def stored_rollouts(paths: list[str], rows: list[dict[str, Any]], group_size: in
     return [row for row in rows if row["id"] in groups], groups
 
 
+def round_steps(samples: int, args: Any) -> int:
+    """The optimizer steps that train once over ``samples`` stored samples (TRL's GRPOConfig ``args``):
+    every whole generation batch is dealt steps_per_generation x num_iterations micro-batches, and
+    gradient_accumulation_steps micro-batches make an optimizer step."""
+    micro_batches = samples // args.generation_batch_size * args.steps_per_generation * args.num_iterations
+    return -(-micro_batches // args.gradient_accumulation_steps)
+
+
 def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple[str, int] | None) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -231,13 +239,11 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     completions_per_step = grpo.batch_size * grpo.gradient_accumulation_steps * world_size
     extra: dict[str, Any] = {}
     if rollouts is not None:
-        # Once over the round's samples: each generation batch is trained on for steps_per_generation x
-        # passes_per_generation steps, and the samples of a whole batch only.
-        batches = len(rows) * grpo.num_generations // args.generation_batch_size
-        if not batches:
+        steps = round_steps(len(rows) * grpo.num_generations, args)
+        if not steps:
             raise PermanentJobError(f"grpo.batch_size: the round has {len(rows)} problems x {grpo.num_generations} samples, fewer"
                                     f" than one generation batch ({args.generation_batch_size})")
-        args.max_steps = min(grpo.max_steps, batches * args.steps_per_generation * args.num_iterations)
+        args.max_steps = min(grpo.max_steps, steps)
         extra["rollouts"] = rollouts
     on_preemption = CheckpointOnPreemption()
     watchdog = Watchdog(grpo.stall_timeout_s, stall_handler(spec.target, primary, grpo.stall_timeout_s))

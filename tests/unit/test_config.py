@@ -105,6 +105,7 @@ CASES = [
     ({"method": "grpo", "grpo": {"rollouts": "arrays"}, "generate": {"backend": "vllm"}}, [],
      ["grpo.rollouts: arrays", "generate.backend: vllm", "log-probabilities"]),
     ({"method": "grpo", "grpo": {"rollouts": "arrays", "pass_rate_band": [0.1, 0.9]}}, [], ["grpo.rollouts: arrays", "grpo.pass_rate_band"]),
+    ({"method": "grpo", "grpo": {"rollouts": "arrays"}, "train": {"init_from": "base"}}, [], ["grpo.rollouts: arrays", "train.init_from: base"]),
     ({"method": "grpo", "grpo": {"pass_rate_band": [0.8, 0.2]}}, [], ["grpo.pass_rate_band: the low bound is above the high one"]),
     ({"schedule": ["rest", "ppo"]}, [], ["schedule", "'ppo'"]),
     ({"schedule": ["rest"]}, [], ["schedule: has 1 entries but num_iterations is 2"]),

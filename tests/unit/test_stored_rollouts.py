@@ -6,6 +6,7 @@ each of TRL's loss types and importance-sampling modes, beta > 0, on samples dra
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 
 from jobs.scoring.config import RewardConfig
 from jobs.scoring.rewards import RewardContext, RewardSet
+from jobs.training.grpo import round_steps
 from jobs.training.grpo_trainer import StoredRolloutTrainer, TrlReward
 from tests.conftest import ROOT
 
@@ -194,3 +196,14 @@ def test_stored_rollouts_train_with_the_grpo_objective_and_the_importance_correc
     assert metrics["sampling/sampling_logp_difference/mean"][-1] > 0
     assert metrics["sampling/importance_sampling_ratio/max"][-1] <= 1.1 + 1e-6
 
+
+
+def test_a_round_deals_each_stored_sample_once_with_gradient_accumulation(setup: dict[str, Any], tmp_path: Path) -> None:
+    """round_steps' optimizer steps, with 2 micro-batches each, train over the 8 samples once: one
+    generation batch dealt, no second epoch of the same samples."""
+    trainer = make_trainer(setup, tmp_path, "dapo", "token_truncate")
+    trainer.args.max_steps = round_steps(sum(len(group) for group in setup["rollouts"].values()), trainer.args)
+    trainer.train()
+    dealt = [json.loads(line) for line in (tmp_path / "rollouts" / "rank_0.jsonl").read_text().splitlines()]
+    assert trainer.state.global_step == 1
+    assert [sorted(d["ids"]) for d in dealt] == [["a"] * K + ["b"] * K]
