@@ -214,8 +214,8 @@ def check_grpo(config: RunConfig) -> None:
         raise ValueError(f"grpo.vllm_mode: {grpo.vllm_mode} runs vLLM on GPUs; set executor.train.gpus_per_task (none here)")
     if grpo.rollouts == "arrays":
         # What the round's shards cannot give yet, or what has no meaning when they sample.
-        clash = ("generate.backend: vllm (its shards do not return log-probabilities yet; use transformers)"
-                 if config.generate.backend == "vllm" else
+        clash = ("generate.endpoints (servers the run does not start may not give the log-probabilities sampled from;"
+                 " let the shards start theirs)" if config.generate.endpoints else
                  f"grpo.vllm_mode: {grpo.vllm_mode} (the trainer's own rollouts)" if grpo.vllm_mode else
                  "grpo.pass_rate_band (the trainer's own rollouts)" if grpo.pass_rate_band else
                  "train.init_from: base (a round samples with the last policy, so it must train from it)"

@@ -360,6 +360,41 @@ def test_shard_on_external_endpoint_records_a_refused_item_as_failed(
     assert not (tmp_path / "run" / "iter_001" / "generate" / "servers").exists(), "no server of its own"
 
 
+@pytest.mark.slow
+def test_samples_asked_with_log_probabilities_get_those_they_were_drawn_from(external_server: dict, tiny_assets: Path) -> None:
+    """GRPO's rollouts from a server: each sample's token ids and the log-probability of each under
+    the distribution it was sampled from, after temperature (--logprobs-mode processed_logprobs): at
+    a low temperature those of the model's own logits / T, far from the raw ones."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.generation.openai_client import OpenAIBackend, check_endpoint
+    from jobs.generation.protocol import Outcome, Request, Sampling
+
+    endpoint, _, _ = check_endpoint(external_server["url"], external_server["key"])
+    temperature = 0.1
+    messages = [[{"role": "user", "content": q}] for q in ("12+34=?", "7+8=?")]
+    outcomes: list[Outcome] = []
+    OpenAIBackend([endpoint], vllm_generate()).run(
+        [Request(m, Sampling(2, temperature, 1.0, 12, seed=3, logprobs=True)) for m in messages], outcomes.append)
+    model_path = tiny_assets / "random_init"
+    tokenizer, model = AutoTokenizer.from_pretrained(model_path), AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    gaps, raw_gaps = [], []
+    for outcome in sorted(outcomes, key=lambda o: o.index):
+        prompt = tokenizer.apply_chat_template(messages[outcome.index], add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert len(outcome.completions) == 2 and outcome.error is None
+        for completion in outcome.completions:
+            assert completion.token_ids and len(completion.token_ids) == len(completion.logprobs) == completion.num_tokens
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + completion.token_ids])).logits[0, len(prompt) - 1:-1]
+            tokens = torch.tensor(completion.token_ids)[:, None]
+            served = torch.tensor(completion.logprobs)
+            gaps.append((served - (logits / temperature).log_softmax(-1).gather(-1, tokens)[:, 0]).abs().max().item())
+            raw_gaps.append((served - logits.log_softmax(-1).gather(-1, tokens)[:, 0]).abs().max().item())
+    print("largest gap to logits / T:", max(gaps), "to the raw logits:", max(raw_gaps))
+    assert max(gaps) < 0.1 < max(raw_gaps)
+
+
 class FlakyProxy(http.server.ThreadingHTTPServer):
     """In front of the real server, the faults it cannot make on demand: the first requests for
     samples are answered 503, twice, then dropped without an answer, then cut off in the middle of

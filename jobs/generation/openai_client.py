@@ -99,7 +99,8 @@ def connect_endpoints(config: GenerateConfig) -> list[Endpoint]:
     return endpoints
 
 
-def _completions(response: dict[str, Any], n: int) -> list[Completion]:
+def _completions(response: dict[str, Any], n: int, logprobs: bool) -> list[Completion]:
+    """The samples of one answer; with ``logprobs``, each token's (ValueError when the server gave none)."""
     choices = sorted(response["choices"], key=lambda c: c["index"])
     if len(choices) != n:
         raise ValueError(f"asked for {n} samples, got {len(choices)}")
@@ -109,7 +110,14 @@ def _completions(response: dict[str, Any], n: int) -> list[Completion]:
         # leaves the counts to be shared out from the request's usage.
         token_ids = choice.get("token_ids")
         num_tokens = len(token_ids) if token_ids is not None else round(response["usage"]["completion_tokens"] / n)
-        completions.append(Completion(choice["message"].get("content") or "", num_tokens))
+        text = choice["message"].get("content") or ""
+        if not logprobs:
+            completions.append(Completion(text, num_tokens))
+            continue
+        values = [entry["logprob"] for entry in (choice.get("logprobs") or {}).get("content") or []]
+        if token_ids is None or len(values) != len(token_ids):
+            raise ValueError(f"asked for each token's log-probability, got {len(values)} for {num_tokens} tokens")
+        completions.append(Completion(text, num_tokens, token_ids, values))
     return completions
 
 
@@ -192,6 +200,9 @@ class OpenAIBackend:
             "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens,
             "return_token_ids": True,
         }
+        if sampling.logprobs:
+            # The sampled token's only: after temperature and top-p (the servers' --logprobs-mode).
+            payload.update(logprobs=True, top_logprobs=0)
         if endpoint.seeded:
             payload["seed"] = sampling.seed
         headers = {"Authorization": f"Bearer {endpoint.api_key}"}
@@ -214,7 +225,7 @@ class OpenAIBackend:
                 continue
             if response.status == 200:
                 try:
-                    return Outcome(index, _completions(json_loads(body), sampling.n))
+                    return Outcome(index, _completions(json_loads(body), sampling.n, sampling.logprobs))
                 except (ValueError, KeyError, TypeError, AttributeError) as cause:
                     error = f"unexpected answer ({type(cause).__name__}: {cause}): {body[:500]}"
                     break

@@ -59,6 +59,8 @@ def serve_arguments(model_path: str, generate: GenerateConfig, name: str) -> lis
     args = ["serve", *model_arguments(model_path, config, name)]
     args += ["--host", config.host, "--tensor-parallel-size", str(config.tensor_parallel_size), "--dtype", config.dtype]
     args += ["--gpu-memory-utilization", str(config.gpu_memory_utilization), "--disable-uvicorn-access-log"]
+    # A request that asks for log-probabilities (GRPO's rollouts) gets those it was sampled from.
+    args += ["--logprobs-mode", "processed_logprobs"]
     if config.max_model_len:
         args += ["--max-model-len", str(config.max_model_len)]
     if config.max_num_seqs:
