@@ -141,15 +141,16 @@ def test_driver_and_training_job_killed_mid_grpo_then_rerun_resumes_from_the_las
 
 @pytest.mark.slow
 def test_grpo_rounds_train_on_the_samples_of_the_generation_arrays_with_their_log_probabilities(tiny_assets: Path, tmp_path: Path) -> None:
-    """grpo.rollouts: arrays, two rounds on the embedded default: each round's shards sample with the
-    last policy and keep every token's log-probability; the training job trains on those samples,
+    """grpo.rollouts: arrays, two rounds of 12 of the 24 problems on the embedded default: each round's
+    shards sample with the last policy and keep every token's log-probability; the training job trains on those samples,
     and its first step, on-policy, finds the trainer's log-probabilities equal to the stored ones
     while the next, one update later, finds them apart and weighs the samples for it."""
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "arrays.yaml", small_config(
         tiny_assets, runs, method="grpo", export_dir=str(tmp_path / "models"),
         # A reward in which a random model's samples differ: groups with variance, so an update moves the policy.
-        grpo={**GRPO, "rollouts": "arrays", "temperature": 1.0, "learning_rates": [1e-2], "rewards": [{"name": "tests.test_grpo:digits"}]},
+        grpo={**GRPO, "rollouts": "arrays", "problems_per_round": 12, "temperature": 1.0, "learning_rates": [1e-2],
+              "rewards": [{"name": "tests.test_grpo:digits"}]},
         train={"warmup_ratio": 0.0},
     ))
     run_dir = runs / "small"
@@ -159,10 +160,12 @@ def test_grpo_rounds_train_on_the_samples_of_the_generation_arrays_with_their_lo
     summary = json.loads(run_cli("tools/status.py", str(run_dir), "--json").stdout)
     for iteration in summary["iterations"]:
         assert {name: stage["status"] for name, stage in iteration["stages"].items()} == dict.fromkeys(("generate", "train", "eval"), "done")
+    sampled = []
     for round_ in (1, 2):
         records = [json.loads(line) for shard in sorted((run_dir / f"iter_{round_:03d}" / "generate").glob("shard_*.jsonl"))
                    for line in shard.read_text().splitlines()]
-        assert len(records) == 24 and all(len(r["candidates"]) == 2 for r in records), "grpo.num_generations samples of every problem"
+        assert len(records) == 12 and all(len(r["candidates"]) == 2 for r in records), "grpo.num_generations samples of each problem"
+        sampled.append({r["id"] for r in records})
         for candidate in (c for r in records for c in r["candidates"]):
             assert candidate["policy"] == round_ - 1, "sampled by the policy the round starts from"
             assert len(candidate["completion_ids"]) == len(candidate["logprobs"]) == candidate["num_tokens"] <= 12
@@ -173,6 +176,7 @@ def test_grpo_rounds_train_on_the_samples_of_the_generation_arrays_with_their_lo
         assert first["sampling/sampling_logp_difference/mean"] < 1e-4, "the stored log-probabilities are the trainer's own"
         assert second["sampling/sampling_logp_difference/mean"] > 1e-3, "one update later they differ"
         assert second["sampling/importance_sampling_ratio/min"] != second["sampling/importance_sampling_ratio/max"]
+    assert len(sampled[0] | sampled[1]) == 24, "the two rounds of 12 problems share none: all 24 sampled once"
     card = read_json(run_dir / "iter_002" / "train" / "model_card.json")
     assert card["init_model"] == str(run_dir / "iter_001" / "train" / "model")
 

@@ -3,6 +3,7 @@ method trains with) and the ``grpo`` section (GRPO iterations)."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -129,6 +130,10 @@ class GrpoConfig:
     # tokens' log-probabilities, and the training job trains once over them with TRL's loss and its
     # importance-sampling correction between the sampler's log-probabilities and its own.
     rollouts: Literal["trainer", "arrays"] = "trainer"
+    # Rollouts from the arrays: the problems of each round, drawn without replacement across rounds
+    # (a new order of the training set, by the run's seed, once every problem has had its round);
+    # none: every problem in every round.
+    problems_per_round: PositiveInt | None = None
     # Trainer rollouts: none (TRL's transformers generation, the CPU way), or vLLM on GPUs: server (trl
     # vllm-serve on the job's last node, or on GPUs of its own on a one-node job) or colocate.
     vllm_mode: Literal["server", "colocate"] | None = None
@@ -155,6 +160,16 @@ class GrpoConfig:
         trainer's log-probabilities do not apply."""
         return replace(generate, num_samples=self.num_generations, temperature=self.temperature, top_p=1.0,
                        max_tokens=self.max_completion_length)
+
+    def round_problems(self, num_problems: int, grpo_round: int, seed: int) -> list[int]:
+        """The training set's indices that round ``grpo_round`` (0-based, GRPO rounds only) samples:
+        a slice of the set's order of the epoch, no problem twice in one epoch (the few that do not
+        fill a last round of an epoch wait for the next order)."""
+        per_round = min(self.problems_per_round or num_problems, num_problems)
+        rounds_per_epoch = num_problems // per_round
+        epoch, slot = divmod(grpo_round, rounds_per_epoch)
+        order = random.Random(seed + epoch).sample(range(num_problems), num_problems)
+        return order[slot * per_round:(slot + 1) * per_round]
 
     def learning_rate(self, grpo_iteration: int) -> float:
         """The learning rate of the ``grpo_iteration``-th GRPO iteration of the run (0-based)."""

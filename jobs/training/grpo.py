@@ -143,16 +143,18 @@ def train_grpo(spec: GrpoSpec, metrics: dict[str, Any], primary: bool = True, mu
         _train(spec, metrics, primary, server)
 
 
-def stored_rollouts(paths: list[str], rows: list[dict[str, Any]], group_size: int) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """The rows that have a whole group of samples in the shards at ``paths``, and each one's group
-    (its candidates' completion token ids and log-probabilities); a problem whose request failed has none."""
-    groups = {}
+def stored_rollouts(paths: list[str], rows: list[dict[str, Any]], group_size: int) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], int]:
+    """The rows that have a whole group of samples in the shards at ``paths``, each one's group (its
+    candidates' completion token ids and log-probabilities), and how many of the shards' problems
+    have none (their request failed)."""
+    groups, records = {}, 0
     for path in paths:
         for record in read_jsonl(path):
+            records += 1
             candidates = record["candidates"]
             if len(candidates) == group_size:
                 groups[record["id"]] = [{"completion_ids": c["completion_ids"], "logprobs": c["logprobs"]} for c in candidates]
-    return [row for row in rows if row["id"] in groups], groups
+    return [row for row in rows if row["id"] in groups], groups, records - len(groups)
 
 
 def round_steps(samples: int, args: Any) -> int:
@@ -200,9 +202,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
                                     " widen the band")
     rollouts = None
     if spec.rollout_paths is not None:
-        problems = len(rows)
-        rows, rollouts = stored_rollouts(spec.rollout_paths, rows, grpo.num_generations)
-        metrics["rollouts_left_out"] = problems - len(rows)
+        rows, rollouts, metrics["rollouts_left_out"] = stored_rollouts(spec.rollout_paths, rows, grpo.num_generations)
     context = RewardContext(spec.verifier, spec.answer_pattern, spec.services)
     reward_set = RewardSet(grpo.rewards, context)
     device, dtype = pick_device()

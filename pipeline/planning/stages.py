@@ -81,6 +81,11 @@ def shard_totals(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def grpo_rounds_before(config: RunConfig, iteration: int) -> int:
+    """The GRPO iterations of the run before ``iteration``."""
+    return sum(1 for i in range(1, iteration) if config.method_of(i) == "grpo")
+
+
 def generate_stage(run: RunContext, iteration: int, rollouts: bool = False) -> StagePlan:
     """An array of shards over the training set; a re-split straggler's rest (recorded in the stage's
     ledger record, pipeline/scheduling/resplit.py) adds tasks of its own. ``rollouts``: a GRPO round's
@@ -88,14 +93,19 @@ def generate_stage(run: RunContext, iteration: int, rollouts: bool = False) -> S
     config, layout = run.config, run.layout
     generate = config.grpo.sampling(config.generate) if rollouts else config.generate
     key = f"{layout.stage_dir(iteration, 'generate').relative_to(layout.run_dir)}"
-    ranges = shard_ranges(run.num_train, config.generate.num_shards)
     model = run.model_after(iteration - 1)  # once: thousands of shards, one model
     resources = stage_resources(config, "generate")
     policy = resources.resplit_policy() if config.executor.cluster != "debug" else None
     # Shard name -> (start, stop, indices): the array's shards, then the parts of re-split stragglers.
-    shards: dict[str, tuple[int, int, list[int] | None]] = {
-        f"shard_{index:05d}": (start, stop, None) for index, (start, stop) in enumerate(ranges)
-    }
+    shards: dict[str, tuple[int, int, list[int] | None]]
+    if rollouts and config.grpo.problems_per_round:
+        chosen = config.grpo.round_problems(run.num_train, grpo_rounds_before(config, iteration), config.seed)
+        ranges = shard_ranges(len(chosen), config.generate.num_shards)
+        shards = {f"shard_{index:05d}": (min(part), max(part) + 1, part)
+                  for index, part in enumerate(sorted(chosen[a:b]) for a, b in ranges)}
+    else:
+        ranges = shard_ranges(run.num_train, config.generate.num_shards)
+        shards = {f"shard_{index:05d}": (start, stop, None) for index, (start, stop) in enumerate(ranges)}
     shards.update({name: (parts[0], parts[-1] + 1, parts) for name, parts in split_parts(run.run_dir, key).items()})
     # Paths once for all shards, when a spec is first made: every status and poll of a 10,000-shard
     # stage builds this plan, and reads only its tasks' keys.
@@ -216,8 +226,7 @@ def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | No
     key = str(output.relative_to(layout.run_dir))
     grpo = config.grpo
     services = services_used(grpo.rewards)
-    earlier = sum(1 for i in range(1, iteration) if config.method_of(i) == "grpo")
-    learning_rate = grpo.learning_rate(earlier)
+    learning_rate = grpo.learning_rate(grpo_rounds_before(config, iteration))
 
     def spec() -> GrpoSpec:  # made when read: with rollouts, it reads every shard's spec
         return GrpoSpec(

@@ -335,6 +335,22 @@ def test_a_grpo_round_over_the_arrays_samples_as_grpo_says_with_the_last_policy_
     assert second[2].tasks[0].spec.generate.num_samples == 16
 
 
+def test_grpo_rounds_draw_their_problems_without_replacement_until_every_problem_had_one(make_planner):
+    planner = make_planner(num_train=10, num_iterations=5, method="grpo", generate={"num_shards": 2},
+                           grpo={"rollouts": "arrays", "problems_per_round": 4})
+    rounds = []
+    for iteration in range(1, 6):
+        shards = [t.spec for t in planner.iteration(iteration)[0].tasks]
+        assert len(shards) == 2 and all(s.indices == sorted(s.indices) and s.start == s.indices[0] for s in shards)
+        rounds.append([i for s in shards for i in s.indices])
+    assert all(len(r) == len(set(r)) == 4 for r in rounds)
+    # 2 rounds of 4 per epoch of 10 problems: each epoch's rounds share no problem; the next epoch reorders.
+    assert not set(rounds[0]) & set(rounds[1]) and not set(rounds[2]) & set(rounds[3])
+    assert rounds[2:4] != rounds[0:2]
+    assert rounds == [[i for s in (t.spec for t in planner.iteration(it)[0].tasks) for i in s.indices] for it in range(1, 6)], \
+        "the same rounds when planned again (a resumed run)"
+
+
 def test_grpo_without_heldout_is_train_only(make_planner):
     planner = make_planner(num_iterations=2, method="grpo")
     assert keys(planner.stages()) == ["iter_001/train", "iter_002/train", "export"]
