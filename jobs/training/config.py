@@ -130,9 +130,9 @@ class GrpoConfig:
     # tokens' log-probabilities, and the training job trains once over them with TRL's loss and its
     # importance-sampling correction between the sampler's log-probabilities and its own.
     rollouts: Literal["trainer", "arrays"] = "trainer"
-    # Rollouts from the arrays: the problems of each round, drawn without replacement across rounds
-    # (a new order of the training set, by the run's seed, once every problem has had its round);
-    # none: every problem in every round.
+    # Rollouts from the arrays: the problems of each round, slices of an order of the training set
+    # (by the run's seed, a new order each epoch), so no problem twice in an epoch; none: every
+    # problem in every round.
     problems_per_round: PositiveInt | None = None
     # Trainer rollouts: none (TRL's transformers generation, the CPU way), or vLLM on GPUs: server (trl
     # vllm-serve on the job's last node, or on GPUs of its own on a one-node job) or colocate.
