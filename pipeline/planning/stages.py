@@ -96,16 +96,15 @@ def generate_stage(run: RunContext, iteration: int, rollouts: bool = False) -> S
     model = run.model_after(iteration - 1)  # once: thousands of shards, one model
     resources = stage_resources(config, "generate")
     policy = resources.resplit_policy() if config.executor.cluster != "debug" else None
+    # A GRPO round of grpo.problems_per_round: its shards' ranges are places in the round's problems,
+    # drawn when a spec is first made (a plan read for its task keys does not order the training set).
+    per_round = config.grpo.problems_per_round if rollouts else None
+    chosen = cache(lambda: config.grpo.round_problems(run.num_train, grpo_rounds_before(config, iteration), config.seed))
+    ranges = shard_ranges(min(per_round or run.num_train, run.num_train), config.generate.num_shards)
     # Shard name -> (start, stop, indices): the array's shards, then the parts of re-split stragglers.
-    shards: dict[str, tuple[int, int, list[int] | None]]
-    if rollouts and config.grpo.problems_per_round:
-        chosen = config.grpo.round_problems(run.num_train, grpo_rounds_before(config, iteration), config.seed)
-        ranges = shard_ranges(len(chosen), config.generate.num_shards)
-        shards = {f"shard_{index:05d}": (min(part), max(part) + 1, part)
-                  for index, part in enumerate(sorted(chosen[a:b]) for a, b in ranges)}
-    else:
-        ranges = shard_ranges(run.num_train, config.generate.num_shards)
-        shards = {f"shard_{index:05d}": (start, stop, None) for index, (start, stop) in enumerate(ranges)}
+    shards: dict[str, tuple[int, int, list[int] | None]] = {
+        f"shard_{index:05d}": (start, stop, None) for index, (start, stop) in enumerate(ranges)
+    }
     shards.update({name: (parts[0], parts[-1] + 1, parts) for name, parts in split_parts(run.run_dir, key).items()})
     # Paths once for all shards, when a spec is first made: every status and poll of a 10,000-shard
     # stage builds this plan, and reads only its tasks' keys.
@@ -113,6 +112,9 @@ def generate_stage(run: RunContext, iteration: int, rollouts: bool = False) -> S
     problems_path, api_key_path, compile_cache_dir = (str(p) for p in (layout.train_problems, layout.api_key, layout.compile_caches))
 
     def spec(name: str, start: int, stop: int, indices: list[int] | None) -> GenerateShardSpec:
+        if per_round and indices is None:
+            indices = sorted(chosen()[start:stop])
+            start, stop = indices[0], indices[-1] + 1
         return GenerateShardSpec(
             target=run.target(f"{key}/{name}"),
             problems_path=problems_path,
