@@ -89,6 +89,24 @@ class FilterSpec:
 
 
 @dataclass
+class RoundScoreSpec:
+    """The score job of a GRPO round over the arrays (jobs.scoring.rounds)."""
+
+    target: JobTarget
+    iteration: int
+    shard_paths: list[str]
+    # The run's training problems: each sample's prompt and columns, as the trainer builds them.
+    problems_path: str
+    output_dir: str
+    grpo: GrpoConfig
+    system_prompt: str | None
+    # What the rewards get in their RewardContext: how answers are judged, and the run's services.
+    verifier: str
+    answer_pattern: str | list[str]
+    services: dict[str, ServiceRef] = field(default_factory=dict)
+
+
+@dataclass
 class TrainSpec:
     target: JobTarget
     data_path: str
@@ -126,8 +144,8 @@ class GrpoSpec:
     # With grpo.pass_rate_band: the problems' pass rates measured just before (the filter's
     # filtered_pass_rates.jsonl); only those in the band are trained on.
     pass_rates_path: str | None = None
-    # With grpo.rollouts: arrays, the generation shards holding the samples to train on.
-    rollout_paths: list[str] | None = None
+    # With grpo.rollouts: arrays, the round's scored groups to train on (jobs.scoring.rounds).
+    scored_path: str | None = None
 
 
 @dataclass

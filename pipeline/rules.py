@@ -222,6 +222,12 @@ def check_grpo(config: RunConfig) -> None:
                  if config.train.init_from == "base" else None)
         if clash:
             raise ValueError(f"grpo.rollouts: arrays samples in the generation shards, and cannot go with {clash}")
+        if grpo.problems_per_round and grpo.problems_per_round * grpo.num_generations < batch:
+            raise ValueError(
+                f"grpo.problems_per_round: a round of {grpo.problems_per_round} problems x {grpo.num_generations} samples"
+                f" (grpo.num_generations) is smaller than one generation batch ({batch}: grpo.batch_size x processes x"
+                " steps per generation), so it would train on nothing; raise grpo.problems_per_round or lower grpo.batch_size"
+            )
 
 
 # --- Before a run is created or resumed (pipeline.run): the model's files and this machine -----------

@@ -159,7 +159,7 @@ def test_grpo_rounds_train_on_the_samples_of_the_generation_arrays_with_their_lo
     # status.py, a script, finds the run's reward (a module of the folder it runs from) as the run did.
     summary = json.loads(run_cli("tools/status.py", str(run_dir), "--json").stdout)
     for iteration in summary["iterations"]:
-        assert {name: stage["status"] for name, stage in iteration["stages"].items()} == dict.fromkeys(("generate", "train", "eval"), "done")
+        assert {name: stage["status"] for name, stage in iteration["stages"].items()} == dict.fromkeys(("generate", "score", "train", "eval"), "done")
     sampled = []
     for round_ in (1, 2):
         records = [json.loads(line) for shard in sorted((run_dir / f"iter_{round_:03d}" / "generate").glob("shard_*.jsonl"))
@@ -170,8 +170,14 @@ def test_grpo_rounds_train_on_the_samples_of_the_generation_arrays_with_their_lo
             assert candidate["policy"] == round_ - 1, "sampled by the policy the round starts from"
             assert len(candidate["completion_ids"]) == len(candidate["logprobs"]) == candidate["num_tokens"] <= 12
             assert all(lp <= 0 for lp in candidate["logprobs"])
+        # The score job: every group scored once, those whose samples all scored alike left out.
+        scored = ledger_record(run_dir, f"iter_{round_:03d}/score")["metrics"]["round"]
+        assert scored["groups"] == 12 and scored["failed_problems"] == 0
+        assert scored["kept_groups"] + scored["zero_std_groups"] + scored["unscored_groups"] == 12 and scored["kept_groups"] >= 2
+        kept = [json.loads(line) for line in (run_dir / f"iter_{round_:03d}" / "score" / "scored.jsonl").read_text().splitlines()]
+        assert len(kept) == scored["kept_groups"] and all(len({s["reward"] for s in g["samples"]}) > 1 for g in kept)
         train = ledger_record(run_dir, f"iter_{round_:03d}/train")["metrics"]
-        assert train["rollouts"] == "arrays" and train["rollouts_left_out"] == 0 and train["steps"] == 2
+        assert train["rollouts"] == "arrays" and train["steps"] == 2
         first, second = train["step_log"]
         assert first["sampling/sampling_logp_difference/mean"] < 1e-4, "the stored log-probabilities are the trainer's own"
         assert second["sampling/sampling_logp_difference/mean"] > 1e-3, "one update later they differ"

@@ -3,6 +3,7 @@ method trains with) and the ``grpo`` section (GRPO iterations)."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -134,6 +135,10 @@ class GrpoConfig:
     # (by the run's seed, a new order each epoch), so no problem twice in an epoch; none: every
     # problem in every round.
     problems_per_round: PositiveInt | None = None
+    # Rollouts from the arrays, as DAPO's dynamic sampling: each round samples this many times
+    # problems_per_round problems, so that the round still has problems_per_round groups to train on
+    # after the score job leaves out those whose samples all got the same reward (no signal).
+    oversample: Annotated[float, Ge(1)] = 1.0
     # Trainer rollouts: none (TRL's transformers generation, the CPU way), or vLLM on GPUs: server (trl
     # vllm-serve on the job's last node, or on GPUs of its own on a one-node job) or colocate.
     vllm_mode: Literal["server", "colocate"] | None = None
@@ -153,6 +158,9 @@ class GrpoConfig:
     def __post_init__(self) -> None:
         if self.pass_rate_band is not None and self.pass_rate_band[0] > self.pass_rate_band[1]:
             raise ValueError(f"grpo.pass_rate_band: the low bound is above the high one ({list(self.pass_rate_band)})")
+        if self.oversample > 1 and (self.rollouts != "arrays" or self.problems_per_round is None):
+            raise ValueError(f"grpo.oversample: {self.oversample:g} samples more than grpo.problems_per_round problems per round of"
+                             " grpo.rollouts: arrays; set both, or leave grpo.oversample at 1")
 
     def sampling(self, generate: GenerateConfig) -> GenerateConfig:
         """How the shards of a round sample (rollouts: arrays): the ``generate`` section's backend and
@@ -165,11 +173,17 @@ class GrpoConfig:
         """The training set's indices that round ``grpo_round`` (0-based, GRPO rounds only) samples:
         a slice of the set's order of the epoch, no problem twice in one epoch (the few that do not
         fill a last round of an epoch wait for the next order)."""
-        per_round = min(self.problems_per_round or num_problems, num_problems)
+        per_round = self.sampled_per_round(num_problems)
         rounds_per_epoch = num_problems // per_round
         epoch, slot = divmod(grpo_round, rounds_per_epoch)
         order = random.Random(seed + epoch).sample(range(num_problems), num_problems)
         return order[slot * per_round:(slot + 1) * per_round]
+
+    def sampled_per_round(self, num_problems: int) -> int:
+        """How many problems a round samples: problems_per_round, oversampled; all of them without it."""
+        if self.problems_per_round is None:
+            return num_problems
+        return min(math.ceil(self.problems_per_round * self.oversample), num_problems)
 
     def learning_rate(self, grpo_iteration: int) -> float:
         """The learning rate of the ``grpo_iteration``-th GRPO iteration of the run (0-based)."""

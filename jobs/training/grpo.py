@@ -12,8 +12,9 @@ generation dealt.
 
 Rollouts: TRL's transformers generation (``grpo.vllm_mode`` unset, the CPU way), or vLLM on GPUs:
 ``colocate`` (in the training processes) or ``server`` (``trl vllm-serve``, jobs.training.rollout_server);
-or, with ``grpo.rollouts: arrays``, the samples of this round's generation shards (``rollout_paths``),
-trained on once with the importance-sampling correction (jobs.training.grpo_trainer.StoredRolloutTrainer).
+or, with ``grpo.rollouts: arrays``, the groups of this round that its score job kept (``scored_path``:
+the samples of the generation shards with their rewards and advantages, jobs.scoring.rounds), trained
+on once with the importance-sampling correction (jobs.training.grpo_trainer.StoredRolloutTrainer).
 
 A step (generation, rewards, weight sync, update) that runs longer than ``grpo.stall_timeout_s``
 fails the job: a watchdog thread records ``error: stalled: ...`` in the ledger and ends the process,
@@ -143,18 +144,13 @@ def train_grpo(spec: GrpoSpec, metrics: dict[str, Any], primary: bool = True, mu
         _train(spec, metrics, primary, server)
 
 
-def stored_rollouts(paths: list[str], rows: list[dict[str, Any]], group_size: int) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], int]:
-    """The rows that have a whole group of samples in the shards at ``paths``, each one's group (its
-    candidates' completion token ids and log-probabilities), and how many of the shards' problems
-    have none (their request failed)."""
-    groups, records = {}, 0
-    for path in paths:
-        for record in read_jsonl(path):
-            records += 1
-            candidates = record["candidates"]
-            if len(candidates) == group_size:
-                groups[record["id"]] = [{"completion_ids": c["completion_ids"], "logprobs": c["logprobs"]} for c in candidates]
-    return [row for row in rows if row["id"] in groups], groups, records - len(groups)
+def stored_rollouts(path: str, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """The rows of the groups the round's score job kept (``path``, jobs.scoring.rounds), in its
+    order, and each one's samples: completion token ids, the sampler's log-probabilities, rewards
+    and advantage."""
+    groups = {record["id"]: record["samples"] for record in read_jsonl(path)}
+    by_id = {row["id"]: row for row in rows}
+    return [by_id[pid] for pid in groups], groups
 
 
 def round_steps(samples: int, args: Any) -> int:
@@ -201,8 +197,8 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
             raise PermanentJobError(f"grpo.pass_rate_band: no problem's pass rate lies in {list(grpo.pass_rate_band)} ({selection});"
                                     " widen the band")
     rollouts = None
-    if spec.rollout_paths is not None:
-        rows, rollouts, metrics["rollouts_left_out"] = stored_rollouts(spec.rollout_paths, rows, grpo.num_generations)
+    if spec.scored_path is not None:
+        rows, rollouts = stored_rollouts(spec.scored_path, rows)
     context = RewardContext(spec.verifier, spec.answer_pattern, spec.services)
     reward_set = RewardSet(grpo.rewards, context)
     device, dtype = pick_device()

@@ -141,11 +141,16 @@ class PolicyTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any],
                            completion_ids_list: list[Any]) -> torch.Tensor:
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        rewards_per_func = self._rewards_per_func(inputs, prompts, completions, completion_ids_list)
         if self.model.training:
             for key, share in pass_shares(self._passed(inputs, prompts, completions, rewards_per_func), self.num_generations).items():
                 self._metrics["train"][key].append(share)
         return rewards_per_func
+
+    def _rewards_per_func(self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any],
+                          completion_ids_list: list[Any]) -> torch.Tensor:
+        """Every process's samples (gathered) by reward: the scores of the rewards, NaN for none."""
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     def _passed(self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any],
                 rewards_per_func: torch.Tensor) -> torch.Tensor:
@@ -210,10 +215,13 @@ class PolicyTrainer(GRPOTrainer):
 
 
 class StoredRolloutTrainer(PolicyTrainer):
-    """PolicyTrainer whose samples are read, not generated: ``rollouts`` maps each problem id to its
-    group, ``num_generations`` samples each with its completion token ids and the sampler's per-token
-    log-probabilities (processed: after temperature, as the trainer computes them). TRL deals each
-    problem ``num_generations`` times in a row; the k-th copy of a group trains on its k-th sample."""
+    """PolicyTrainer whose samples are read, not generated, and scored already: ``rollouts`` maps each
+    problem id to its group (the round's score job, jobs.scoring.rounds), ``num_generations`` samples
+    each with its completion token ids, the sampler's per-token log-probabilities (processed: after
+    temperature, as the trainer computes them), its score per reward and its advantage. TRL deals each
+    problem ``num_generations`` times in a row; the k-th copy of a group trains on its k-th sample,
+    with the stored scores (no reward is called) and the stored advantage (over the round's batch with
+    ``scale_rewards: batch``, where TRL's would be over the generation batch)."""
 
     def __init__(self, *args: Any, rollouts: dict[str, list[dict[str, Any]]], **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -221,15 +229,22 @@ class StoredRolloutTrainer(PolicyTrainer):
         # TRL weighs each token by the ratio of the trainer's probability to the sampler's only when it
         # believes vLLM sampled; its own generation (the one other use of the flag) is replaced below.
         self.use_vllm = True
-        self._dealt: list[dict[str, Any]] = []
+        self._samples: list[dict[str, Any]] = []
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        self._dealt = inputs
-        return super()._generate_and_score_completions(inputs)
+        # This process's rows are the process_index-th slice of the generation batch, whose groups lie side by side.
+        first = self.accelerator.process_index * len(inputs)
+        self._samples = [self.rollouts[row["id"]][(first + i) % self.num_generations] for i, row in enumerate(inputs)]
+        output = super()._generate_and_score_completions(inputs)
+        output["advantages"] = torch.tensor([s["advantage"] for s in self._samples], dtype=output["advantages"].dtype,
+                                            device=output["advantages"].device)
+        return output
 
     def _generate_single_turn(self, prompt_ids: Any, images: Any, multimodal_fields: Any,
                               num_generations: int) -> tuple[list[list[int]], list[list[float]]]:
-        # This process's rows are the process_index-th slice of the generation batch, whose groups lie side by side.
-        first = self.accelerator.process_index * len(self._dealt)
-        samples = [self.rollouts[row["id"]][(first + i) % num_generations] for i, row in enumerate(self._dealt)]
-        return [s["completion_ids"] for s in samples], [s["logprobs"] for s in samples]
+        return [s["completion_ids"] for s in self._samples], [s["logprobs"] for s in self._samples]
+
+    def _rewards_per_func(self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any],
+                          completion_ids_list: list[Any]) -> torch.Tensor:
+        scores = [[math.nan if s["rewards"][name] is None else s["rewards"][name] for name in self.reward_set.names] for s in self._samples]
+        return gather(torch.tensor(scores, dtype=torch.float32, device=self.accelerator.device))

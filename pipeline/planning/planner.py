@@ -36,5 +36,6 @@ class Planner(RunContext):
         """The kinds of stage the run's iterations have, in running order (status columns)."""
         names: list[str] = []
         for iteration in range(1, self.config.num_iterations + 1):
-            names += [n for n in self.recipe_for(iteration).stage_names if n not in names]
+            planned = {stage.name for stage in self.iteration(iteration)}
+            names += [n for n in self.recipe_for(iteration).stage_names if n in planned and n not in names]
         return names

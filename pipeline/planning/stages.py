@@ -17,13 +17,16 @@ from jobs.generation import evaluate as eval_job
 from jobs.generation import generate as generate_job
 from jobs.generation.backends import truncation
 from jobs.scoring import filtering as filter_job
+from jobs.scoring import rounds as score_job
 from jobs.scoring.rewards import services_used
+from jobs.scoring.rounds import SCORED_FILE
 from jobs.specs import (
     EvalSpec,
     ExportSpec,
     FilterSpec,
     GenerateShardSpec,
     GrpoSpec,
+    RoundScoreSpec,
     ServiceRef,
     TrainSpec,
 )
@@ -41,6 +44,7 @@ from state import Ledger, Status
 DEFAULT_RESOURCES = {
     "generate": Resources(),
     "filter": Resources(timeout_min=60),
+    "score": Resources(timeout_min=60),
     "train": Resources(),
     "eval": Resources(timeout_min=60),
     "export": Resources(timeout_min=30, cpus_per_task=1),
@@ -50,6 +54,7 @@ DEFAULT_RESOURCES = {
 EXPORT = "export"
 ADVANCE = "advance"
 GRPO_REPORTS = ("final_reward", "reward_failures", "selection", "final_loss")
+SCORE_REPORTS = ("round",)
 FILTER_REPORTS = ("mean_correct_rate", "categories", "filtered_samples", "total_problems", "total_candidates",
                   "overall_accuracy", "correct_count_histogram", "correct_rate_buckets", "reward_failures",
                   "unextracted_fraction", "unjudged_problems", "warnings")
@@ -100,7 +105,7 @@ def generate_stage(run: RunContext, iteration: int, rollouts: bool = False) -> S
     # drawn when a spec is first made (a plan read for its task keys does not order the training set).
     per_round = config.grpo.problems_per_round if rollouts else None
     chosen = cache(lambda: config.grpo.round_problems(run.num_train, grpo_rounds_before(config, iteration), config.seed))
-    ranges = shard_ranges(min(per_round or run.num_train, run.num_train), config.generate.num_shards)
+    ranges = shard_ranges(config.grpo.sampled_per_round(run.num_train) if per_round else run.num_train, config.generate.num_shards)
     # Shard name -> (start, stop, indices): the array's shards, then the parts of re-split stragglers.
     shards: dict[str, tuple[int, int, list[int] | None]] = {
         f"shard_{index:05d}": (start, stop, None) for index, (start, stop) in enumerate(ranges)
@@ -166,6 +171,33 @@ def filter_stage(run: RunContext, iteration: int, generations: StagePlan) -> Sta
                      after="afterany", services=tuple(sorted(services)), reports=FILTER_REPORTS, writes=str(output))
 
 
+def score_stage(run: RunContext, iteration: int, rollouts: StagePlan) -> StagePlan:
+    """Scores a GRPO round's samples (the shards of ``rollouts``), keeps the groups with a signal and
+    computes their advantages (jobs.scoring.rounds); waits for the shards with afterany, as the filter."""
+    config, layout = run.config, run.layout
+    output = layout.stage_dir(iteration, "score")
+    key = str(output.relative_to(layout.run_dir))
+    services = services_used(config.grpo.rewards)
+
+    def spec() -> RoundScoreSpec:  # made when read: it reads every shard's spec
+        return RoundScoreSpec(
+            target=run.target(key),
+            iteration=iteration,
+            shard_paths=[t.spec.output_path for t in rollouts.tasks],
+            problems_path=str(layout.train_problems),
+            output_dir=str(output),
+            grpo=config.grpo,
+            system_prompt=config.generate.system_prompt,
+            verifier=config.filter.verifier,
+            answer_pattern=config.filter.answer_pattern,
+            services=service_refs(run, services),
+        )
+
+    return StagePlan(key, "score", iteration, [Task(key, score_job.run, build=spec)], stage_resources(config, "score"),
+                     after="afterany", services=tuple(sorted(services)), reports=SCORE_REPORTS, writes=str(output),
+                     detail=f"{config.grpo.num_generations} samples per group, advantages by {config.grpo.scale_rewards}")
+
+
 def train_stage(run: RunContext, iteration: int, data: StagePlan) -> StagePlan:
     """SFT on what ``data`` (the filter) kept."""
     config, layout = run.config, run.layout
@@ -219,18 +251,19 @@ def eval_stage(run: RunContext, iteration: int) -> StagePlan:
 
 
 def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | None = None,
-                     rollouts: StagePlan | None = None) -> StagePlan:
+                     scored: StagePlan | None = None) -> StagePlan:
     """GRPO with TRL's GRPOTrainer from the last policy; with ``pass_rates`` (the filter of this
     iteration's generations), only on the problems whose pass rate lies in grpo.pass_rate_band; with
-    ``rollouts`` (this round's generation shards), on their samples instead of its own."""
+    ``scored`` (this round's score job), on the groups it kept instead of samples of its own."""
     config, layout = run.config, run.layout
     output = layout.stage_dir(iteration, "train")
     key = str(output.relative_to(layout.run_dir))
     grpo = config.grpo
-    services = services_used(grpo.rewards)
+    # Rounds over the arrays are scored by the score job: the training job calls no reward.
+    services = set() if scored else services_used(grpo.rewards)
     learning_rate = grpo.learning_rate(grpo_rounds_before(config, iteration))
 
-    def spec() -> GrpoSpec:  # made when read: with rollouts, it reads every shard's spec
+    def spec() -> GrpoSpec:
         return GrpoSpec(
             target=run.target(key),
             problems_path=str(layout.train_problems),
@@ -247,10 +280,10 @@ def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | No
             services=service_refs(run, services),
             seed=config.seed + iteration,
             pass_rates_path=str(layout.stage_dir(iteration, pass_rates.name) / "filtered_pass_rates.jsonl") if pass_rates else None,
-            rollout_paths=[t.spec.output_path for t in rollouts.tasks] if rollouts else None,
+            scored_path=str(layout.stage_dir(iteration, scored.name) / SCORED_FILE) if scored else None,
         )
 
-    steps = "one pass over the round's samples" if rollouts else f"{grpo.max_steps} steps"
+    steps = "one pass over the round's samples" if scored else f"{grpo.max_steps} steps"
     detail = f"GRPO, lr {learning_rate:g}, {grpo.num_generations} generations, {steps}, {config.train.strategy}"
     return StagePlan(key, "train", iteration, [Task(key, grpo_job.run, build=spec)], stage_resources(config, "train"),
                      services=tuple(sorted(services)), reports=GRPO_REPORTS, writes=str(output), detail=detail)

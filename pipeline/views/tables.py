@@ -104,6 +104,9 @@ def iteration_table(summary: dict[str, Any], iterations: Sequence[dict[str, Any]
             table.add_row(f"  reward {name} (start -> end)", *empty,
                           *[f"{rise[name][0]:.3f} -> {rise[name][1]:.3f}" if name in rise else "-" for rise in rises], "")
         table.add_row("Problems trained on (band)", *empty, *[_selected(e["metrics"].get("selection")) for e in iterations], "")
+    if any(e["metrics"].get("round") for e in summary["iterations"]):
+        # GRPO over the arrays: the score job's groups (jobs/scoring/rounds.py).
+        table.add_row("Groups trained on (round)", *empty, *[_round_groups(e["metrics"].get("round")) for e in iterations], "")
     table.add_row(
         "Held-out accuracy", _percent(summary["base_heldout_accuracy"]),
         *[_percent(e["metrics"].get("heldout_accuracy")) for e in iterations], "Increasing",
@@ -176,6 +179,14 @@ def grpo_tables(console: Console, summary: dict[str, Any]) -> list[Table]:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _round_groups(figures: dict[str, Any] | None) -> str:
+    """The groups a round trained on, of those it asked for; those scored alike (no signal) and the shortfall."""
+    if not figures:
+        return "-"
+    text = f"{figures['kept_groups']} of {figures['target_groups']}, {figures['zero_std_groups']} alike"
+    return text + (f", {figures['shortfall']} short" if figures["shortfall"] else "")
 
 
 def _selected(selection: dict[str, Any] | None) -> str:

@@ -324,15 +324,17 @@ def test_a_grpo_round_over_the_arrays_samples_as_grpo_says_with_the_last_policy_
                            generate={"num_samples": 16, "temperature": 0.9, "top_p": 0.95, "max_tokens": 2048, "num_shards": 3},
                            grpo={"rollouts": "arrays", "num_generations": 8, "temperature": 0.7, "max_completion_length": 80})
     second = planner.iteration(2)
-    assert keys(second) == ["iter_002/generate", "iter_002/train", "iter_002/eval"]
+    assert keys(second) == ["iter_002/generate", "iter_002/score", "iter_002/train", "iter_002/eval"]
     shards = [t.spec for t in second[0].tasks]
     assert len(shards) == 3 and {s.rollouts_of for s in shards} == {1}
     assert {s.model_path for s in shards} == {str(planner.run_dir / "iter_001" / "train" / "model")}
     sampling = shards[0].generate
     assert (sampling.num_samples, sampling.temperature, sampling.top_p, sampling.max_tokens) == (8, 0.7, 1.0, 80)
-    assert second[1].tasks[0].spec.rollout_paths == [s.output_path for s in shards]
+    # The score job reads the shards and writes what the training job trains on.
+    assert second[1].tasks[0].spec.shard_paths == [s.output_path for s in shards]
+    assert second[2].tasks[0].spec.scored_path == str(planner.run_dir / "iter_002" / "score" / "scored.jsonl")
     # The held-out evaluation and the trainer's own rollouts keep the generate section as written.
-    assert second[2].tasks[0].spec.generate.num_samples == 16
+    assert second[3].tasks[0].spec.generate.num_samples == 16
 
 
 def test_grpo_rounds_draw_their_problems_without_replacement_until_every_problem_had_one(make_planner):

@@ -235,3 +235,65 @@ def test_the_evaluation_leaves_problems_it_cannot_judge_out_of_its_accuracy(tmp_
     assert {k: metrics[k] for k in ("heldout_accuracy", "heldout_correct", "heldout_problems", "heldout_unjudged")} == {
         "heldout_accuracy": 1.0, "heldout_correct": 1, "heldout_problems": 3, "heldout_unjudged": 2,
     }
+
+
+# A GRPO round's score job (jobs.scoring.rounds) -------------------------------------------------------
+
+def round_shard(path: Path, groups: dict[str, list[str]]) -> str:
+    """A generation shard of rollouts: per problem, its samples' answers."""
+    lines = [{"id": pid, "question": f"{pid}?", "ground_truth": "7",
+              "candidates": [{"raw_output": f"<answer>{a}</answer>", "completion_ids": [1, 2, k], "logprobs": [-0.5, -0.25, -1.0],
+                              "policy": 0} for k, a in enumerate(answers)]}
+             for pid, answers in groups.items()]
+    write_jsonl(path, lines)
+    return str(path)
+
+
+def round_spec(tmp_path: Path, shards: list[str], problems: list[str], **grpo: Any) -> Any:
+    from jobs.specs import RoundScoreSpec
+    from jobs.training.config import GrpoConfig
+
+    write_jsonl(tmp_path / "train.jsonl", [{"id": pid, "question": f"{pid}?", "answer": "7"} for pid in problems])
+    config = GrpoConfig(rollouts="arrays", num_generations=3, **grpo)
+    return RoundScoreSpec(JobTarget(str(tmp_path / "run"), "iter_001/score"), 1, shards, str(tmp_path / "train.jsonl"),
+                          str(tmp_path / "score"), config, None, "numeric", r"<answer>(.*?)</answer>")
+
+
+def test_a_rounds_score_job_keeps_the_groups_with_a_signal_up_to_the_round_and_records_what_it_left_out(tmp_path: Path) -> None:
+    from jobs.scoring import rounds
+    from state import Ledger
+
+    groups = {"all": ["7", "7", "7"], "mixed1": ["7", "3", "3"], "none": ["1", "2", "3"], "mixed2": ["3", "7", "7"], "mixed3": ["7", "1", "2"]}
+    shards = [round_shard(tmp_path / "shard_0.jsonl", dict(list(groups.items())[:3])),
+              round_shard(tmp_path / "shard_1.jsonl", dict(list(groups.items())[3:]) | {"failed": ["7"]})]
+    spec = round_spec(tmp_path, shards, [*groups, "failed"], problems_per_round=2, oversample=3.0)
+    rounds.run(spec)
+    figures = Ledger(tmp_path / "run").read("iter_001/score")["metrics"]["round"]
+    assert {k: figures[k] for k in ("groups", "zero_std_groups", "failed_problems", "kept_groups", "shortfall")} == {
+        "groups": 5, "zero_std_groups": 2, "failed_problems": 1, "kept_groups": 2, "shortfall": 0}
+    kept = [json.loads(line) for line in (tmp_path / "score" / "scored.jsonl").read_text().splitlines()]
+    assert [g["id"] for g in kept] == ["mixed1", "mixed2"]  # the round's order, the first two with a signal
+    first = kept[0]["samples"]
+    assert [s["rewards"]["correctness"] for s in first] == [1.0, 0.0, 0.0]
+    # TRL's group advantages: (r - mean) / (std + 1e-4), std with Bessel's correction.
+    assert [s["advantage"] for s in first] == pytest.approx([2 / 3 / (0.57735 + 1e-4), -1 / 3 / (0.57735 + 1e-4), -1 / 3 / (0.57735 + 1e-4)], abs=1e-4)
+    assert first[2]["completion_ids"] == [1, 2, 2] and first[2]["logprobs"] == [-0.5, -0.25, -1.0] and first[2]["policy"] == 0
+
+    # Fewer groups with a signal than the round asks for: it trains on what it has, and says how many it lacks.
+    rounds.run(round_spec(tmp_path, shards, [*groups, "failed"], problems_per_round=4))
+    figures = Ledger(tmp_path / "run").read("iter_001/score")["metrics"]["round"]
+    assert (figures["kept_groups"], figures["shortfall"]) == (3, 1)
+
+
+def test_a_round_whose_groups_all_scored_alike_stops_with_what_to_change(tmp_path: Path) -> None:
+    from jobs.scoring import rounds
+    from state import Ledger, PermanentJobError
+
+    shards = [round_shard(tmp_path / "shard_0.jsonl", {"all": ["7", "7", "7"], "none": ["1", "1", "2"]})]
+    with pytest.raises(PermanentJobError) as stopped:
+        rounds.run(round_spec(tmp_path, shards, ["all", "none"], temperature=0.7))
+    message = str(stopped.value)
+    assert "of 2 groups, 2 got one reward for all their samples" in message
+    assert all(key in message for key in ("grpo.temperature (0.7)", "grpo.oversample", "grpo.problems_per_round"))
+    record = Ledger(tmp_path / "run").read("iter_001/score")
+    assert record["status"] == "failed" and record["permanent"] and not (tmp_path / "score" / "scored.jsonl").exists()

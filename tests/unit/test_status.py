@@ -255,6 +255,19 @@ def test_grpo_shows_its_rounds_instead_of_empty_filter_panels(tmp_path: Path) ->
         "Groups where no sample passes", "Groups where some pass", "Groups where all pass"]
 
 
+def test_a_round_over_the_arrays_shows_the_groups_it_trained_on_and_its_shortfall(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    ledger = make_run(run_dir, iterations=2, method="grpo", grpo={"rollouts": "arrays", "problems_per_round": 8, "oversample": 1.5})
+    figures = {"groups": 12, "zero_std_groups": 5, "unscored_groups": 0, "failed_problems": 0, "target_groups": 8}
+    ledger.update("iter_001/score", {"status": "done", "metrics": {"round": {**figures, "kept_groups": 7, "shortfall": 1}}})
+    ledger.update("iter_002/score", {"status": "done", "metrics": {"round": {**figures, "kept_groups": 8, "shortfall": 0}}})
+    code, out, _ = status_of(run_dir, capsys)
+    assert code == 0
+    assert_whole(out, ["score", "Groups", "alike", "short"])
+    cells = " ".join(out.split())
+    assert "│ 7 of 8, 5 alike, │ 8 of 8, 5 │" in cells and "│ 1 short │ alike │" in cells, "each round's groups, its shortfall"
+
+
 def test_generation_counts_completions_cut_at_max_tokens(tmp_path: Path) -> None:
     """Resumed items count too; a problem's own max_tokens is its limit."""
     partial, output = tmp_path / "shard.jsonl.partial", tmp_path / "shard.jsonl"

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import torch
 
+from jobs.scoring.advantages import advantages
 from jobs.scoring.config import RewardConfig
 from jobs.scoring.rewards import RewardContext, RewardSet
 from jobs.training.grpo import round_steps
-from jobs.training.grpo_trainer import StoredRolloutTrainer, TrlReward
+from jobs.training.grpo_trainer import PolicyTrainer, StoredRolloutTrainer, TrlReward
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.unit
@@ -34,6 +35,11 @@ QUESTIONS = {"a": "17+25=?", "b": "3+48=?"}
 def length_reward(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
     """Distinct scores within a group, so every group has variance."""
     return [float(len(c[0]["content"]) % 7) for c in completions]
+
+
+def parity_reward(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
+    """A second reward, which cannot score every sample."""
+    return [None if len(c[0]["content"]) % 3 == 0 else float(len(c[0]["content"]) % 2) for c in completions]
 
 
 def perturbed(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
@@ -80,6 +86,11 @@ def setup() -> Iterator[dict[str, Any]]:
             with torch.no_grad():
                 group.append({"completion_ids": seq[:end], "logprobs": token_logps(sampler, prompt, seq[:end]).tolist()})
         assert len(group) == K
+        # Scored as the round's score job scores (jobs.scoring.rounds): per reward, and the advantage.
+        texts = [[{"role": "assistant", "content": tokenizer.decode(s["completion_ids"], skip_special_tokens=True)}] for s in group]
+        scores = torch.tensor([[v] for v in length_reward([], texts)])
+        for sample, score, advantage in zip(group, scores[:, 0].tolist(), advantages(scores, [1.0], K, "group").tolist(), strict=True):
+            sample.update(rewards={"length_reward": score}, advantage=advantage)
         rows.append({"id": pid, "prompt": messages, "answer": "0"})
         rollouts[pid] = group
         prompts[pid] = prompt
@@ -87,13 +98,15 @@ def setup() -> Iterator[dict[str, Any]]:
     torch.set_num_threads(threads)
 
 
-def make_trainer(setup: dict[str, Any], tmp_path: Path, loss_type: str, mode: str) -> StoredRolloutTrainer:
+def make_trainer(setup: dict[str, Any], tmp_path: Path, loss_type: str, mode: str, scale_rewards: str = "group",
+                 rewards: Sequence[RewardConfig] = (RewardConfig(name="tests.unit.test_stored_rollouts:length_reward"),),
+                 rollouts: dict[str, list[dict[str, Any]]] | None = None) -> StoredRolloutTrainer:
     from datasets import Dataset
     from trl import GRPOConfig
 
     context = RewardContext(verifier="numeric")
-    reward_set = RewardSet([RewardConfig(name="tests.unit.test_stored_rollouts:length_reward")], context)
-    args = GRPOConfig(
+    reward_set = RewardSet(rewards, context)
+    args = GRPOConfig(scale_rewards=scale_rewards, reward_weights=reward_set.weights,
         output_dir=str(tmp_path), per_device_train_batch_size=K, gradient_accumulation_steps=2, num_generations=K,
         max_completion_length=MAX_LENGTH, temperature=TEMPERATURE, beta=BETA, epsilon=EPSILON, loss_type=loss_type,
         vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.9, vllm_importance_sampling_clip_max=1.1,
@@ -102,7 +115,7 @@ def make_trainer(setup: dict[str, Any], tmp_path: Path, loss_type: str, mode: st
     trainer = StoredRolloutTrainer(
         model=copy.deepcopy(setup["model"]), reward_funcs=[TrlReward(reward_set, named) for named in reward_set.rewards],
         args=args, train_dataset=Dataset.from_list(setup["rows"]), processing_class=setup["tokenizer"],
-        reward_set=reward_set, context=context, rollouts_dir=tmp_path / "rollouts", rollouts=setup["rollouts"],
+        reward_set=reward_set, context=context, rollouts_dir=tmp_path / "rollouts", rollouts=rollouts or setup["rollouts"],
     )
     # The policy trains from the reference (the initial model) onward: one update away from it, a newer
     # one than the sampler's.
@@ -207,3 +220,30 @@ def test_a_round_deals_each_stored_sample_once_with_gradient_accumulation(setup:
     dealt = [json.loads(line) for line in (tmp_path / "rollouts" / "rank_0.jsonl").read_text().splitlines()]
     assert trainer.state.global_step == 1
     assert [sorted(d["ids"]) for d in dealt] == [["a"] * K + ["b"] * K]
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_the_score_jobs_advantages_are_trls_for_the_same_rewards(setup: dict[str, Any], tmp_path: Path, scale_rewards: str) -> None:
+    """Two weighted rewards, one of which cannot score some samples and neither the last: TRL's own
+    advantages (its GRPOTrainer on the stored scores, the generation batch being the round) equal
+    jobs.scoring.advantages' for each scale_rewards."""
+    rewards = [RewardConfig(name="tests.unit.test_stored_rollouts:length_reward"),
+               RewardConfig(name="tests.unit.test_stored_rollouts:parity_reward", weight=0.5)]
+    rollouts = {}
+    for pid, group in setup["rollouts"].items():
+        texts = [[{"role": "assistant", "content": setup["tokenizer"].decode(s["completion_ids"], skip_special_tokens=True)}] for s in group]
+        scored = [{"length_reward": a, "parity_reward": b} for a, b in zip(length_reward([], texts), parity_reward([], texts), strict=True)]
+        rollouts[pid] = [{**s, "rewards": r} for s, r in zip(group, scored, strict=True)]
+    rollouts["b"][K - 1]["rewards"] = {"length_reward": None, "parity_reward": None}
+    assert any(r["parity_reward"] is None for group in rollouts.values() for r in (s["rewards"] for s in group[:-1]))
+    trainer = make_trainer(setup, tmp_path, "dapo", "token_truncate", scale_rewards, rewards, rollouts)
+    batch = next(iter(trainer.get_train_dataloader()))
+    # The samples the stored trainer deals, with TRL's advantages rather than the stored ones.
+    trainer._samples = [rollouts[row["id"]][i % K] for i, row in enumerate(batch)]
+    trl = PolicyTrainer._generate_and_score_completions(trainer, batch)["advantages"]
+
+    order = list(dict.fromkeys(row["id"] for row in batch))
+    scores = torch.tensor([[float("nan") if v is None else v for v in s["rewards"].values()] for pid in order for s in rollouts[pid]])
+    ours = advantages(scores, [1.0, 0.5], K, scale_rewards)
+    assert ours.tolist() == pytest.approx(trl.tolist(), abs=1e-6)
+    assert ours[-1].item() == 0.0 and ours.abs().sum() > 0

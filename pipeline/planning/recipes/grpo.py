@@ -8,9 +8,10 @@ it starts from (K samples each, judged as the filter judges them) and trains onl
 inside the band: those all samples solve or none does would give groups of zero variance.
 
 With ``grpo.rollouts: arrays`` an iteration is a round whose samples come from the generation array
-(``grpo.sampling``), with their log-probabilities, and the training job trains once over them:
+(``grpo.sampling``), with their log-probabilities; a CPU job scores them and keeps the groups with a
+signal, with their advantages; the training job trains once over them:
 
-    generate (array) -> train (GRPO on the stored samples) -> eval
+    generate (array) -> score -> train (GRPO on the stored samples) -> eval
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from pipeline.planning.stages import (
     filter_stage,
     generate_stage,
     grpo_train_stage,
+    score_stage,
 )
 
 
 class Grpo:
-    stage_names = ("generate", "filter", "train", "eval")
+    stage_names = ("generate", "filter", "score", "train", "eval")
 
     @staticmethod
     def sections(config: RunConfig) -> tuple[str, ...]:
@@ -42,7 +44,8 @@ class Grpo:
         grpo = self.run.config.grpo
         if grpo.rollouts == "arrays":
             rollouts = generate_stage(self.run, iteration, rollouts=True)
-            stages = [rollouts, grpo_train_stage(self.run, iteration, rollouts=rollouts)]
+            scored = score_stage(self.run, iteration, rollouts)
+            stages = [rollouts, scored, grpo_train_stage(self.run, iteration, scored=scored)]
         elif grpo.pass_rate_band is not None:
             generate = generate_stage(self.run, iteration)
             pass_rates = filter_stage(self.run, iteration, generate)
