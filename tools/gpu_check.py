@@ -46,8 +46,17 @@ CHECKS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
               ("pydantic", "orjson", "datasets", "trl", "deepspeed"), True),
     "grpo": ("grpo_lora_bf16", "bf16 GRPO step with LoRA (transformers rollouts)",
              ("pydantic", "orjson", "datasets", "trl", "peft", "submitit"), False),
+    # GRPO over the arrays: a round's samples generated and scored by the jobs' own code, then trained on.
+    "arrays": ("grpo_arrays_lora_bf16", "bf16 GRPO step with LoRA on a round's stored rollouts",
+               ("pydantic", "orjson", "datasets", "trl", "peft", "submitit"), False),
+    "arrays_qlora": ("grpo_arrays_qlora_nf4", "GRPO step on stored rollouts, QLoRA: 4-bit NF4 base, paged 8-bit AdamW",
+                     ("pydantic", "orjson", "datasets", "trl", "peft", "submitit", "bitsandbytes"), False),
+    "arrays_zero2": ("grpo_arrays_zero2", "GRPO step on stored rollouts, DeepSpeed ZeRO-2 (bf16, full fine-tuning, 1 process)",
+                     ("pydantic", "orjson", "datasets", "trl", "submitit", "deepspeed"), True),
 }
-GROUPS = {"all": ["sft", "qlora", "zero2", "grpo"], "sft_grpo_zero2": ["sft", "zero2", "grpo"], "qlora": ["qlora"]}
+GROUPS = {"all": ["sft", "qlora", "zero2", "grpo", "arrays", "arrays_qlora", "arrays_zero2"],
+          "sft_grpo_zero2": ["sft", "zero2", "grpo", "arrays", "arrays_zero2"], "qlora": ["qlora", "arrays_qlora"],
+          "arrays": ["arrays", "arrays_qlora", "arrays_zero2"]}
 
 # ---------------------------------------------------------------------------------------------
 # prepare / install
@@ -69,7 +78,7 @@ KEEP_MACHINES = {"pyarrow": ">=24.0.0", "fsspec": ">=2023.1.0,<=2026.9.0", "peft
 # DeepSpeed whenever it can, in every trainer.
 FOLDER = {"bitsandbytes": "bitsandbytes", "deepspeed": "deepspeed", "hjson": "deepspeed", "einops": "deepspeed",
           "msgpack": "deepspeed", "ninja": "deepspeed", "py-cpuinfo": "deepspeed"}
-EXTRA_FOLDERS = {"qlora": ["bitsandbytes"], "zero2": ["deepspeed"]}
+EXTRA_FOLDERS = {"qlora": ["bitsandbytes"], "zero2": ["deepspeed"], "arrays_qlora": ["bitsandbytes"], "arrays_zero2": ["deepspeed"]}
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux_2_35_x86_64",
              "manylinux1_x86_64"]
@@ -137,9 +146,9 @@ def prepare(args: argparse.Namespace) -> int:
     leave_out = set() if args.with_pyarrow else {"pyarrow"}
     pins = {name: md.version(name) for name in FROM_ENV if name not in leave_out}
     pins.update(PINNED)
-    if "qlora" not in checks:
+    if not {"qlora", "arrays_qlora"} & set(checks):
         pins.pop("bitsandbytes")
-    if "zero2" not in checks:
+    if not {"zero2", "arrays_zero2"} & set(checks):
         for name in [n for n, folder in FOLDER.items() if folder == "deepspeed"]:
             pins.pop(name, None)
     platform = [f"--platform={p}" for p in PLATFORMS]
@@ -156,7 +165,7 @@ def prepare(args: argparse.Namespace) -> int:
                       f" {args.bnb_cuda} and the CPU library)")
             else:
                 shutil.copy2(wheel, wheels)
-    if "zero2" in checks:
+    if {"zero2", "arrays_zero2"} & set(checks):
         build_deepspeed(pip, wheels)
     total = 0
     for wheel in sorted(wheels.glob("*.whl")):
@@ -278,6 +287,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stored_round(work: Path, model: Path, problems: Path, grpo_config: Any, pattern: str) -> str:
+    """A GRPO round over the arrays before its training step, through the jobs' own code: one
+    generation shard samples the problems with their log-probabilities (transformers backend), the
+    score job keeps the groups with a signal; returns the scored file the training job reads."""
+    # Imported here, not at the top: on the GPU machine they load only after the carried wheels are on sys.path.
+    from jobs.generation import generate
+
+    # (as above)
+    from jobs.generation.config import GenerateConfig
+
+    # (as above)
+    from jobs.scoring import rounds
+
+    # (as above)
+    from jobs.specs import GenerateShardSpec, JobTarget, RoundScoreSpec
+
+    count = sum(1 for _ in problems.open())
+    run_dir = str(work / "run")
+    shard = str(work / "round" / "shard_00000.jsonl")
+    generate.run(GenerateShardSpec(
+        target=JobTarget(run_dir, "round/generate"), problems_path=str(problems), start=0, stop=count, model_path=str(model),
+        output_path=shard, generate=grpo_config.sampling(GenerateConfig(batch_size=16)), seed=0, api_key_path="", rollouts_of=0,
+    ))
+    rounds.run(RoundScoreSpec(
+        target=JobTarget(run_dir, "round/score"), iteration=1, shard_paths=[shard], problems_path=str(problems),
+        output_dir=str(work / "round"), grpo=grpo_config, system_prompt=None, verifier="numeric", answer_pattern=pattern,
+    ))
+    return str(work / "round" / rounds.SCORED_FILE)
+
+
 def capture_trainer() -> dict[str, Any]:
     """The trainer the job builds, kept when it starts training (to look at its model and optimizer)."""
     import transformers
@@ -335,8 +374,10 @@ def run_check(name: str, work: Path, cpu: bool) -> dict[str, Any]:
     # (as above)
     from jobs.training.config import GrpoConfig, TrainConfig
 
-    hidden, layers = (512, 4) if on_gpu else (128, 2)
-    model = build_model(work / "model", hidden, layers)
+    arrays = name.startswith("arrays")
+    # Stored rollouts need groups whose samples differ in reward: the demo's weak addition model, not a random one.
+    hidden, layers = (None, None) if arrays else (512, 4) if on_gpu else (128, 2)
+    model = shutil.copytree(ROOT / "tools" / "demo_model", work / "model") if arrays else build_model(work / "model", hidden, layers)
     filtered, problems = write_data(work)
     seen = capture_trainer()
     target = JobTarget(str(work / "run"), f"gpu_check/{name}")
@@ -345,29 +386,31 @@ def run_check(name: str, work: Path, cpu: bool) -> dict[str, Any]:
     common: dict[str, Any] = {"max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1, "warmup_ratio": 0.0,
                               "max_length": 256, "logging_steps": 1, "save_steps": 1000, "save_total_limit": 1,
                               "lora_r": 8, "lora_alpha": 16}
+    # What the step trains with: LoRA in bf16, QLoRA, or ZeRO-2 full fine-tuning.
+    kind = "qlora" if name.endswith("qlora") else "zero2" if name.endswith("zero2") else "lora"
+    config = {
+        "lora": lambda: TrainConfig(method="lora", optim="adamw_torch", bf16=True, load_in_4bit=False, **common),
+        "qlora": lambda: TrainConfig(method="lora", optim="paged_adamw_8bit", bf16=True, load_in_4bit=True, **common),
+        "zero2": lambda: TrainConfig(method="full", optim="adamw_torch", bf16=True, load_in_4bit=False, strategy="zero2", **common),
+    }[kind]()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
-    if name == "grpo":
-        config = TrainConfig(method="lora", optim="adamw_torch", bf16=True, load_in_4bit=False, **common)
+    if name == "grpo" or arrays:
+        grpo_config = GrpoConfig(
+            rewards=[RewardConfig(name="correctness"), RewardConfig(name="length"), RewardConfig(name="tag_count")],
+            num_generations=4, batch_size=8, steps_per_generation=1, max_steps=steps, logging_steps=1, save_steps=1000,
+            **({"rollouts": "arrays", "temperature": 1.0, "max_completion_length": 80} if arrays else {"max_completion_length": 32}),
+        )
+        pattern = r"<answer>(.*?)</answer>" if arrays else r"ANSWER:\s*(\S+)"  # the demo model's answers
         spec = GrpoSpec(
             target=target, problems_path=str(problems), init_model=str(model), base_model=str(model), iteration=1,
-            output_dir=output, learning_rate=1e-5,
-            grpo=GrpoConfig(rewards=[RewardConfig(name="correctness"), RewardConfig(name="length"),
-                                     RewardConfig(name="tag_count")],
-                            num_generations=4, batch_size=8, steps_per_generation=1, max_steps=steps,
-                            max_completion_length=32, logging_steps=1, save_steps=1000),
-            train=config, system_prompt=None, verifier="numeric", answer_pattern=r"ANSWER:\s*(\S+)", services={}, seed=0,
+            output_dir=output, learning_rate=1e-5, grpo=grpo_config,
+            train=config, system_prompt=None, verifier="numeric", answer_pattern=pattern, services={}, seed=0,
+            scored_path=stored_round(work, model, problems, grpo_config, pattern) if arrays else None,
         )
         metrics = grpo.run(spec)
     else:
-        if name == "sft":
-            config = TrainConfig(method="lora", optim="adamw_torch", bf16=True, load_in_4bit=False, **common)
-        elif name == "qlora":
-            config = TrainConfig(method="lora", optim="paged_adamw_8bit", bf16=True, load_in_4bit=True, **common)
-        else:
-            config = TrainConfig(method="full", optim="adamw_torch", bf16=True, load_in_4bit=False, strategy="zero2",
-                                 **common)
         spec = TrainSpec(target, str(filtered), str(model), str(model), 1, output, 1e-4 if config.method == "lora" else 1e-5,
                          config, None, 0)
         metrics = sft.run(spec)
@@ -385,12 +428,12 @@ def run_check(name: str, work: Path, cpu: bool) -> dict[str, Any]:
         problems_found.append(f"{metrics.get('steps')} steps instead of {steps}")
     if result["loss"] is None or not math.isfinite(result["loss"]):
         problems_found.append(f"loss {result['loss']}")
-    notes = [f"model {hidden}x{layers}", f"dtype {next(trainer.model.parameters()).dtype}".replace("torch.", "")
+    notes = ["the demo model" if arrays else f"model {hidden}x{layers}", f"dtype {next(trainer.model.parameters()).dtype}".replace("torch.", "")
              if trainer is not None else "no trainer seen"]
     if trainer is not None:
         optim_name, optim = optimizer_of(trainer)
         notes.append(f"optimizer {optim_name}")
-        if name == "qlora" and on_gpu:
+        if kind == "qlora" and on_gpu:
             import bitsandbytes as bnb
 
             four_bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
@@ -400,18 +443,24 @@ def run_check(name: str, work: Path, cpu: bool) -> dict[str, Any]:
                 problems_found.append("no 4-bit layer in the model")
             if not (optim_name.startswith("bitsandbytes.") and bits == 8 and paged):
                 problems_found.append(f"optimizer {optim_name} (bits {bits}, paged {paged}), not paged 8-bit AdamW")
-        if name == "zero2":
+        if kind == "zero2":
             engine = trainer.model_wrapped
             stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
             notes.append(f"{type(engine).__name__}, ZeRO stage {stage}")
             if not trainer.is_deepspeed_enabled or stage != 2:
                 problems_found.append(f"not ZeRO-2 (deepspeed enabled: {trainer.is_deepspeed_enabled}, stage {stage})")
-    if name == "grpo":
+    if name == "grpo" or arrays:
         rewards = [s.get("reward") for s in step_log]
         notes.append(f"reward {fmt(rewards[-1]) if rewards else None}")
+    if arrays:
+        # Trained on the stored samples, weighed by the ratio of the trainer's probabilities to the sampler's.
+        gaps = [s.get("sampling/sampling_logp_difference/mean") for s in step_log]
+        notes.append(f"sampler/trainer log-prob gap {fmt(gaps[0]) if gaps else None}")
+        if not gaps or gaps[0] is None:
+            problems_found.append("no importance-sampling metrics: the stored log-probabilities were not used")
     if not on_gpu:
         notes.append("CPU smoke run, not the GPU check")
-    if name == "qlora" and not on_gpu:
+    if kind == "qlora" and not on_gpu:
         result.update(status="SKIP", reason="no GPU; the job's CPU fallback step ran (fp32, unquantized, adamw_torch)"
                       + (f" but: {'; '.join(problems_found)}" if problems_found else ""))
     else:

@@ -6,6 +6,11 @@
 #   qlora_nf4_paged8bit  a QLoRA step: 4-bit NF4 base (bitsandbytes), paged 8-bit AdamW
 #   deepspeed_zero2      a DeepSpeed ZeRO-2 step (bf16, full fine-tuning, one process)
 #   grpo_lora_bf16       a bf16 GRPO step with LoRA (TRL's transformers rollouts)
+#   grpo_arrays_*        GRPO over the arrays: a round of the demo model's samples generated with their
+#                        log-probabilities and scored by the jobs' own code (jobs.generation.generate,
+#                        jobs.scoring.rounds), then the training step on them with the importance
+#                        correction, in three ways: lora_bf16, qlora_nf4 (4-bit NF4, paged 8-bit
+#                        AdamW) and zero2 (DeepSpeed ZeRO-2, full fine-tuning)
 # Each check runs 2 optimizer steps in a process of its own (150 s at most, 420 s for all): about
 # a minute or two on one H200, well under 8 minutes.
 #
@@ -29,8 +34,8 @@
 #       bitsandbytes (<site>/bitsandbytes) only on the QLoRA check's, DeepSpeed and its needs
 #       (<site>/deepspeed) only on the ZeRO-2 check's: accelerate imports DeepSpeed in every trainer
 #       when it can, so a broken one would otherwise fail every check. Then runs the checks.
-#       CHECK: sft qlora zero2 grpo; GROUP: all (default), sft_grpo_zero2, qlora. A check whose
-#       package is missing prints SKIP naming it.
+#       CHECK: sft qlora zero2 grpo arrays arrays_qlora arrays_zero2; GROUP: all (default),
+#       sft_grpo_zero2, qlora, arrays. A check whose package is missing prints SKIP naming it.
 #       Without a GPU every check prints SKIP "no GPU"; with --cpu the SFT and GRPO steps run in
 #       fp32 on CPU through the jobs' CPU fallbacks (the QLoRA one too, reported as SKIP: it is not
 #       4-bit there), a smoke test of this script's code path. Logs: $OUT/gpu_check_<check>.log when
