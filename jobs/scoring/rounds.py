@@ -44,7 +44,8 @@ def read_groups(paths: list[str], group_size: int) -> tuple[list[dict[str, Any]]
 
 
 def score_round(spec: RoundScoreSpec) -> dict[str, Any]:
-    """Scores, selects and writes the round's groups; returns what the ledger records."""
+    """Scores, selects and writes the round's groups; returns what the ledger records: the groups
+    (``round``) and the rewards of all the round's samples."""
     # Imported here for import cost: torch and TRL load in the job, not in the driver that plans it.
     import torch
     from trl.trainer.utils import nanstd
@@ -101,16 +102,16 @@ def score_round(spec: RoundScoreSpec) -> dict[str, Any]:
             })
         lines.append(json.dumps({"id": record["id"], "samples": samples}) + "\n")
     atomic_write_bytes(Path(spec.output_dir) / SCORED_FILE, "".join(lines).encode())
-    every_total = totals(every, reward_set.weights)
-    figures.update(
-        reward_mean=torch.nanmean(every_total).item(),
-        rewards={n: {"mean": torch.nanmean(every[:, j]).item(), "std": nanstd(every[:, j]).item()} for j, n in enumerate(names)},
-        reward_failures=reward_set.failure_report(),
-    )
-    return figures
+    # Over every sample of the round, those left out too.
+    return {
+        "round": figures,
+        "reward_mean": torch.nanmean(totals(every, reward_set.weights)).item(),
+        "rewards": {n: {"mean": torch.nanmean(every[:, j]).item(), "std": nanstd(every[:, j]).item()} for j, n in enumerate(names)},
+        "reward_failures": reward_set.failure_report(),
+    }
 
 
 def run(spec: RoundScoreSpec) -> dict[str, Any]:
     with reporting(spec.target) as metrics:
-        metrics["round"] = score_round(spec)
+        metrics.update(score_round(spec))
     return metrics

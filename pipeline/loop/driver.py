@@ -32,8 +32,8 @@ from pipeline.scheduling.resplit import Splitter
 from state import InputError, Ledger, Status
 from state.ledger import now
 
-HEADLINE_METRICS = ("problems_generated", "failed_items", "tokens_per_s", "mean_correct_rate", "filtered_samples", "final_loss",
-                    "heldout_accuracy", "dev_accuracy")
+HEADLINE_METRICS = ("problems_generated", "failed_items", "tokens_per_s", "mean_correct_rate", "filtered_samples", "round",
+                    "final_loss", "heldout_accuracy", "dev_accuracy")
 
 
 def log_tail(path: str | None, lines: int = 15) -> str:
