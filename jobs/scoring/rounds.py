@@ -74,11 +74,13 @@ def score_round(spec: RoundScoreSpec) -> dict[str, Any]:
     stds = [nanstd(totals(values, reward_set.weights)).item() for _, values in scored]
     zero = sum(1 for s in stds if math.isclose(s, 0.0, abs_tol=1e-8))
     unscored = sum(1 for s in stds if math.isnan(s))
+    # A round of grpo.problems_per_round trains on that many groups, and says how many it lacks; without, on all with a signal.
     target = grpo.problems_per_round or len(scored)
     kept = [pair for pair, s in zip(scored, stds, strict=True) if s > 1e-8][:target]
     figures = {
         "groups": len(scored), "zero_std_groups": zero, "unscored_groups": unscored, "failed_problems": failed,
-        "kept_groups": len(kept), "target_groups": target, "shortfall": max(target - len(kept), 0),
+        "kept_groups": len(kept), "target_groups": target,
+        "shortfall": max(target - len(kept), 0) if grpo.problems_per_round else 0,
     }
     log.info("round %d: %s", spec.iteration, figures)
     if not kept:
