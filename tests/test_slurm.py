@@ -23,6 +23,7 @@ from tests.conftest import (
     wait_for_lines,
     write_config,
 )
+from tests.test_grpo_pipeline import GRPO
 from tests.test_pipeline import assert_each_problem_once
 
 pytestmark = pytest.mark.slow
@@ -87,32 +88,48 @@ def test_two_iterations_on_slurm(slurm_cluster: str, tiny_assets: Path, tmp_path
     assert {job["node"] for job in summary["jobs"]} == {os.uname().nodename}
 
 
-def test_scancel_of_one_array_task_is_resubmitted_alone(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
+def test_a_grpo_rounds_shard_cancelled_as_the_driver_is_killed_is_resubmitted_alone_and_every_group_trains_once(
+    slurm_cluster: str, tiny_assets: Path, tmp_path: Path
+) -> None:
+    """GRPO over the arrays: one generation shard of the round scancelled and the driver SIGKILLed at
+    the same moment; the rerun resubmits that shard alone, which keeps the items it had written, and
+    the round is scored and trained with every group once."""
     runs = tmp_path / "runs"
     config = write_config(
         tmp_path / "cancel.yaml",
-        small_config(tiny_assets, runs, num_iterations=1, learning_rates=[1e-3],
+        small_config(tiny_assets, runs, num_iterations=1, method="grpo",
                      data={"train": str(problems_file(tiny_assets, tmp_path / "60.jsonl", 60)), "heldout": None},
-                     generate={"batch_size": 1, "max_tokens": 24}, executor=SLURM_EXECUTOR),
+                     grpo={**GRPO, "rollouts": "arrays", "temperature": 1.0, "rewards": [{"name": "tests.test_grpo:digits"}]},
+                     generate={"batch_size": 1}, executor=SLURM_EXECUTOR),
     )
+    run_dir = runs / "small"
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(config)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    partial = runs / "small" / "iter_001" / "generate" / "shard_00001.jsonl.partial"
+    partial = run_dir / "iter_001" / "generate" / "shard_00001.jsonl.partial"
     wait_for_lines(partial, 1, lambda: driver.poll() is None)
-    victim = ledger_record(runs / "small", "iter_001/generate/shard_00001")["job_id"]
+    victim = ledger_record(run_dir, "iter_001/generate/shard_00001")["job_id"]
+    driver.kill()
     subprocess.run(["scancel", victim], check=True)
-    output, _ = driver.communicate(timeout=600)
-    assert driver.returncode == 0, output.decode()
+    driver.wait()
+    rerun = run_cli("-m", "pipeline.run", str(config))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
 
-    shards = {name: ledger_record(runs / "small", f"iter_001/generate/{name}") for name in ("shard_00000", "shard_00001", "shard_00002")}
+    shards = {name: ledger_record(run_dir, f"iter_001/generate/{name}") for name in ("shard_00000", "shard_00001", "shard_00002")}
     assert shards["shard_00001"]["attempts"] == 2
     assert shards["shard_00001"]["job_ids"][0] == victim
     retry = shards["shard_00001"]["job_ids"][1]
     # submitit submits an array of one as a plain job.
     assert "_" not in retry and sacct_rows(retry) == [f"{retry}|COMPLETED|0:0"], "the retry runs that shard alone"
     assert [s["attempts"] for n, s in shards.items() if n != "shard_00001"] == [1, 1]
+    assert [s["executions"] for n, s in shards.items() if n != "shard_00001"] == [1, 1], "the other shards ran once"
     assert shards["shard_00001"]["metrics"]["resumed_items"] >= 1, "the retry kept the items written before the cancel"
-    assert_each_problem_once(runs / "small", 1, 60)
+    assert_each_problem_once(run_dir, 1, 60)
+    scored = ledger_record(run_dir, "iter_001/score")
+    assert scored["executions"] == 1 and scored["metrics"]["round"]["groups"] == 60
+    groups = [json.loads(line) for line in (run_dir / "iter_001" / "score" / "scored.jsonl").read_text().splitlines()]
+    assert len(groups) == len({g["id"] for g in groups}) == scored["metrics"]["round"]["kept_groups"] >= 2
+    assert all(len(g["samples"]) == GRPO["num_generations"] for g in groups), "every group whole, once"
+    assert ledger_record(run_dir, "iter_001/train")["status"] == "done"
 
 
 def test_gpus_on_a_cluster_without_any_are_refused_at_submission(slurm_cluster: str, tiny_assets: Path, tmp_path: Path) -> None:
