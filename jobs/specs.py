@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jobs.generation.config import EvalConfig, GenerateConfig
-from jobs.scoring.config import FilterConfig
+from jobs.scoring.config import FilterConfig, RewardConfig
 from jobs.services.config import RewardServiceConfig
 from jobs.training.config import GrpoConfig, TrainConfig
 
@@ -181,6 +181,9 @@ class EvalSpec:
     compile_cache_dir: str = ""
     # Development problems, evaluated beside the held-out ones (dev_accuracy); None: none.
     dev_problems_path: str | None = None
+    # The rewards whose means over the greedy answers it reports (a GRPO run's), and the services they call.
+    rewards: list[RewardConfig] = field(default_factory=list)
+    services: dict[str, ServiceRef] = field(default_factory=dict)
 
 
 @dataclass

@@ -183,6 +183,9 @@ def test_grpo_rounds_train_on_the_samples_of_the_generation_arrays_with_their_lo
         assert second["sampling/sampling_logp_difference/mean"] > 1e-3, "one update later they differ"
         assert second["sampling/importance_sampling_ratio/min"] != second["sampling/importance_sampling_ratio/max"]
     assert len(sampled[0] | sampled[1]) == 24, "the two rounds of 12 problems share none: all 24 sampled once"
+    # The held-out evaluation scores the greedy answers with the run's rewards too, the base model's as well.
+    for key in ("baseline/eval", "iter_002/eval"):
+        assert ledger_record(run_dir, key)["metrics"]["heldout_rewards"]["digits"]["mean"] is not None
     card = read_json(run_dir / "iter_002" / "train" / "model_card.json")
     assert card["init_model"] == str(run_dir / "iter_001" / "train" / "model")
 

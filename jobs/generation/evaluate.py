@@ -7,6 +7,11 @@ A request the servers still refuse after the retries counts as a wrong answer, w
 problem whose ground truth the verifier cannot read (no verdict) is neither: it is left out of the
 accuracy and counted (``heldout_unjudged``, ``dev_unjudged``); each prediction line names the
 verifier that judged it (``filter.verifier: auto`` chooses per problem).
+
+Where problems carry a ``category`` (or seed 003's ``task_type``: answerable / refusable), the
+accuracy of each (``heldout_categories``). With ``rewards`` (a GRPO run's ``grpo.rewards``), each
+reward's mean over the greedy answers (``heldout_rewards``), scored as the training scores them:
+where a verifier's accuracy is not the figure that matters (a listener's pick, an IoU), that is.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from jobs.problems.data import read_jsonl
 from jobs.problems.prompts import messages_for
 from jobs.runtime import Throughput, reporting
 from jobs.scoring.answers import extract
+from jobs.scoring.rewards import RewardContext, RewardSet
 from jobs.scoring.verifiers import get_verifier, verifier_for
 from jobs.specs import EvalSpec
 from jobs.vllm.server import ServerFiles
@@ -69,6 +75,7 @@ def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
             line.update(prediction=prediction, correct=None if verdict is None else bool(verdict), raw_output=completion.text)
         verdicts.append(line["correct"])
         lines.append(json.dumps(line))
+    texts = {o.index: o.completions[0].text for o in outcomes if not o.error}
     start = 0
     for name, subset in sets.items():
         part = slice(start, start + len(subset))
@@ -79,8 +86,47 @@ def evaluate(spec: EvalSpec, metrics: dict[str, Any]) -> None:
         hits = sum(judged)
         metrics.update({f"{name}_accuracy": hits / len(judged) if judged else None, f"{name}_correct": hits,
                         f"{name}_problems": len(subset), f"{name}_unjudged": len(subset) - len(judged)})
+        categories = by_category(subset, verdicts[part])
+        if categories:
+            metrics[f"{name}_categories"] = categories
+        if spec.rewards:
+            answered = [(problem, texts[i]) for i, problem in enumerate(subset, part.start) if i in texts]
+            metrics[f"{name}_rewards"] = reward_means(spec, answered)
     metrics.update(failed_items=len(failed), **truncation(len(outcomes) - len(failed), truncated))
     metrics.update(progress.totals())
+
+
+# The fields a problem's category may be in: ours, and seed 003's answerable / refusable.
+CATEGORY_FIELDS = ("category", "task_type")
+
+
+def by_category(problems: list[dict[str, Any]], verdicts: list[bool | None]) -> dict[str, dict[str, Any]]:
+    """Accuracy per category of the problems that carry one (judged answers only); empty when none do."""
+    counts: dict[str, list[int]] = {}
+    for problem, verdict in zip(problems, verdicts, strict=True):
+        category = next((str(problem[f]) for f in CATEGORY_FIELDS if problem.get(f) is not None), None)
+        if category is not None and verdict is not None:
+            counts.setdefault(category, [0, 0])
+            counts[category][0] += verdict
+            counts[category][1] += 1
+    return {c: {"accuracy": hits / total, "problems": total} for c, (hits, total) in sorted(counts.items())}
+
+
+def reward_means(spec: EvalSpec, answered: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    """Each reward's mean over the greedy answers, scored as GRPO's training scores a sample, and
+    the answers it could not score."""
+    rewards = RewardSet(spec.rewards, RewardContext(spec.filter.verifier, spec.filter.answer_pattern, spec.services))
+    problems = [problem for problem, _ in answered]
+    scores = rewards.score(
+        [messages_for(p, spec.generate.system_prompt) for p in problems],
+        [[{"role": "assistant", "content": text}] for _, text in answered],
+        **{key: [p.get(key) for p in problems] for key in dict.fromkeys(k for p in problems for k in p)},
+    )
+    means = {}
+    for name, values in scores.by_reward.items():
+        scored = [v for v in values if v is not None]
+        means[name] = {"mean": sum(scored) / len(scored) if scored else None, "failed": len(values) - len(scored)}
+    return means
 
 
 def run(spec: EvalSpec) -> dict[str, Any]:

@@ -134,6 +134,9 @@ def summarize(run_dir: Path | str) -> dict[str, Any]:
         "stage_names": planner.stage_names(),
         "base_heldout_accuracy": base_accuracy,
         "base_dev_accuracy": (base.get("metrics") or {}).get("dev_accuracy"),
+        # Per category of the held-out problems, and each GRPO reward's mean over the greedy answers.
+        "base_heldout_categories": (base.get("metrics") or {}).get("heldout_categories"),
+        "base_heldout_rewards": (base.get("metrics") or {}).get("heldout_rewards"),
         "iterations": iterations,
         # Rewards that rose while held-out accuracy fell (pipeline/loop/hacking.py).
         "hacking": hacking_flags(iterations, base_accuracy, planner.config.grpo.hacking_margin),

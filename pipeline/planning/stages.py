@@ -228,10 +228,13 @@ def choice_metric(config: RunConfig) -> str | None:
 
 
 def eval_stage(run: RunContext, iteration: int) -> StagePlan:
-    """Held-out (and dev) accuracy of iteration ``iteration``'s model (0: the base model)."""
+    """Held-out (and dev) accuracy of iteration ``iteration``'s model (0: the base model); in a run
+    with GRPO iterations, each of grpo.rewards' means too, for every iteration alike."""
     config, layout = run.config, run.layout
     output = layout.stage_dir(iteration, "eval")
     key = str(output.relative_to(layout.run_dir))
+    rewards = config.grpo.rewards if any(config.method_of(i) == "grpo" for i in range(1, config.num_iterations + 1)) else []
+    services = services_used(rewards)
     spec = EvalSpec(
         target=run.target(key),
         problems_path=str(layout.heldout_problems),
@@ -244,10 +247,13 @@ def eval_stage(run: RunContext, iteration: int) -> StagePlan:
         api_key_path=str(layout.api_key),
         compile_cache_dir=str(layout.compile_caches),
         dev_problems_path=str(layout.dev_problems) if config.data.dev else None,
+        rewards=list(rewards),
+        services=service_refs(run, services),
     )
-    reports = ("heldout_accuracy", "dev_accuracy") if config.data.dev else ("heldout_accuracy",)
+    reports = ("heldout_accuracy", "heldout_categories", "heldout_rewards")
+    reports += ("dev_accuracy",) if config.data.dev else ()
     return StagePlan(key, "eval", iteration, [Task(key, eval_job.run, spec)], stage_resources(config, "eval"),
-                     reports=reports, writes=str(output))
+                     services=tuple(sorted(services)), reports=reports, writes=str(output))
 
 
 def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | None = None,

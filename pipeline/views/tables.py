@@ -111,6 +111,14 @@ def iteration_table(summary: dict[str, Any], iterations: Sequence[dict[str, Any]
         "Held-out accuracy", _percent(summary["base_heldout_accuracy"]),
         *[_percent(e["metrics"].get("heldout_accuracy")) for e in iterations], "Increasing",
     )
+    # The held-out accuracy per category, and each GRPO reward's mean over the greedy answers.
+    columns = [summary["base_heldout_categories"] or {}, *[e["metrics"].get("heldout_categories") or {} for e in iterations]]
+    for category in dict.fromkeys(c for column in columns for c in column):
+        table.add_row(f"  {category}", *[_percent(column[category]["accuracy"]) if category in column else "-" for column in columns],
+                      "Increasing")
+    columns = [summary["base_heldout_rewards"] or {}, *[e["metrics"].get("heldout_rewards") or {} for e in iterations]]
+    for name in dict.fromkeys(n for column in columns for n in column):
+        table.add_row(f"Held-out reward {name}", *[_number(column[name]["mean"]) if name in column else "-" for column in columns], "")
     # data.dev: the figure the exported iteration is chosen on and the collapse guard watches.
     if summary["base_dev_accuracy"] is not None or any(e["metrics"].get("dev_accuracy") is not None for e in summary["iterations"]):
         table.add_row("Dev accuracy", _percent(summary["base_dev_accuracy"]),

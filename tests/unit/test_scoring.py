@@ -237,6 +237,25 @@ def test_the_evaluation_leaves_problems_it_cannot_judge_out_of_its_accuracy(tmp_
     }
 
 
+def test_the_evaluation_reports_accuracy_per_category_and_each_rewards_mean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 003's answerable / refusable problems, and a GRPO run's rewards over the greedy answers."""
+    heldout = [{"id": "a1", "question": "?", "answer": "7", "task_type": "answerable"},
+               {"id": "a2", "question": "?", "answer": "8", "task_type": "answerable"},
+               {"id": "r1", "question": "?", "answer": "0", "task_type": "refusable"},
+               {"id": "x", "question": "?", "answer": "3"}]
+    write_jsonl(tmp_path / "heldout.jsonl", heldout)
+    texts = ["<think>so</think><answer>7</answer>", "<answer>5</answer>", "<think>no</think><answer>0</answer>", "<answer>3</answer>"]
+    monkeypatch.setattr(eval_job, "make_backend", lambda *args: CannedBackend(texts))
+    rewards = [RewardConfig(name="correctness"), RewardConfig(name="format", weight=0.1, params={"tags": ["think"], "layout": "present"})]
+    spec = EvalSpec(JobTarget(str(tmp_path), "eval"), str(tmp_path / "heldout.jsonl"), "model", str(tmp_path / "eval"), EvalConfig(),
+                    FilterConfig(verifier="numeric"), GenerateConfig(), 42, str(tmp_path / "key"), rewards=rewards)
+    metrics: dict[str, Any] = {}
+    eval_job.evaluate(spec, metrics)
+    assert metrics["heldout_accuracy"] == 0.75
+    assert metrics["heldout_categories"] == {"answerable": {"accuracy": 0.5, "problems": 2}, "refusable": {"accuracy": 1.0, "problems": 1}}
+    assert metrics["heldout_rewards"] == {"correctness": {"mean": 0.75, "failed": 0}, "format": {"mean": 0.5, "failed": 0}}
+
+
 # A GRPO round's score job (jobs.scoring.rounds) -------------------------------------------------------
 
 def round_shard(path: Path, groups: dict[str, list[str]]) -> str:

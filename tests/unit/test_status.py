@@ -261,9 +261,14 @@ def test_a_round_over_the_arrays_shows_the_groups_it_trained_on_and_its_shortfal
     figures = {"groups": 12, "zero_std_groups": 5, "unscored_groups": 0, "failed_problems": 0, "target_groups": 8}
     ledger.update("iter_001/score", {"status": "done", "metrics": {"round": {**figures, "kept_groups": 7, "shortfall": 1}}})
     ledger.update("iter_002/score", {"status": "done", "metrics": {"round": {**figures, "kept_groups": 8, "shortfall": 0}}})
+    # The held-out evaluation: accuracy per category, and each reward's mean over the greedy answers.
+    for key, (answerable, iou) in {"baseline/eval": (0.25, 0.1), "iter_001/eval": (0.5, 0.4)}.items():
+        ledger.update(key, {"status": "done", "metrics": {
+            "heldout_accuracy": 0.3, "heldout_categories": {"answerable": {"accuracy": answerable, "problems": 4}},
+            "heldout_rewards": {"refuse_iou": {"mean": iou, "failed": 0}}}})
     code, out, _ = status_of(run_dir, capsys)
     assert code == 0
-    assert_whole(out, ["score", "Groups", "alike", "short"])
+    assert_whole(out, ["score", "Groups", "alike", "short", "answerable", "25.0%", "50.0%", "refuse_iou", "0.100", "0.400"])
     cells = " ".join(out.split())
     assert "│ 7 of 8, 5 alike, │ 8 of 8, 5 │" in cells and "│ 1 short │ alike │" in cells, "each round's groups, its shortfall"
 
