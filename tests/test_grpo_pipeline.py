@@ -141,15 +141,17 @@ def test_driver_and_training_job_killed_mid_grpo_then_rerun_resumes_from_the_las
 
 @pytest.mark.slow
 def test_grpo_rounds_train_on_the_samples_of_the_generation_arrays_with_their_log_probabilities(tiny_assets: Path, tmp_path: Path) -> None:
-    """grpo.rollouts: arrays, two rounds of 12 of the 24 problems on the embedded default: each round's
-    shards sample with the last policy and keep every token's log-probability; the training job trains on those samples,
-    and its first step, on-policy, finds the trainer's log-probabilities equal to the stored ones
-    while the next, one update later, finds them apart and weighs the samples for it."""
+    """grpo.rollouts: arrays, two rounds of 12 of the 24 problems on the embedded default, overlapping
+    (max_staleness: 1): round 2's shards sample with the base policy while round 1 trains, and keep
+    every token's log-probability; the score job keeps the groups with a signal; the training job
+    trains on those samples. Round 1's first step, on-policy, finds the trainer's log-probabilities
+    equal to the stored ones, and the next, one update later, finds them apart and weighs the samples
+    for it; round 2's samples are one round stale from its first step, and say so."""
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "arrays.yaml", small_config(
         tiny_assets, runs, method="grpo", export_dir=str(tmp_path / "models"),
         # A reward in which a random model's samples differ: groups with variance, so an update moves the policy.
-        grpo={**GRPO, "rollouts": "arrays", "problems_per_round": 12, "temperature": 1.0, "learning_rates": [1e-2],
+        grpo={**GRPO, "rollouts": "arrays", "problems_per_round": 12, "max_staleness": 1, "temperature": 1.0, "learning_rates": [1e-2],
               "rewards": [{"name": "tests.test_grpo:digits"}]},
         train={"warmup_ratio": 0.0},
     ))
@@ -167,7 +169,7 @@ def test_grpo_rounds_train_on_the_samples_of_the_generation_arrays_with_their_lo
         assert len(records) == 12 and all(len(r["candidates"]) == 2 for r in records), "grpo.num_generations samples of each problem"
         sampled.append({r["id"] for r in records})
         for candidate in (c for r in records for c in r["candidates"]):
-            assert candidate["policy"] == round_ - 1, "sampled by the policy the round starts from"
+            assert candidate["policy"] == 0, "sampled by the base policy: round 2 one round stale"
             assert len(candidate["completion_ids"]) == len(candidate["logprobs"]) == candidate["num_tokens"] <= 12
             assert all(lp <= 0 for lp in candidate["logprobs"])
         # The score job: every group scored once, those whose samples all scored alike left out.
@@ -179,9 +181,18 @@ def test_grpo_rounds_train_on_the_samples_of_the_generation_arrays_with_their_lo
         train = ledger_record(run_dir, f"iter_{round_:03d}/train")["metrics"]
         assert train["rollouts"] == "arrays" and train["steps"] == 2
         first, second = train["step_log"]
-        assert first["sampling/sampling_logp_difference/mean"] < 1e-4, "the stored log-probabilities are the trainer's own"
+        assert scored["staleness"] == round_ - 1 and {s["rollouts/staleness"] for s in (first, second)} == {round_ - 1}
+        if round_ == 1:
+            assert first["sampling/sampling_logp_difference/mean"] < 1e-4, "the stored log-probabilities are the trainer's own"
+        else:
+            assert first["sampling/sampling_logp_difference/mean"] > 1e-3, "samples of the policy before the last differ from its first step"
         assert second["sampling/sampling_logp_difference/mean"] > 1e-3, "one update later they differ"
         assert second["sampling/importance_sampling_ratio/min"] != second["sampling/importance_sampling_ratio/max"]
+    # The overlap: round 2's shards ran while round 1 trained.
+    train = ledger_record(run_dir, "iter_001/train")
+    for shard in ("shard_00000", "shard_00001"):
+        generated = ledger_record(run_dir, f"iter_002/generate/{shard}")
+        assert generated["started_at"] < train["ended_at"] and train["started_at"] < generated["ended_at"]
     assert len(sampled[0] | sampled[1]) == 24, "the two rounds of 12 problems share none: all 24 sampled once"
     # The held-out evaluation scores the greedy answers with the run's rewards too, the base model's as well.
     for key in ("baseline/eval", "iter_002/eval"):

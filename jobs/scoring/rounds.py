@@ -8,8 +8,8 @@ that the round is still full), in the round's order; their advantages are comput
 them for ``grpo.scale_rewards`` (its default aggregation, sum then normalize), over the kept batch.
 
 Writes ``scored.jsonl``: per kept group, ``id`` and its ``samples``, each with its completion token
-ids, the sampler's log-probabilities, the policy that sampled it, its score per reward, its total
-and its advantage. A round short of groups trains on what it has and records the ``shortfall``; a
+ids, the sampler's log-probabilities, the policy that sampled it and its staleness (rounds older
+than the last, grpo.max_staleness), its score per reward, its total and its advantage. A round short of groups trains on what it has and records the ``shortfall``; a
 round with none stops the run with what to change.
 """
 
@@ -77,10 +77,13 @@ def score_round(spec: RoundScoreSpec) -> dict[str, Any]:
     # A round of grpo.problems_per_round trains on that many groups, and says how many it lacks; without, on all with a signal.
     target = grpo.problems_per_round or len(scored)
     kept = [pair for pair, s in zip(scored, stds, strict=True) if s > 1e-8][:target]
+    # How many rounds older than the last the policy that sampled each kept group is (grpo.max_staleness).
+    staleness = [spec.iteration - 1 - record["candidates"][0]["policy"] for record, _ in kept]
     figures = {
         "groups": len(scored), "zero_std_groups": zero, "unscored_groups": unscored, "failed_problems": failed,
         "kept_groups": len(kept), "target_groups": target,
         "shortfall": max(target - len(kept), 0) if grpo.problems_per_round else 0,
+        "staleness": max(staleness, default=0),
     }
     log.info("round %d: %s", spec.iteration, figures)
     if not kept:
@@ -99,6 +102,7 @@ def score_round(spec: RoundScoreSpec) -> dict[str, Any]:
             i = g * group_size + k
             samples.append({
                 "completion_ids": candidate["completion_ids"], "logprobs": candidate["logprobs"], "policy": candidate["policy"],
+                "staleness": spec.iteration - 1 - candidate["policy"],
                 "rewards": {n: None if math.isnan(v) else v for n, v in zip(names, values[k].tolist(), strict=True)},
                 "reward": None if math.isnan(sample_totals[i]) else sample_totals[i].item(), "advantage": weighted[i].item(),
             })

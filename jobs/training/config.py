@@ -139,6 +139,10 @@ class GrpoConfig:
     # problems_per_round problems, so that the round still has problems_per_round groups to train on
     # after the score job leaves out those whose samples all got the same reward (no signal).
     oversample: Annotated[float, Ge(1)] = 1.0
+    # Rollouts from the arrays, rounds that overlap: 0 (on-policy) samples each round with the policy
+    # the round before trained; s > 0 with the one s rounds older, and the driver starts the round's
+    # generation beside the training s rounds before it (1: the next round samples while this one trains).
+    max_staleness: Annotated[int, Ge(0)] = 0
     # Trainer rollouts: none (TRL's transformers generation, the CPU way), or vLLM on GPUs: server (trl
     # vllm-serve on the job's last node, or on GPUs of its own on a one-node job) or colocate.
     vllm_mode: Literal["server", "colocate"] | None = None
@@ -158,6 +162,9 @@ class GrpoConfig:
     def __post_init__(self) -> None:
         if self.pass_rate_band is not None and self.pass_rate_band[0] > self.pass_rate_band[1]:
             raise ValueError(f"grpo.pass_rate_band: the low bound is above the high one ({list(self.pass_rate_band)})")
+        if self.max_staleness and self.rollouts != "arrays":
+            raise ValueError(f"grpo.max_staleness: {self.max_staleness} overlaps the rounds of grpo.rollouts: arrays; the trainer's"
+                             " own rollouts (grpo.rollouts: trainer) are on-policy")
         if self.oversample > 1 and (self.rollouts != "arrays" or self.problems_per_round is None):
             raise ValueError(f"grpo.oversample: {self.oversample:g} samples more than grpo.problems_per_round problems per round of"
                              " grpo.rollouts: arrays; set both, or leave grpo.oversample at 1")

@@ -64,6 +64,7 @@ STEP_LOG_KEYS = (
     # Stored rollouts: how far the sampler's log-probabilities are from the trainer's, and the importance weights.
     "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
     "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max",
+    "rollouts/staleness",  # rounds the samples' policy is older than the last (grpo.max_staleness)
 )
 # The exit status of a job the watchdog ended.
 STALLED_EXIT = 3

@@ -51,7 +51,7 @@ from state import atomic_write_json
 FAILURES_FILE = "reward_failures.json"
 # TRL's metrics of a generation (logged only by the step that generated): the steps that train on
 # the same rollouts log them too.
-ROLLOUT_METRICS = ("reward", "rewards/", "frac_reward_zero_std", "completions/", "num_tokens", "groups/", "sampling/")
+ROLLOUT_METRICS = ("reward", "rewards/", "frac_reward_zero_std", "completions/", "num_tokens", "groups/", "sampling/", "rollouts/")
 
 
 def pass_shares(passed: torch.Tensor, group_size: int) -> dict[str, float]:
@@ -235,6 +235,9 @@ class StoredRolloutTrainer(PolicyTrainer):
         # This process's rows are the process_index-th slice of the generation batch, whose groups lie side by side.
         first = self.accelerator.process_index * len(inputs)
         self._samples = [self.rollouts[row["id"]][(first + i) % self.num_generations] for i, row in enumerate(inputs)]
+        if self.model.training:
+            # Rounds older than the last, of the policy that sampled them (grpo.max_staleness).
+            self._metrics["train"]["rollouts/staleness"].append(sum(s["staleness"] for s in self._samples) / len(self._samples))
         output = super()._generate_and_score_completions(inputs)
         output["advantages"] = torch.tensor([s["advantage"] for s in self._samples], dtype=output["advantages"].dtype,
                                             device=output["advantages"].device)

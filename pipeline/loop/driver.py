@@ -124,6 +124,21 @@ class Driver:
             self.finish_array(stage, records)
         return resplit
 
+    def start_beside(self, stage: StagePlan) -> None:
+        """Submits the tasks never submitted of a stage that runs beside the one about to run (a GRPO
+        round's generation with grpo.max_staleness); run_stage waits for it, and retries what
+        failed, when it is due."""
+        if self.ledger.read(stage.key).get("status") == str(Status.DONE):
+            return
+        if stage.is_array:
+            self.start_array(stage)
+        self.services.ensure(stage)
+        records = self.ledger.read_many(t.key for t in stage.tasks)
+        fresh = [t for t in stage.tasks if records[t.key].get("status") in (None, str(Status.PLANNED))]
+        if fresh:
+            self.console.log(f"{stage.label}: started beside {stage.starts_beside}", highlight=False)
+            self.submitter.submit(stage, fresh)
+
     def failure_summary(self, tasks: list[Task], records: dict[str, dict[str, Any]]) -> str:
         lines = []
         for task in tasks:
@@ -210,6 +225,9 @@ class Driver:
             try:
                 for index in range(len(plan)):
                     stage = self.planner.stage(plan[index].key) if plan[index].planned_when_due else plan[index]
+                    for later in plan[index + 1:]:
+                        if later.starts_beside == stage.key:
+                            self.start_beside(later)
                     bar = progress.add_task(stage.label, total=len(stage.tasks))
                     started = time.monotonic()
                     if self.run_stage(stage, lambda done, total, bar=bar: progress.update(bar, completed=done, total=total)):

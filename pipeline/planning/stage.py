@@ -74,6 +74,9 @@ class StagePlan:
     # Its tasks depend on how the stages before it ended (the export of the best iteration): the
     # driver plans it again when it is due, and a detached chain ends before it.
     planned_when_due: bool = False
+    # The key of an earlier stage beside which the driver starts it, instead of after the stages
+    # before it (a GRPO round's generation with grpo.max_staleness, beside an older round's training).
+    starts_beside: str | None = None
     # For --dry-run: what it submits and where it writes.
     jobs_text: str = "1"
     writes: str = ""

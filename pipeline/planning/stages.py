@@ -94,13 +94,17 @@ def grpo_rounds_before(config: RunConfig, iteration: int) -> int:
 def generate_stage(run: RunContext, iteration: int, rollouts: bool = False) -> StagePlan:
     """An array of shards over the training set; a re-split straggler's rest (recorded in the stage's
     ledger record, pipeline/scheduling/resplit.py) adds tasks of its own. ``rollouts``: a GRPO round's
-    samples, drawn as grpo.sampling says, with their tokens' log-probabilities."""
+    samples, drawn as grpo.sampling says, with their tokens' log-probabilities, by the policy
+    grpo.max_staleness rounds older than the last (started beside that policy's successor's training)."""
     config, layout = run.config, run.layout
     generate = config.grpo.sampling(config.generate) if rollouts else config.generate
     key = f"{layout.stage_dir(iteration, 'generate').relative_to(layout.run_dir)}"
-    model = run.model_after(iteration - 1)  # once: thousands of shards, one model
+    staleness = config.grpo.max_staleness if rollouts else 0
+    policy = max(iteration - 1 - staleness, 0)
+    beside = f"{layout.stage_dir(iteration - staleness, 'train').relative_to(layout.run_dir)}" if staleness and iteration > staleness else None
+    model = run.model_after(policy)  # once: thousands of shards, one model
     resources = stage_resources(config, "generate")
-    policy = resources.resplit_policy() if config.executor.cluster != "debug" else None
+    resplit = resources.resplit_policy() if config.executor.cluster != "debug" else None
     # A GRPO round of grpo.problems_per_round: its shards' ranges are places in the round's problems,
     # drawn when a spec is first made (a plan read for its task keys does not order the training set).
     per_round = config.grpo.problems_per_round if rollouts else None
@@ -132,8 +136,8 @@ def generate_stage(run: RunContext, iteration: int, rollouts: bool = False) -> S
             api_key_path=api_key_path,
             compile_cache_dir=compile_cache_dir,
             indices=indices,
-            progress_every_s=policy.progress_every_s if policy else 0.0,
-            rollouts_of=iteration - 1 if rollouts else None,
+            progress_every_s=resplit.progress_every_s if resplit else 0.0,
+            rollouts_of=policy if rollouts else None,
         )
 
     tasks = [Task(f"{key}/{name}", generate_job.run, build=partial(spec, name, *shard)) for name, shard in shards.items()]
@@ -143,7 +147,7 @@ def generate_stage(run: RunContext, iteration: int, rollouts: bool = False) -> S
         key, "generate", iteration, tasks, resources, totals=shard_totals,
         jobs_text=f"array of {len(sizes)} (problems per shard {min(sizes)}-{max(sizes)})",
         writes=str(layout.stage_dir(iteration, "generate")),
-        resplit=policy, split=lambda task_key: generate_job.close_early(by_key[task_key].spec),
+        resplit=resplit, split=lambda task_key: generate_job.close_early(by_key[task_key].spec), starts_beside=beside,
     )
 
 

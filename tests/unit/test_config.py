@@ -113,6 +113,8 @@ CASES = [
     ({"method": "grpo", "grpo": {"rollouts": "arrays", "problems_per_round": 1, "batch_size": 8}}, [],
      ["grpo.problems_per_round: a round of 1 problems x 4 samples", "one generation batch (8"]),
     ({"method": "grpo", "grpo": {"loss_type": "cispo"}}, [], ["grpo.loss_type", "'cispo'", "'dapo'"]),
+    ({"method": "grpo", "grpo": {"rollouts": "arrays", "max_staleness": -1}}, [], ["grpo.max_staleness", "greater than or equal to 0"]),
+    ({"method": "grpo", "grpo": {"max_staleness": 1}}, [], ["grpo.max_staleness: 1", "grpo.rollouts: arrays"]),
     ({"schedule": ["rest", "ppo"]}, [], ["schedule", "'ppo'"]),
     ({"schedule": ["rest"]}, [], ["schedule: has 1 entries but num_iterations is 2"]),
     ({}, ["generate.num_samples=-1"], ["command line", "generate.num_samples"]),

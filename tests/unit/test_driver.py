@@ -510,6 +510,18 @@ def test_run_submits_every_stage_once_in_order_and_ends_done(tmp_path: Path) -> 
     assert len(summaries) == 2
 
 
+def test_a_rounds_generation_with_max_staleness_is_submitted_before_the_training_it_runs_beside(tmp_path: Path) -> None:
+    driver, submitter = make_driver(tmp_path, method="grpo", num_iterations=3, grpo={"rollouts": "arrays", "max_staleness": 1})
+    frozen_run(driver)
+    driver.run()
+    order = [key for key, _, _ in submitter.calls]
+    assert order.index("iter_002/generate") == order.index("iter_001/train") - 1
+    assert order.index("iter_003/generate") == order.index("iter_002/train") - 1
+    assert order.count("iter_002/generate") == 1, "submitted once: run_stage waits for it when it is due"
+    assert order.index("iter_001/generate") > order.index("baseline/eval"), "the first round samples in its turn"
+    assert driver.ledger.read("run")["status"] == "done"
+
+
 def hacking_metrics(key: str, attempt: int) -> dict[str, Any]:
     """Held-out accuracy falls from 0.5 to 0.2 in iteration 1 while its format reward rises."""
     accuracy = {"baseline/eval": 0.5, "iter_001/eval": 0.2, "iter_002/eval": 0.2}

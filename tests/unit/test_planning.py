@@ -337,6 +337,20 @@ def test_a_grpo_round_over_the_arrays_samples_as_grpo_says_with_the_last_policy_
     assert second[3].tasks[0].spec.generate.num_samples == 16
 
 
+def test_with_max_staleness_a_round_samples_with_an_older_policy_and_starts_beside_its_successors_training(make_planner):
+    planner = make_planner(num_iterations=3, method="grpo", grpo={"rollouts": "arrays", "max_staleness": 1})
+    model = {0: str(Path(planner.config.model.path).resolve()), 1: str(planner.run_dir / "iter_001" / "train" / "model")}
+    for iteration, (policy, beside) in {1: (0, None), 2: (0, "iter_001/train"), 3: (1, "iter_002/train")}.items():
+        generate = planner.iteration(iteration)[0]
+        assert generate.starts_beside == beside
+        assert {(t.spec.model_path, t.spec.rollouts_of) for t in generate.tasks} == {(model[policy], policy)}
+        # Trained from the last policy, on samples of the older one.
+        assert planner.iteration(iteration)[2].tasks[0].spec.init_model == (model[iteration - 1] if iteration < 3 else
+                                                                           str(planner.run_dir / "iter_002" / "train" / "model"))
+    on_policy = make_planner(num_iterations=2, method="grpo", grpo={"rollouts": "arrays"})
+    assert [on_policy.iteration(i)[0].starts_beside for i in (1, 2)] == [None, None]
+
+
 def test_grpo_rounds_draw_their_problems_without_replacement_until_every_problem_had_one(make_planner):
     planner = make_planner(num_train=10, num_iterations=5, method="grpo", generate={"num_shards": 2},
                            grpo={"rollouts": "arrays", "problems_per_round": 4})

@@ -90,7 +90,7 @@ def setup() -> Iterator[dict[str, Any]]:
         texts = [[{"role": "assistant", "content": tokenizer.decode(s["completion_ids"], skip_special_tokens=True)}] for s in group]
         scores = torch.tensor([[v] for v in length_reward([], texts)])
         for sample, score, advantage in zip(group, scores[:, 0].tolist(), advantages(scores, [1.0], K, "group").tolist(), strict=True):
-            sample.update(rewards={"length_reward": score}, advantage=advantage)
+            sample.update(rewards={"length_reward": score}, advantage=advantage, staleness=1)
         rows.append({"id": pid, "prompt": messages, "answer": "0"})
         rollouts[pid] = group
         prompts[pid] = prompt
@@ -208,6 +208,7 @@ def test_stored_rollouts_train_with_the_grpo_objective_and_the_importance_correc
     metrics = trainer._metrics["train"]
     assert metrics["sampling/sampling_logp_difference/mean"][-1] > 0
     assert metrics["sampling/importance_sampling_ratio/max"][-1] <= 1.1 + 1e-6
+    assert metrics["rollouts/staleness"] == [1.0], "the samples' staleness, in the step's metrics"
 
 
 
