@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         resuming = check_resumable(config, str(args.config))
         if args.detach and config.executor.cluster != "slurm":
             raise InputError(f"{args.config}: --detach needs executor.cluster: slurm (the chain waits on SLURM dependencies)")
+        if args.detach and config.grpo.max_staleness:
+            raise InputError(f"{args.config}: grpo.max_staleness: {config.grpo.max_staleness} overlaps rounds that the attached driver"
+                             " starts side by side; a detached run chains each iteration after the last: run it without --detach")
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return InputError.exit_code

@@ -40,7 +40,7 @@ def run_config(assets: Path, folder: Path, change: dict[str, Any], name: str = "
     config = small_config(assets, folder / "runs")
     for key, value in json.loads(json.dumps(change).replace("{tmp}", str(folder))).items():
         if isinstance(value, dict):
-            config[key].update(value)
+            config.setdefault(key, {}).update(value)
         else:
             config[key] = value
     return write_config(folder / name, config)
@@ -91,6 +91,8 @@ RUN_CASES = [
     pytest.param({"train": {"learning_rates": [1e-3, 1e-3, 1e-3]}}, [],
                  ["train.learning_rates: has 3 entries but num_iterations is 2"], id="more learning rates than iterations"),
     pytest.param({"train": {"max_steps": -5}}, [], ["train.max_steps: is -5"], id="negative max_steps"),
+    pytest.param({"method": "grpo", "grpo": {"rollouts": "arrays", "max_staleness": 1}, "executor": {"cluster": "slurm"}}, ["--detach"],
+                 ["grpo.max_staleness: 1 overlaps rounds", "without --detach"], id="overlapping rounds detached"),
     pytest.param({}, ["train.learning_rates=[1e-3,", "2e-3]"],
                  ["command line: 'train.learning_rates=[1e-3,': not a YAML value", "quote the whole argument"],
                  id="a list the shell split"),
