@@ -205,4 +205,6 @@ class ServiceSpec:
     consumers: list[str]
     # The run's compile caches of its vLLM servers; "": none kept.
     compile_cache_dir: str = ""
+    # The run's generate.media_dir: where a listener that looks at images reads them.
+    media_dir: str | None = None
 

@@ -37,6 +37,16 @@ def reward_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def vision_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Qwen2-VL (tools.demo), for media in training and the listener that looks at images."""
+    from tools.demo import build_vision_model
+
+    out = tmp_path_factory.mktemp("vision_model")
+    build_vision_model(out)
+    return out
+
+
 def small_config(assets: Path, runs_dir: Path, **sections: Any) -> dict[str, Any]:
     """A config that runs each stage in seconds; ``sections`` update it key by key."""
     train = runs_dir.parent / "train_small.jsonl"

@@ -165,15 +165,6 @@ def audio_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def vision_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tools.demo import build_vision_model
-
-    out = tmp_path_factory.mktemp("vision_model")
-    build_vision_model(out)
-    return out
-
-
 AUDIO_PROBLEMS = [_problem(1, sound="beeps1.wav", answer="ANSWER: (A) 1 sound"),
                   _problem(2, sound="beeps3.wav", answer="ANSWER: (C) 3 sounds", question="Listen. <sound> How many?")]
 IMAGE_PROBLEMS = [{"id": "i1", "image": ["red.png", "blue.png"], "question": "<image> or <image>: which is red?", "answer": "the first"},

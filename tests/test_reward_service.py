@@ -314,3 +314,73 @@ def test_service_score_needs_the_service_and_a_model_folder(tmp_path: Path) -> N
                      "--model", str(tmp_path / "nowhere"), "--kind", "classifier")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: services.reward.model: {tmp_path / 'nowhere'} is not a model folder (no config.json there)"]
+
+
+def reference_p_yes(model_dir: Path, image: Path, question: str) -> float:
+    """P(yes) of one image, from a plain forward of the model on it alone: the probability of each
+    spelling's tokens after the prompt, summed over "yes" and "Yes"."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    total = 0.0
+    for spelling in ("yes", "Yes"):
+        answer = processor.tokenizer(spelling, add_special_tokens=False)["input_ids"]
+        inputs = processor(text=[prompt + spelling], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+        ids = inputs["input_ids"][0]
+        assert ids[-len(answer):].tolist() == answer
+        with torch.no_grad():
+            logps = model(**inputs).logits[0].double().log_softmax(-1)
+        total += math.exp(sum(logps[len(ids) - len(answer) - 1 + j, token].item() for j, token in enumerate(answer)))
+    return total
+
+
+def test_the_listener_that_looks_at_images_answers_p_yes_per_image_as_a_plain_forward_of_each_does(
+    vision_model: Path, tmp_path: Path
+) -> None:
+    """Seed 002's listener over images: candidate_paths under the media folder, the inner batch of 5
+    mixing images of different sizes; each P(yes) equals a forward of the model on that image alone
+    within 1e-5. Paths outside the folder, missing files and text candidates are refused with 422."""
+    from PIL import Image
+
+    media = tmp_path / "media"
+    media.mkdir()
+    colors = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (20, 40, 230)}
+    for index, (name, color) in enumerate(colors.items()):
+        Image.new("RGB", (56 + 28 * index, 56), color).save(media / f"{name}.png")
+    (tmp_path / "secret.png").write_bytes((media / "red.png").read_bytes())
+    config = RewardServiceConfig(model=str(vision_model), kind="yes_probability", batch_size=5)
+    server = RewardServer(config, API_KEY, "127.0.0.1", 0, str(media))
+    ready: queue.Queue[str] = queue.Queue()
+    thread = threading.Thread(target=server.run, args=(ready.put,), daemon=True)
+    thread.start()
+    try:
+        url = ready.get(timeout=120)
+        question = "Is this the red square?"
+        requests = [{"candidate_paths": ["red.png", "green.png", "blue.png"], "question": question, "topk": 2},
+                    {"candidate_paths": [str(media / "blue.png"), "red.png"], "question": question}]
+        status, body = http("POST", f"{url}/batch_score", {"batch": requests})
+        assert status == 200, body
+        for request, result in zip(requests, body["results"], strict=True):
+            want = [reference_p_yes(vision_model, media / Path(p).name, question) for p in request["candidate_paths"]]
+            # A random model's P(yes) is about 1e-7: equal within 1e-5, and to 1e-4 of its size.
+            assert result["yes_probabilities"] == pytest.approx(want, abs=1e-5, rel=1e-4), (result, want)
+            assert result["predicted_index"] == max(range(len(want)), key=lambda i: (want[i], -i))
+        assert len(body["results"][0]["topk_indices"]) == 2
+        assert len(set(body["results"][0]["yes_probabilities"])) == 3, "each image its own probability"
+        for paths, words in ((["../secret.png"], "is outside the service's media folder"),
+                             ([str(tmp_path / "secret.png")], "is outside the service's media folder"),
+                             (["nothing.png"], "nothing.png: no such file under")):
+            status, body = http("POST", f"{url}/score", {"candidate_paths": paths, "question": question})
+            assert status == 422 and words in json.dumps(body), body
+        status, body = http("POST", f"{url}/score", {"candidates": ["a red square"], "question": question})
+        assert status == 422 and "looks at images; send candidate_paths" in json.dumps(body), body
+        assert health(url)["served"] == 2
+    finally:
+        server.stop()
+        thread.join(30)
+

@@ -20,8 +20,17 @@ Each candidate's p is the probability that the model's answer to the user turn `
 the conditional probabilities of the tokens the tokenizer gives that text after the prompt, summed
 over the two spellings (disjoint events). Exact for any tokenizer, whether "yes" is one token or
 three bytes. ``predicted_index`` is the likeliest candidate (the first of equals), ``topk_indices``
-the ``topk`` likeliest. ``candidate_paths`` (images) is refused with 422: the models served so far
-are text-only.
+the ``topk`` likeliest.
+
+A vision-language listener (a model folder whose config has a ``vision_config``: seed 002's) looks
+at images instead::
+
+    request  {"candidate_paths": [path, ...], "question": str, "topk": 1}
+
+each image in the user turn before the question (its chat template's image part), p as above; the
+paths are relative to the service's media folder (the run's ``generate.media_dir``) or absolute
+under it, and a path outside it, or no file, is refused with 422 before the model is asked. A text
+listener refuses ``candidate_paths`` and an image listener ``candidates``, with 422.
 
 kind ``classifier`` (a sequence-classification reward model, AutoModelForSequenceClassification)::
 
@@ -95,6 +104,31 @@ class YesProbabilityRequest(BaseModel):
             raise ValueError("candidates: a list of candidate texts is required")
         return self
 
+    @property
+    def count(self) -> int:
+        return len(self.candidates or [])
+
+
+class ImageYesProbabilityRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: list[str] | None = None
+    candidate_paths: list[str] | None = Field(None, min_length=1)
+    question: str
+    topk: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _image_candidates(self) -> "ImageYesProbabilityRequest":
+        if self.candidates is not None:
+            raise ValueError("candidates: this service's listener looks at images; send candidate_paths (image files) instead")
+        if self.candidate_paths is None:
+            raise ValueError("candidate_paths: a list of candidate image paths is required")
+        return self
+
+    @property
+    def count(self) -> int:
+        return len(self.candidate_paths or [])
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -110,7 +144,11 @@ class ClassifierRequest(BaseModel):
     completion: str
 
 
-R = TypeVar("R", YesProbabilityRequest, ClassifierRequest)
+R = TypeVar("R", YesProbabilityRequest, ImageYesProbabilityRequest, ClassifierRequest)
+
+
+class Refused(ValueError):
+    """A request the service will not score as it is (422): what is wrong with it."""
 
 
 class Batch(BaseModel, Generic[R]):
@@ -139,6 +177,9 @@ class Scorer(ABC):
     def score(self, requests: list[Any]) -> list[dict[str, Any]]:
         """One result per request, in order."""
 
+    def check(self, requests: list[Any]) -> None:
+        """Raises Refused for a request it cannot score (before it waits for an inference slot)."""
+
 
 def listener_prompt(tokenizer: Any, candidate: str, question: str) -> str:
     """What the listener reads: the user turn "<candidate>\n<question>", then the start of its answer."""
@@ -147,22 +188,42 @@ def listener_prompt(tokenizer: Any, candidate: str, question: str) -> str:
     )
 
 
+def answer_tokens(tokenizer: Any, prompt: str, spelling: str) -> tuple[list[int], list[int]]:
+    """The tokens of ``prompt + spelling``, and those of them that are the answer: what follows the
+    prompt's own tokens (a tokenizer that merged across the boundary would shorten the shared part,
+    never lose the answer)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + spelling, add_special_tokens=False)["input_ids"]
+    shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full, strict=False)) if a != b), min(len(prompt_ids), len(full)))
+    return full, full[shared:]
+
+
+def ranked_results(requests: list[Any], p_yes: list[float]) -> list[dict[str, Any]]:
+    """Each request's probabilities (its candidates' in order, ``p_yes`` of all requests side by side),
+    the likeliest candidate (the first of equals) and its ``topk``."""
+    results, start = [], 0
+    for request in requests:
+        probabilities = p_yes[start:start + request.count]
+        start += len(probabilities)
+        ranked = sorted(range(len(probabilities)), key=lambda i: (-probabilities[i], i))
+        results.append({"yes_probabilities": probabilities, "predicted_index": ranked[0], "topk_indices": ranked[:request.topk]})
+    return results
+
+
+def summed_spellings(logprobs: list[float]) -> list[float]:
+    """P(yes): each candidate's probability of every spelling (its log-probabilities side by side), summed."""
+    spellings = len(YES_SPELLINGS)
+    return [math.fsum(math.exp(lp) for lp in logprobs[i:i + spellings]) for i in range(0, len(logprobs), spellings)]
+
+
 class YesProbabilityScorer(Scorer):
     kind = "yes_probability"
-    request_type = YesProbabilityRequest
+    request_type: type[BaseModel] = YesProbabilityRequest
 
     def _sequences(self, candidate: str, question: str) -> list[tuple[list[int], list[int]]]:
         """Per spelling of "yes": the model's input and the answer tokens it must predict."""
         prompt = listener_prompt(self.tokenizer, candidate, question)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        sequences = []
-        for spelling in YES_SPELLINGS:
-            full = self.tokenizer(prompt + spelling, add_special_tokens=False)["input_ids"]
-            # The answer's tokens are what follows the prompt's own tokens (a tokenizer that merged
-            # across the boundary would shorten the shared part, never lose the answer).
-            shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full, strict=False)) if a != b), min(len(prompt_ids), len(full)))
-            sequences.append((full[:-1], full[shared:]))
-        return sequences
+        return [(full[:-1], answer) for full, answer in (answer_tokens(self.tokenizer, prompt, s) for s in YES_SPELLINGS)]
 
     def score(self, requests: list[YesProbabilityRequest]) -> list[dict[str, Any]]:
         import torch
@@ -187,15 +248,62 @@ class YesProbabilityScorer(Scorer):
                 # The prediction of answer token j sits at position -len(answer) + j of the row.
                 window = scores[row, keep - len(answer):]
                 logprobs.append(float(window.gather(-1, torch.tensor(answer, device=device)[:, None]).sum()))
-        spellings = len(YES_SPELLINGS)
-        p_yes = [math.fsum(math.exp(lp) for lp in logprobs[i:i + spellings]) for i in range(0, len(logprobs), spellings)]
-        results, start = [], 0
+        return ranked_results(requests, summed_spellings(logprobs))
+
+
+class ImageYesProbabilityScorer(Scorer):
+    """The listener that looks at images (seed 002's): a vision-language model and its processor
+    (``tokenizer`` here), reading images only under ``media_dir``."""
+
+    kind = "yes_probability"
+    request_type = ImageYesProbabilityRequest
+
+    def __init__(self, model: Any, processor: Any, batch_size: int, name: str, media_dir: Path):
+        super().__init__(model, processor, batch_size, name)
+        self.media_dir = media_dir.resolve()
+
+    def image_path(self, path: str) -> Path:
+        """The file a candidate path names, under the media folder; Refused otherwise."""
+        full = (self.media_dir / path).resolve()
+        if not full.is_relative_to(self.media_dir):
+            raise Refused(f"candidate_paths: {path} is outside the service's media folder {self.media_dir}")
+        if not full.is_file():
+            raise Refused(f"candidate_paths: {path}: no such file under {self.media_dir}")
+        return full
+
+    def check(self, requests: list[ImageYesProbabilityRequest]) -> None:
         for request in requests:
-            probabilities = p_yes[start:start + len(request.candidates or [])]
-            start += len(probabilities)
-            ranked = sorted(range(len(probabilities)), key=lambda i: (-probabilities[i], i))
-            results.append({"yes_probabilities": probabilities, "predicted_index": ranked[0], "topk_indices": ranked[:request.topk]})
-        return results
+            for path in request.candidate_paths or []:
+                self.image_path(path)
+
+    def score(self, requests: list[ImageYesProbabilityRequest]) -> list[dict[str, Any]]:
+        import torch
+        from PIL import Image
+
+        # Per (candidate, spelling): the text with its image placeholder, the image, and the answer's tokens.
+        items = []
+        with self._tokenizer_lock:
+            for request in requests:
+                messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.question}]}]
+                prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                answers = [answer_tokens(self.tokenizer.tokenizer, prompt, spelling)[1] for spelling in YES_SPELLINGS]
+                for path in request.candidate_paths or []:
+                    image = Image.open(self.image_path(path)).convert("RGB")
+                    items += [(prompt + spelling, image, answer) for spelling, answer in zip(YES_SPELLINGS, answers, strict=True)]
+        logprobs: list[float] = []
+        device = self.model.device
+        for batch in _batches(items, self.batch_size):
+            with self._tokenizer_lock:
+                inputs = self.tokenizer(text=[text for text, _, _ in batch], images=[image for _, image, _ in batch], padding=True,
+                                        return_tensors="pt").to(device)
+            with torch.inference_mode():
+                scores = self.model(**inputs).logits.float().log_softmax(-1)
+            lengths = inputs["attention_mask"].sum(-1).tolist()  # right-padded: each row's answer ends at its length
+            for row, (_, _, answer) in enumerate(batch):
+                end = lengths[row]
+                window = scores[row, end - len(answer) - 1:end - 1]  # the predictions of the answer's tokens
+                logprobs.append(float(window.gather(-1, torch.tensor(answer, device=device)[:, None]).sum()))
+        return ranked_results(requests, summed_spellings(logprobs))
 
 
 class ClassifierScorer(Scorer):
@@ -224,11 +332,16 @@ class ClassifierScorer(Scorer):
         return results
 
 
-def load_scorer(config: RewardServiceConfig) -> Scorer:
-    """The service's model from its local folder; ValueError naming ``services.reward.model`` otherwise."""
+def load_scorer(config: RewardServiceConfig, media_dir: str | None = None) -> Scorer:
+    """The service's model from its local folder; ValueError naming ``services.reward.model`` otherwise.
+    A vision-language listener reads its images under ``media_dir`` (the run's generate.media_dir)."""
+    import json
+
     from transformers import (
         AutoModelForCausalLM,
+        AutoModelForImageTextToText,
         AutoModelForSequenceClassification,
+        AutoProcessor,
         AutoTokenizer,
     )
 
@@ -236,14 +349,25 @@ def load_scorer(config: RewardServiceConfig) -> Scorer:
     if not (path / "config.json").is_file():
         raise ValueError(f"services.reward.model: {path} is not a model folder (no config.json there)")
     device, dtype = pick_device()
+    looks = config.kind == "yes_probability" and "vision_config" in json.loads((path / "config.json").read_text())
+    if looks and media_dir is None:
+        raise ValueError(f"services.reward.model: {path} is a listener that looks at images; set generate.media_dir, the folder"
+                         " its requests' candidate_paths are read from (--media-dir by hand)")
     # A folder that does not load (or a model unfit for the kind) fails for good, not retried.
     with loading(str(path)):
+        if looks:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+            processor.tokenizer.padding_side = "right"
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+            scorer: Scorer = ImageYesProbabilityScorer(model.to(device).eval(), processor, config.batch_size, str(path), Path(str(media_dir)))
+            log.info("reward service: %s listener %s (images under %s) loaded on %s", config.kind, path, media_dir, device)
+            return scorer
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if config.kind == "yes_probability":
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token  # pads are masked out: any token will do
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-            scorer: Scorer = YesProbabilityScorer(model.to(device).eval(), tokenizer, config.batch_size, str(path))
+            scorer = YesProbabilityScorer(model.to(device).eval(), tokenizer, config.batch_size, str(path))
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, local_files_only=True)
             if model.config.num_labels not in (1, 2):
@@ -278,6 +402,10 @@ def create_app(scorer: Scorer, api_key: str, concurrency: int, acquire_timeout_s
                                 headers={"WWW-Authenticate": "Bearer"})
 
     async def infer(requests: list[Any]) -> list[dict[str, Any]]:
+        try:
+            scorer.check(requests)
+        except Refused as refused:
+            raise HTTPException(422, str(refused)) from None
         try:
             await asyncio.wait_for(slots.acquire(), acquire_timeout_s)
         except TimeoutError:
@@ -331,14 +459,14 @@ class RewardServer:
     ``on_ready(url)`` is called once, when the server accepts connections; port 0 takes a free port
     from the kernel, and the URL says which."""
 
-    def __init__(self, config: RewardServiceConfig, api_key: str, host: str, port: int = 0):
-        self.config, self.api_key, self.host, self.port = config, api_key, host, port
+    def __init__(self, config: RewardServiceConfig, api_key: str, host: str, port: int = 0, media_dir: str | None = None):
+        self.config, self.api_key, self.host, self.port, self.media_dir = config, api_key, host, port, media_dir
         self._lock = threading.Lock()
         self._stopped = False
         self._server: _Server | None = None
 
     def run(self, on_ready: Callable[[str], None]) -> None:
-        scorer = load_scorer(self.config)
+        scorer = load_scorer(self.config, self.media_dir)
         app = create_app(scorer, self.api_key, self.config.concurrency, self.config.acquire_timeout_s)
         # log_config None: uvicorn logs through the job's own logging set-up; one line per
         # request would flood a service's log (503s are logged by the app).
@@ -362,12 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="default: a free port (the URL is printed)")
     parser.add_argument("--model", required=True, help="a local Hugging Face model folder")
     parser.add_argument("--kind", required=True, choices=["yes_probability", "classifier"])
+    parser.add_argument("--media-dir", help="where a listener that looks at images reads its candidate_paths")
     add_options(parser, RewardServiceConfig, skip=("model", "kind"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         config = section_from_options(RewardServiceConfig, args)
-        server = RewardServer(config, run_api_key(args.api_key_file), config.host or "127.0.0.1", args.port)
+        server = RewardServer(config, run_api_key(args.api_key_file), config.host or "127.0.0.1", args.port, args.media_dir)
         server.run(lambda url: print(f"serving at {url}", flush=True))
     except (InputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

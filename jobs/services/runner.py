@@ -56,7 +56,7 @@ def make_server(spec: ServiceSpec) -> Server:
 
     host = spec.config.host or ("127.0.0.1" if spec.loopback else node_address())
     # Port 0: uvicorn binds a free port itself, so no other process can take it between a check and the bind.
-    return RewardServer(spec.config, run_api_key(api_key_file), host, 0)
+    return RewardServer(spec.config, run_api_key(api_key_file), host, 0, spec.media_dir)
 
 
 def serve(spec: ServiceSpec, metrics: dict[str, Any]) -> None:

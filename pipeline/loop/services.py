@@ -65,7 +65,7 @@ def service_plan(run: RunContext, name: str, consumers: list[str]) -> StagePlan:
         target=run.target(key), name=name, config=settings, endpoint_file=str(endpoint),
         api_key_file=str(run.layout.api_key), folder=str(endpoint.parent),
         loopback=config.executor.cluster != "slurm", consumers=consumers,
-        compile_cache_dir=str(run.layout.compile_caches),
+        compile_cache_dir=str(run.layout.compile_caches), media_dir=config.generate.media_dir,
     )
     return StagePlan(key, name, 0, [Task(key, runner.run, spec)], config.executor.resources(name, DEFAULT_RESOURCES),
                      jobs_text="1, serving while the stages that need it run", writes=str(endpoint))
