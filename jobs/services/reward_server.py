@@ -337,6 +337,14 @@ def load_scorer(config: RewardServiceConfig, media_dir: str | None = None) -> Sc
     A vision-language listener reads its images under ``media_dir`` (the run's generate.media_dir)."""
     import json
 
+    path = Path(config.model)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"services.reward.model: {path} is not a model folder (no config.json there)")
+    looks = config.kind == "yes_probability" and "vision_config" in json.loads((path / "config.json").read_text())
+    if looks and media_dir is None:
+        raise ValueError(f"services.reward.model: {path} is a listener that looks at images; set generate.media_dir, the folder"
+                         " its requests' candidate_paths are read from (--media-dir by hand)")
+    # After the checks: a bad folder is one line, without the warnings transformers' import may print.
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
@@ -345,14 +353,7 @@ def load_scorer(config: RewardServiceConfig, media_dir: str | None = None) -> Sc
         AutoTokenizer,
     )
 
-    path = Path(config.model)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"services.reward.model: {path} is not a model folder (no config.json there)")
     device, dtype = pick_device()
-    looks = config.kind == "yes_probability" and "vision_config" in json.loads((path / "config.json").read_text())
-    if looks and media_dir is None:
-        raise ValueError(f"services.reward.model: {path} is a listener that looks at images; set generate.media_dir, the folder"
-                         " its requests' candidate_paths are read from (--media-dir by hand)")
     # A folder that does not load (or a model unfit for the kind) fails for good, not retried.
     with loading(str(path)):
         if looks:
