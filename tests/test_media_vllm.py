@@ -27,6 +27,8 @@ from jobs.problems.data import read_jsonl
 from jobs.problems.prompts import messages_for
 from jobs.specs import GenerateShardSpec, JobTarget
 from jobs.vllm.server import Endpoint, ServerFiles, start_servers
+from state import Ledger
+from tests.conftest import run_cli, small_config, write_config
 from tests.test_media import (
     AUDIO_PROBLEMS,
     IMAGE_PROBLEMS,
@@ -150,6 +152,45 @@ class TestVision:
                                                                                 media: Path, tmp_path: Path) -> None:
         # One image, two images in one question (seed 002's candidates), a video, an image and a video.
         assert_same_prompt_as_training(*server, [*IMAGE_PROBLEMS, *VIDEO_PROBLEMS], media, tmp_path)
+
+    def test_rest_on_seed_002s_game_with_images_the_speaker_and_the_listener_look_at_the_candidates(
+        self, server: tuple[Path, Endpoint], media: Path, tiny_assets: Path, tmp_path: Path
+    ) -> None:
+        """Seed 002's game with image objects (tools.demo's image_games): the speaker (the tiny Qwen2-VL,
+        served) sees the candidates' images and describes the target; the listener service (the same
+        model, a job of the run) looks at the same files (candidate_paths, under generate.media_dir);
+        the filter keeps the descriptions it picks the target from, and the speaker trains on them
+        with their images."""
+        import random
+
+        from tools.demo import image_games
+
+        played = image_games(random.Random(0), 12, media / "games")
+        for game in played:
+            game["image"] = game["candidate_paths"] = [f"games/{path}" for path in game["candidate_paths"]]
+        games = tmp_path / "image_games.jsonl"
+        games.write_text("".join(json.dumps(game) + "\n" for game in played))
+        model_dir, endpoint = server
+        os.environ["MEDIA_TEST_KEY"] = endpoint.api_key
+        generate_config = {"backend": "vllm", "endpoints": [endpoint.base_url.removesuffix("/v1")], "endpoint_api_key_env": "MEDIA_TEST_KEY",
+                           "media_dir": str(media), "num_samples": 2, "max_tokens": 16, "batch_size": 4, "num_shards": 1}
+        runs = tmp_path / "runs"
+        config = small_config(
+            tiny_assets, runs, num_iterations=1, learning_rates=[1e-3], model={"path": str(model_dir)},
+            data={"train": str(games), "heldout": None}, generate=generate_config,
+            filter={"strategy": "all", "reward": {"rewards": [{"name": "service_score"}], "threshold": 1.0}},
+            services={"reward": {"model": str(model_dir), "kind": "yes_probability", "wait_s": 600}},
+        )
+        result = run_cli("-m", "pipeline.run", str(write_config(tmp_path / "images.yaml", config)))
+        assert result.returncode == 0, result.stdout + result.stderr
+        ledger = Ledger(runs / "small")
+        filtered = ledger.read("iter_001/filter")["metrics"]
+        assert filtered["reward_failures"]["service_score"]["failed"] == 0, "every candidate scored by the listener"
+        assert filtered["total_candidates"] == 24 and 0 < filtered["filtered_samples"] < 24, "it picked some targets, not all"
+        kept = json.loads((runs / "small" / "iter_001" / "filter" / "filtered.json").read_text())
+        assert all(sample["image"][0].startswith("games/") for sample in kept), "the kept samples keep their images for training"
+        assert ledger.read("iter_001/train")["status"] == "done"
+        assert ledger.read("services/reward")["status"] == "done"
 
     def test_a_broken_image_is_refused_by_the_server(self, server: tuple[Path, Endpoint], media: Path) -> None:
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": (media / "broken.png").as_uri()}},

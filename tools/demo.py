@@ -16,7 +16,9 @@ byte-level tokenizer, so "yes" is three tokens. They exercise the service, not a
 minutes of CPU training did not teach a model this small to pick described objects better than
 chance. ``games.jsonl`` holds seed 002's referential game with text objects, for a speaker:
 ``candidate_texts`` ("red circle", ...), ``target_index``, and as ``answer`` a description that fits
-the target alone.
+the target alone; ``image_games.jsonl`` the same game with image objects (each drawn in
+``media/``): the speaker sees the candidates (``image``) and the listener gets their files
+(``candidate_paths``), for a listener that looks at images (``build-vision``'s Qwen2-VL).
 
 The audio demo (``build-audio``): a CountingQA-like set made offline, 2 s clips at 16 kHz with 1-5
 tones, "<sound> How many sounds do you hear?" with the options (A) 1 sound ... (E) 5 sounds and
@@ -254,14 +256,58 @@ def referential_games(rng: random.Random, count: int, num_candidates: int = 3) -
     return games
 
 
+# The images of seed 002's game with image objects: each shape drawn in its color on a white canvas.
+IMAGE_SIZE = 56
+SHAPE_POINTS = {
+    "triangle": [(0.5, 0.1), (0.9, 0.85), (0.1, 0.85)],
+    "star": [(0.5, 0.05), (0.61, 0.38), (0.95, 0.38), (0.68, 0.59), (0.79, 0.92), (0.5, 0.72), (0.21, 0.92), (0.32, 0.59),
+             (0.05, 0.38), (0.39, 0.38)],
+    "heart": [(0.5, 0.9), (0.1, 0.45), (0.15, 0.2), (0.35, 0.12), (0.5, 0.28), (0.65, 0.12), (0.85, 0.2), (0.9, 0.45)],
+    "diamond": [(0.5, 0.05), (0.9, 0.5), (0.5, 0.95), (0.1, 0.5)],
+}
+
+
+def draw_object(color: str, shape: str, path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "lightgray" if color == "white" else "white")
+    draw = ImageDraw.Draw(image)
+    box = (6, 6, IMAGE_SIZE - 6, IMAGE_SIZE - 6)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([(x * IMAGE_SIZE, y * IMAGE_SIZE) for x, y in SHAPE_POINTS[shape]], fill=color)
+    image.save(path)
+
+
+def image_games(rng: random.Random, count: int, media: Path) -> list[dict[str, Any]]:
+    """Seed 002's referential game with image objects: the speaker sees the candidates' images
+    (``image``, one <image> each) and describes the target; the listener service gets the same
+    files as ``candidate_paths`` (relative to ``media``, where every object's image is drawn)."""
+    media.mkdir(parents=True, exist_ok=True)
+    for color in COLORS:
+        for shape in SHAPES:
+            draw_object(color, shape, media / f"{color}_{shape}.png")
+    games = []
+    for game in referential_games(rng, count):
+        paths = [f"{name.replace(' ', '_')}.png" for name in game.pop("candidate_texts")]
+        shown = " ".join(f"{i + 1}: <image>" for i in range(len(paths)))
+        games.append({**game, "question": f"Candidates {shown}. Describe candidate {game['target_index'] + 1} so that a listener"
+                                          " can pick it.", "image": paths, "candidate_paths": paths})
+    return games
+
+
 def build_reward_models(out: Path, seed: int = 0) -> None:
-    """``out/listener`` and ``out/classifier``, random tiny Qwen2s on the demo's tokenizer, and
-    ``out/games.jsonl``."""
+    """``out/listener`` and ``out/classifier``, random tiny Qwen2s on the demo's tokenizer,
+    ``out/games.jsonl``, and the game with images: ``out/image_games.jsonl`` with ``out/media/``."""
     import torch
     from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "games.jsonl", referential_games(random.Random(seed), 1000))
+    write_jsonl(out / "image_games.jsonl", image_games(random.Random(seed + 1), 200, out / "media"))
     torch.manual_seed(seed)
     listener = Qwen2ForCausalLM(qwen2_config(build_tokenizer(out / "listener"), hidden_size=64, num_layers=2))
     classifier = Qwen2ForSequenceClassification(qwen2_config(build_tokenizer(out / "classifier"), hidden_size=64, num_layers=2, num_labels=1))
