@@ -190,11 +190,13 @@ def _number(value: float | None) -> str:
 
 
 def _round_groups(figures: dict[str, Any] | None) -> str:
-    """The groups a round trained on, of those it asked for; those scored alike (no signal) and the shortfall."""
+    """The groups a round trained on, of those it asked for; those scored alike (no signal), the
+    shortfall, and how many rounds old the policy that sampled them was (grpo.max_staleness)."""
     if not figures:
         return "-"
     text = f"{figures['kept_groups']} of {figures['target_groups']}, {figures['zero_std_groups']} alike"
-    return text + (f", {figures['shortfall']} short" if figures["shortfall"] else "")
+    text += f", {figures['shortfall']} short" if figures["shortfall"] else ""
+    return text + (f", {figures['staleness']} stale" if figures.get("staleness") else "")
 
 
 def _selected(selection: dict[str, Any] | None) -> str:

@@ -260,7 +260,7 @@ def test_a_round_over_the_arrays_shows_the_groups_it_trained_on_and_its_shortfal
     ledger = make_run(run_dir, iterations=2, method="grpo", grpo={"rollouts": "arrays", "problems_per_round": 8, "oversample": 1.5})
     figures = {"groups": 12, "zero_std_groups": 5, "unscored_groups": 0, "failed_problems": 0, "target_groups": 8}
     ledger.update("iter_001/score", {"status": "done", "metrics": {"round": {**figures, "kept_groups": 7, "shortfall": 1}}})
-    ledger.update("iter_002/score", {"status": "done", "metrics": {"round": {**figures, "kept_groups": 8, "shortfall": 0}}})
+    ledger.update("iter_002/score", {"status": "done", "metrics": {"round": {**figures, "kept_groups": 8, "shortfall": 0, "staleness": 1}}})
     # The held-out evaluation: accuracy per category, and each reward's mean over the greedy answers.
     for key, (answerable, iou) in {"baseline/eval": (0.25, 0.1), "iter_001/eval": (0.5, 0.4)}.items():
         ledger.update(key, {"status": "done", "metrics": {
@@ -270,7 +270,8 @@ def test_a_round_over_the_arrays_shows_the_groups_it_trained_on_and_its_shortfal
     assert code == 0
     assert_whole(out, ["score", "Groups", "alike", "short", "answerable", "25.0%", "50.0%", "refuse_iou", "0.100", "0.400"])
     cells = " ".join(out.split())
-    assert "│ 7 of 8, 5 alike, │ 8 of 8, 5 │" in cells and "│ 1 short │ alike │" in cells, "each round's groups, its shortfall"
+    assert "│ 7 of 8, 5 │ 8 of 8, 5 │" in cells and "│ alike, 1 short │ alike, 1 stale │" in cells, \
+        "each round's groups, its shortfall, its staleness"
 
 
 def test_generation_counts_completions_cut_at_max_tokens(tmp_path: Path) -> None:
