@@ -89,45 +89,25 @@ YES_SPELLINGS = ("yes", "Yes")
 
 
 class YesProbabilityRequest(BaseModel):
+    """The listener's request: candidate texts, or candidate image paths for a listener that looks at
+    images (which of the two its model takes, the scorer's ``check`` says)."""
+
     model_config = ConfigDict(extra="forbid")
 
     candidates: list[str] | None = Field(None, min_length=1)
-    candidate_paths: list[str] | None = None
-    question: str
-    topk: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _text_candidates(self) -> "YesProbabilityRequest":
-        if self.candidate_paths is not None:
-            raise ValueError("candidate_paths: this service's listener is a text-only model; send candidates (text) instead")
-        if self.candidates is None:
-            raise ValueError("candidates: a list of candidate texts is required")
-        return self
-
-    @property
-    def count(self) -> int:
-        return len(self.candidates or [])
-
-
-class ImageYesProbabilityRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    candidates: list[str] | None = None
     candidate_paths: list[str] | None = Field(None, min_length=1)
     question: str
     topk: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _image_candidates(self) -> "ImageYesProbabilityRequest":
-        if self.candidates is not None:
-            raise ValueError("candidates: this service's listener looks at images; send candidate_paths (image files) instead")
-        if self.candidate_paths is None:
-            raise ValueError("candidate_paths: a list of candidate image paths is required")
+    def _one_kind(self) -> "YesProbabilityRequest":
+        if (self.candidates is None) == (self.candidate_paths is None):
+            raise ValueError("candidates (texts) or candidate_paths (images): give one of the two")
         return self
 
     @property
     def count(self) -> int:
-        return len(self.candidate_paths or [])
+        return len(self.candidates or self.candidate_paths or [])
 
 
 class Message(BaseModel):
@@ -144,7 +124,7 @@ class ClassifierRequest(BaseModel):
     completion: str
 
 
-R = TypeVar("R", YesProbabilityRequest, ImageYesProbabilityRequest, ClassifierRequest)
+R = TypeVar("R", YesProbabilityRequest, ClassifierRequest)
 
 
 class Refused(ValueError):
@@ -218,7 +198,11 @@ def summed_spellings(logprobs: list[float]) -> list[float]:
 
 class YesProbabilityScorer(Scorer):
     kind = "yes_probability"
-    request_type: type[BaseModel] = YesProbabilityRequest
+    request_type = YesProbabilityRequest
+
+    def check(self, requests: list[YesProbabilityRequest]) -> None:
+        if any(r.candidate_paths is not None for r in requests):
+            raise Refused("candidate_paths: this service's listener is a text-only model; send candidates (text) instead")
 
     def _sequences(self, candidate: str, question: str) -> list[tuple[list[int], list[int]]]:
         """Per spelling of "yes": the model's input and the answer tokens it must predict."""
@@ -256,7 +240,7 @@ class ImageYesProbabilityScorer(Scorer):
     (``tokenizer`` here), reading images only under ``media_dir``."""
 
     kind = "yes_probability"
-    request_type = ImageYesProbabilityRequest
+    request_type = YesProbabilityRequest
 
     def __init__(self, model: Any, processor: Any, batch_size: int, name: str, media_dir: Path):
         super().__init__(model, processor, batch_size, name)
@@ -271,12 +255,14 @@ class ImageYesProbabilityScorer(Scorer):
             raise Refused(f"candidate_paths: {path}: no such file under {self.media_dir}")
         return full
 
-    def check(self, requests: list[ImageYesProbabilityRequest]) -> None:
+    def check(self, requests: list[YesProbabilityRequest]) -> None:
         for request in requests:
+            if request.candidates is not None:
+                raise Refused("candidates: this service's listener looks at images; send candidate_paths (image files) instead")
             for path in request.candidate_paths or []:
                 self.image_path(path)
 
-    def score(self, requests: list[ImageYesProbabilityRequest]) -> list[dict[str, Any]]:
+    def score(self, requests: list[YesProbabilityRequest]) -> list[dict[str, Any]]:
         import torch
         from PIL import Image
 
