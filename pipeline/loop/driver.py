@@ -10,7 +10,7 @@ them, and reattaches to live jobs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -80,10 +80,15 @@ class Driver:
         self.submitter.mark_lost(stage.tasks, records)
         return [t for t in stage.tasks if records[t.key].get("status") == str(Status.FAILED)]
 
-    def run_stage(self, stage: StagePlan, on_progress: Callable[[int, int], None] | None = None) -> bool:
+    def run_stage(self, stage: StagePlan, on_progress: Callable[[int, int], None] | None = None,
+                  beside: Sequence[StagePlan] = ()) -> bool:
         """Run a stage to its end; True when it gained tasks on the way (a re-split straggler's rest),
-        whose outputs the stages after it must be planned again to read."""
+        whose outputs the stages after it must be planned again to read. The stages ``beside`` it
+        (StagePlan.starts_beside) are started once its own tasks are submitted: a scheduler short of
+        resources gives them to this stage first."""
         if self.ledger.read(stage.key).get("status") == str(Status.DONE):
+            for later in beside:
+                self.start_beside(later)
             return False
         if stage.is_array:
             self.start_array(stage)
@@ -100,6 +105,10 @@ class Driver:
                 resplit = True
                 continue
             statuses = [records[t.key].get("status") for t in stage.tasks]
+            if beside and not {None, str(Status.PLANNED)} & set(statuses):
+                for later in beside:  # this stage's tasks are all submitted: the scheduler has them first
+                    self.start_beside(later)
+                beside = ()
             done = statuses.count(str(Status.DONE))
             if on_progress:
                 on_progress(done, len(stage.tasks))
@@ -225,12 +234,10 @@ class Driver:
             try:
                 for index in range(len(plan)):
                     stage = self.planner.stage(plan[index].key) if plan[index].planned_when_due else plan[index]
-                    for later in plan[index + 1:]:
-                        if later.starts_beside == stage.key:
-                            self.start_beside(later)
+                    beside = [later for later in plan[index + 1:] if later.starts_beside == stage.key]
                     bar = progress.add_task(stage.label, total=len(stage.tasks))
                     started = time.monotonic()
-                    if self.run_stage(stage, lambda done, total, bar=bar: progress.update(bar, completed=done, total=total)):
+                    if self.run_stage(stage, lambda done, total, bar=bar: progress.update(bar, completed=done, total=total), beside):
                         plan = self.planner.stages()  # the stages after it read the outputs the re-split added
                     following = plan[index + 1] if index + 1 < len(plan) else None
                     # A service no later stage needs right away gives its resources back.
