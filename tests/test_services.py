@@ -55,8 +55,9 @@ def games_config(tiny_assets: Path, reward_models: Path, runs: Path, count: int,
 def slow_listener(models: Path) -> dict[str, Any]:
     """The listener service, its scoring stretched out so that a kill lands in the middle of it: the
     filter asks one problem's candidates per call, so a pause between chunks of one candidate each
-    (40 problems: ~12 s per filter; with chunks of 4 there was no pause, and a filter took ~1 s)."""
-    return {"model": str(models / "listener"), "kind": "yes_probability", "chunk_size": 1, "chunk_delay_s": 0.3, "wait_s": 600}
+    (40 problems on 2 filter workers: ~10 s per filter; with chunks of 4 there was no pause, and a
+    filter took ~1 s)."""
+    return {"model": str(models / "listener"), "kind": "yes_probability", "chunk_size": 1, "chunk_delay_s": 0.5, "wait_s": 600}
 
 
 def wait_until(condition: Any, what: str, running: Any, timeout_s: float = 600) -> None:
@@ -178,7 +179,8 @@ def test_rest_on_the_listener_score_on_slurm(slurm_cluster: str, tiny_assets: Pa
         status = json.loads(run_cli("tools/status.py", str(run_dir), "--json").stdout)
         shown = status["services"]["reward"]
         assert (shown["status"], shown["node"], shown["endpoint"]) == ("serving", record["node"], record["endpoint"])
-        assert any(job["task"] == "service reward" and job["scheduler_state"] == "RUNNING" for job in status["jobs"])
+        if not any(job["task"] == "service reward" and job["scheduler_state"] == "RUNNING" for job in status["jobs"]):
+            return False  # sacct (slurmdbd) learns of a job's start a moment after slurmctld: ask again
         table = run_cli("tools/status.py", str(run_dir)).stdout
         assert "services" in table and record["endpoint"] in table
         return True
