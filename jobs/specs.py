@@ -146,6 +146,8 @@ class GrpoSpec:
     pass_rates_path: str | None = None
     # With grpo.rollouts: arrays, the round's scored groups to train on (jobs.scoring.rounds).
     scored_path: str | None = None
+    # generate.media_dir: where the problems' sound / image / video files are, as for generation.
+    media_dir: str | None = None
 
 
 @dataclass

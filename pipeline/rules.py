@@ -371,12 +371,12 @@ def check_local_gpus(config: RunConfig) -> None:
 
 def check_problems(config: RunConfig, train: list[dict[str, Any]]) -> None:
     """The training problems suit the methods (InputError naming data.train: a rule of the data)."""
-    if "grpo" not in used_sections(config):
+    if "grpo" not in used_sections(config) or config.grpo.rollouts == "arrays":
         return
     media = next(((problem["id"], field) for problem in train for field in MEDIA_FIELDS if field in problem), None)
     if media:
-        raise InputError(f"{config.data.train}: problem {media[0]!r} has a {media[1]}, but GRPO (method: grpo) trains on"
-                         " text only here; train on media with method: rest")
+        raise InputError(f"{config.data.train}: problem {media[0]!r} has a {media[1]}, and grpo.rollouts: trainer (TRL's"
+                         " own loop) samples text only; set grpo.rollouts: arrays (the generation shards sample, with the media)")
 
 
 def gpu_warning(config: RunConfig) -> str | None:

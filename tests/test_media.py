@@ -21,6 +21,7 @@ from jobs.runtime import quiet_libraries
 from jobs.specs import JobTarget, TrainSpec
 from jobs.training.config import TrainConfig
 from jobs.training.media import (
+    PER_TOKEN,
     DecodedImages,
     MediaCollator,
     collator_for,
@@ -292,3 +293,67 @@ def test_build_audio_makes_a_countingqa_like_set(tmp_path: Path) -> None:
         assert soundfile.info(str(media / problem["sound"])).samplerate == 16000
     assert {p["answer"] for p in train} == {"(A) 1 sound", "(B) 2 sounds", "(C) 3 sounds", "(D) 4 sounds", "(E) 5 sounds"}
     assert (assets / "random_init" / "config.json").is_file() and (assets / "random_init" / "processor_config.json").is_file()
+
+
+# -- GRPO on stored rollouts of media problems -------------------------------------------------------
+
+
+def sampled(model: Any, batch: dict[str, Any], eos: int) -> list[tuple[list[int], list[float]]]:
+    """Per row of an SFT batch: its response's tokens up to the end of turn, and their log-probabilities
+    under ``model`` given the whole batch (media included), as a sampler at temperature 1 gives them."""
+    with torch.no_grad():
+        logps = model(**batch).logits.log_softmax(-1)
+    rows = []
+    for row in range(batch["input_ids"].shape[0]):
+        positions = (batch["labels"][row] != -100).nonzero()[:, 0].tolist()
+        ids = batch["input_ids"][row, positions].tolist()
+        end = ids.index(eos) + 1
+        rows.append((ids[:end], [float(logps[row, p - 1, t]) for p, t in zip(positions[:end], ids[:end], strict=True)]))
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["audio", "image", "video"])
+def test_grpo_on_stored_rollouts_gives_the_media_to_the_policy(audio_model: Path, vision_model: Path, media: Path,
+                                                                tmp_path: Path, kind: str) -> None:
+    """A training step of GRPO over the arrays on media problems (StoredRolloutTrainer): its samples'
+    log-probabilities are those of a plain forward of the SFT collator's batch with the media; the
+    trainer's own log-probabilities of them (the old policy's, in the importance ratio) equal them
+    within 1e-5 only if every forward got each row's media."""
+    from datasets import Dataset
+    from transformers import AutoProcessor
+    from trl import GRPOConfig
+
+    from jobs.scoring.config import RewardConfig
+    from jobs.scoring.rewards import RewardContext, RewardSet
+    from jobs.training.grpo import grpo_dataset
+    from jobs.training.grpo_trainer import StoredRolloutTrainer, TrlReward
+
+    model_dir, problems = {"audio": (audio_model, AUDIO_PROBLEMS), "image": (vision_model, IMAGE_PROBLEMS),
+                           "video": (vision_model, VIDEO_PROBLEMS)}[kind]
+    model, _, batch = collated(model_dir, problems, media, tmp_path)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    samples = sampled(model, batch, processor.tokenizer.eos_token_id)
+    encoders = [key for key in ("input_features", "pixel_values", "pixel_values_videos") if key in batch]
+    with torch.no_grad():  # the counter-check: without the media's values, other log-probabilities
+        blind = model(**{**batch, **{key: torch.zeros_like(batch[key]) for key in encoders}}).logits.log_softmax(-1)
+        assert not torch.allclose(blind, model(**batch).logits.log_softmax(-1), atol=1e-3)
+    # Two samples per problem, the same answer scored 1 and 0: a group with a signal.
+    rollouts = {problem["id"]: [{"completion_ids": ids, "logprobs": logps, "rewards": {"correctness": score},
+                                 "advantage": advantage, "staleness": 0} for score, advantage in ((1.0, 0.7), (0.0, -0.7))]
+                for problem, (ids, logps) in zip(problems, samples, strict=True)}
+    problems_path = tmp_path / "problems.jsonl"
+    problems_path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    rows = grpo_dataset(str(problems_path), None, str(media), multimodal=True)
+    context = RewardContext(verifier="exact")
+    reward_set = RewardSet([RewardConfig(name="correctness")], context)
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                      num_generations=2, max_completion_length=32, temperature=1.0, beta=0.0, learning_rate=1e-3, max_steps=1,
+                      logging_steps=1, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0)
+    trainer = StoredRolloutTrainer(model=model, reward_funcs=[TrlReward(reward_set, r) for r in reward_set.rewards], args=args,
+                                   train_dataset=Dataset.from_list(rows), processing_class=processor, reward_set=reward_set,
+                                   context=context, rollouts_dir=tmp_path / "rollouts", rollouts=rollouts)
+    trainer.train()
+    step = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    inputs = sum(value.numel() for key, value in batch.items() if key not in ("input_ids", "attention_mask", "labels", *PER_TOKEN))
+    assert step["media/encoder_inputs"] == inputs * 2, "each row's media in the loss forward, each problem twice"
+    assert step["sampling/sampling_logp_difference/max"] < 1e-5, step

@@ -140,6 +140,53 @@ class TestAudio:
 
 
 @pytest.mark.usefixtures("vllm_installed")
+def test_grpo_rounds_on_audio_sample_on_vllm_and_train_with_the_clips(media: Path, tiny_assets: Path, tmp_path: Path) -> None:
+    """grpo.rollouts: arrays on seed 000's counting task (tools.demo's clips) with the tiny Qwen2-Audio:
+    the generation shard's vLLM server samples with each clip and keeps the processed log-probabilities;
+    the training step gets the clips (encoder inputs in its forward) and finds its own log-probabilities
+    of the samples close to the server's, which it could not without the audio."""
+    import random
+
+    from tools.demo import build_audio_model, counting_problems
+
+    build_audio_model(tmp_path / "model")
+    clips = media / "counting"
+    clips.mkdir(exist_ok=True)
+    problems = counting_problems(random.Random(0), 8, "c", clips)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([{**p, "sound": f"counting/{p['sound']}"} for p in problems]))
+    server = serving(media)
+    runs = tmp_path / "runs"
+    config = small_config(
+        tiny_assets, runs, method="grpo", num_iterations=1, model={"path": str(tmp_path / "model")},
+        data={"train": str(train), "heldout": None},
+        generate={"backend": "vllm", "media_dir": str(media), "batch_size": 8, "num_shards": 1,
+                  "vllm": {"dtype": "float32", "max_model_len": 2048, "extra_args": server.vllm.extra_args, "env": server.vllm.env}},
+        filter={"verifier": "multiple_choice"},
+        # Kimi's length reward: a random model's samples differ in length, so groups have variance.
+        grpo={"rollouts": "arrays", "rewards": [{"name": "correctness"}, {"name": "length"}], "num_generations": 4,
+              "temperature": 1.0, "max_completion_length": 12, "batch_size": 16, "learning_rates": [1e-3], "logging_steps": 1,
+              "save_steps": 1000},
+    )
+    result = run_cli("-m", "pipeline.run", str(write_config(tmp_path / "audio_grpo.yaml", config)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    ledger = Ledger(runs / "small")
+    scored = ledger.read("iter_001/score")["metrics"]["round"]
+    assert scored["groups"] == 8 and scored["kept_groups"] >= 4, scored
+    train_metrics = ledger.read("iter_001/train")["metrics"]
+    assert train_metrics["rollouts"] == "arrays" and train_metrics["steps"] >= 1
+    # Each of the 16 samples of a step: one 2 s clip, 128 mel bins x 3000 frames and their mask.
+    assert all(step["media/encoder_inputs"] == 16 * (128 * 3000 + 3000) for step in train_metrics["step_log"])
+    # The first step, on-policy: vLLM's float32 CPU kernels and transformers' differ a little; without the clip, by far more.
+    first = train_metrics["step_log"][0]
+    assert first["sampling/sampling_logp_difference/max"] < 0.05, first
+    # No sample holds the audio placeholder, which the training forward could not match to a clip (the servers ban it).
+    audio_token = json.loads((tmp_path / "model" / "config.json").read_text())["audio_token_index"]
+    samples = [c for r in read_jsonl(next((runs / "small" / "iter_001" / "generate").glob("shard_*.jsonl"))) for c in r["candidates"]]
+    assert len(samples) == 32 and not any(audio_token in c["completion_ids"] for c in samples)
+
+
+@pytest.mark.usefixtures("vllm_installed")
 class TestVision:
     @pytest.fixture(scope="class")
     @classmethod

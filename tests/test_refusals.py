@@ -112,12 +112,12 @@ def test_an_export_dir_that_is_a_file(tmp_path: Path, assets: Path, capsys: pyte
 
 
 @pytest.mark.unit
-def test_grpo_with_video_data(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_grpo_of_the_trainers_own_loop_with_video_data(tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "videos.jsonl"
     data.write_text(json.dumps({"id": "v1", "question": "<video> How many?", "answer": "3", "video": "a.mp4"}) + "\n")
     result = run(tmp_path, assets, capsys, method="grpo", data={"train": str(data)},
                  grpo={"num_generations": 2, "batch_size": 2})
-    assert_refused(result, f"{data}: problem 'v1' has a video", "GRPO (method: grpo) trains on text only", "method: rest")
+    assert_refused(result, f"{data}: problem 'v1' has a video", "grpo.rollouts: trainer", "set grpo.rollouts: arrays")
 
 
 @pytest.mark.unit

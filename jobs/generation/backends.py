@@ -3,7 +3,9 @@ OpenAI-compatible servers (vLLM) that the job starts or that already run."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.generation.config import GenerateConfig
@@ -140,9 +142,27 @@ def make_backend(
     # (as above)
     from jobs.vllm.server import start_servers
 
+    banned = placeholder_tokens(model_path)
     if config.endpoints:
-        return OpenAIBackend(connect_endpoints(config), config)
+        return OpenAIBackend(connect_endpoints(config), config, banned=banned)
     if files is None:
         raise ValueError("the vllm backend needs a folder for its servers' logs and caches")
     servers = start_servers(model_path, config, files)
-    return OpenAIBackend(servers.endpoints, config, servers)
+    return OpenAIBackend(servers.endpoints, config, servers, banned=banned)
+
+
+# The config keys of a multimodal model's placeholder tokens (Qwen2-Audio's audio_token_index, ...).
+PLACEHOLDER_KEYS = ("audio_token_id", "audio_token_index", "image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+def placeholder_tokens(model_path: str) -> list[int]:
+    """The tokens that stand for audio, images or video in a multimodal model's prompts (its folder's
+    config.json, and its thinker's for Qwen3-Omni), which its samples must not contain: a sample with
+    one cannot be trained on (the training forward finds more placeholders than media), as TRL keeps
+    its own sampler from drawing image tokens. None for a text-only model or a model not in a folder."""
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        return []
+    config = json.loads(path.read_text(encoding="utf-8"))
+    sections = [config, config.get("thinker_config") or {}]
+    return sorted({section[key] for section in sections for key in PLACEHOLDER_KEYS if isinstance(section.get(key), int)})

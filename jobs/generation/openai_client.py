@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -143,8 +143,11 @@ def backoff_s(attempt: int) -> float:
 
 
 class OpenAIBackend:
-    def __init__(self, endpoints: list[Endpoint], config: GenerateConfig, servers: Supervisor | None = None):
+    def __init__(self, endpoints: list[Endpoint], config: GenerateConfig, servers: Supervisor | None = None,
+                 banned: Sequence[int] = ()):
+        """``banned``: tokens no sample may contain (jobs.generation.backends.placeholder_tokens)."""
         self.endpoints, self.config, self.servers = endpoints, config, servers
+        self.logit_bias = {**config.extra_body.get("logit_bias", {}), **{str(token): -100 for token in banned}}
 
     def run(self, requests: list[Request], on_outcome: Callable[[Outcome], None]) -> None:
         try:
@@ -200,6 +203,8 @@ class OpenAIBackend:
             "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens,
             "return_token_ids": True,
         }
+        if self.logit_bias:
+            payload["logit_bias"] = self.logit_bias
         if sampling.logprobs:
             # The sampled token's only: after temperature and top-p (the servers' --logprobs-mode).
             payload.update(logprobs=True, top_logprobs=0)

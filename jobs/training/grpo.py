@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.problems.data import MEDIA_FIELDS, read_jsonl
-from jobs.problems.prompts import messages_for
+from jobs.problems.prompts import has_media, messages_for, template_messages
 from jobs.runtime import (
     loading,
     log,
@@ -65,22 +65,36 @@ STEP_LOG_KEYS = (
     "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
     "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max",
     "rollouts/staleness",  # rounds the samples' policy is older than the last (grpo.max_staleness)
+    "media/encoder_inputs",  # values the audio / vision encoders got in a step's forward (media problems)
 )
 # The exit status of a job the watchdog ended.
 STALLED_EXIT = 3
 
 
-def grpo_dataset(problems_path: str, system_prompt: str | None) -> list[dict[str, Any]]:
-    """One row per problem: ``prompt``, its chat messages, and the problem's fields as columns."""
+def grpo_dataset(problems_path: str, system_prompt: str | None, media_dir: str | None = None,
+                 multimodal: bool = False) -> list[dict[str, Any]]:
+    """One row per problem: ``prompt``, its chat messages, and the problem's fields as columns. For a
+    ``multimodal`` model (one with a processor), the chat template's parts and the media files of
+    each (``media``, jobs.training.media), as SFT has them."""
+    # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
+    from jobs.training.media import MEDIA
+
     rows = []
     for problem in read_jsonl(problems_path):
         if "prompt" in problem:
             raise PermanentJobError(f"{problems_path}: problem {problem['id']!r} has a field 'prompt', which GRPO uses for the"
                                     " chat messages: rename it")
-        media = next((f for f in MEDIA_FIELDS if f in problem), None)
-        if media:
-            raise PermanentJobError(f"{problems_path}: problem {problem['id']!r} has a {media}: GRPO rollouts are text-only here")
-        rows.append({**problem, "prompt": messages_for(problem, system_prompt)})
+        if has_media(problem) and not (multimodal and media_dir):
+            why = "no media folder (generate.media_dir)" if multimodal else "a text-only model (no processor)"
+            raise PermanentJobError(f"{problems_path}: problem {problem['id']!r} has media, and training has {why}")
+        if multimodal:
+            # The media fields become the files of ``media`` (a data set column has one type: a problem's
+            # image may be one file, another's a list).
+            prompt, media = template_messages(problem, system_prompt, media_dir)
+            columns = {key: value for key, value in problem.items() if key not in MEDIA_FIELDS}
+            rows.append({**columns, "prompt": prompt, MEDIA: media})
+        else:
+            rows.append({**problem, "prompt": messages_for(problem, system_prompt)})
     if not rows:
         raise PermanentJobError(f"{problems_path}: no problems to train on")
     return rows
@@ -164,7 +178,12 @@ def round_steps(samples: int, args: Any) -> int:
 
 def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple[str, int] | None) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMultimodalLM,
+        AutoProcessor,
+        ProcessorMixin,
+    )
     from trl import GRPOConfig
 
     # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
@@ -187,7 +206,11 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     output = Path(spec.output_dir)
     if "tensorboard" in config.report_to:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "tensorboard"))
-    rows = grpo_dataset(spec.problems_path, spec.system_prompt)
+    # A text-only model's folder gives its tokenizer here; a multimodal one its processor.
+    with loading(spec.init_model):
+        processing = AutoProcessor.from_pretrained(spec.init_model)
+    multimodal = isinstance(processing, ProcessorMixin)
+    rows = grpo_dataset(spec.problems_path, spec.system_prompt, spec.media_dir, multimodal)
     if spec.pass_rates_path and grpo.pass_rate_band:
         rows, selection = select_problems(rows, Path(spec.pass_rates_path), grpo.pass_rate_band)
         metrics["selection"] = selection
@@ -200,14 +223,27 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     rollouts = None
     if spec.scored_path is not None:
         rows, rollouts = stored_rollouts(spec.scored_path, rows)
+    elif multimodal:
+        # pipeline.rules refuses it first: TRL's own rollouts carry images only, and no audio or video.
+        raise PermanentJobError("grpo.rollouts: trainer trains a text-only model; a model with a processor trains with"
+                                " grpo.rollouts: arrays")
     context = RewardContext(spec.verifier, spec.answer_pattern, spec.services)
     reward_set = RewardSet(grpo.rewards, context)
     device, dtype = pick_device()
     on_gpu = device == "cuda"
+    model_class = AutoModelForMultimodalLM if multimodal else AutoModelForCausalLM
     with loading(spec.init_model):
-        tokenizer = AutoTokenizer.from_pretrained(spec.init_model)
-        model = AutoModelForCausalLM.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization(config, on_gpu, dtype))
-    peft_config = lora_config(config, config.target_modules)
+        model = model_class.from_pretrained(spec.init_model, dtype=dtype, quantization_config=quantization(config, on_gpu, dtype))
+    target_modules = config.target_modules
+    if multimodal:
+        # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
+        from jobs.training import media
+
+        if config.method == "lora":
+            target_modules = media.language_model_targets(model, config.target_modules)
+        elif config.freeze_encoders:
+            log.info("froze %d encoder parameters (train.freeze_encoders)", media.freeze_encoders(model))
+    peft_config = lora_config(config, target_modules)
     checkpoints = output / "checkpoints"
     args = GRPOConfig(
         output_dir=str(checkpoints),
@@ -227,7 +263,8 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         reward_weights=reward_set.weights,
         logging_steps=grpo.logging_steps,
         save_steps=grpo.save_steps,
-        ddp_find_unused_parameters=False,
+        # A multimodal model's encoders get nothing from a batch without their media (as in SFT).
+        ddp_find_unused_parameters=multimodal,
         seed=spec.seed,
         **rollout_options(grpo, on_gpu, server),
         **trainer_options(config, on_gpu),
@@ -246,7 +283,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     watchdog = Watchdog(grpo.stall_timeout_s, stall_handler(spec.target, primary, grpo.stall_timeout_s))
     trainer = (StoredRolloutTrainer if rollouts is not None else PolicyTrainer)(
         model=model, reward_funcs=[TrlReward(reward_set, named) for named in reward_set.rewards], args=args,
-        train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=peft_config,
+        train_dataset=Dataset.from_list(rows), processing_class=processing, peft_config=peft_config,
         callbacks=[on_preemption, StepMetrics(completions_per_step, on_gpu, shown=("reward",)), watchdog, LedgerProgress(spec.target)],
         reward_set=reward_set, context=context, rollouts_dir=output / "rollouts", **extra,
     )
@@ -262,7 +299,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         watchdog.stop()
     stop_if_preempted(on_preemption.stopped_by)  # a checkpoint is saved: the requeued job resumes from it
     trainer.sync_failures()
-    if not save_trained(trainer, config, spec.init_model, AutoModelForCausalLM, dtype, tokenizer, output):
+    if not save_trained(trainer, config, spec.init_model, model_class, dtype, processing, output):
         return
     keys = STEP_LOG_KEYS + tuple(f"rewards/{name}/{what}" for name in reward_set.names for what in ("mean", "std", "failed"))
     # Includes the steps before a resume: the trainer state comes back with the checkpoint.

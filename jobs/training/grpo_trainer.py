@@ -45,6 +45,7 @@ from trl.trainer.utils import RepeatSampler
 
 from jobs.scoring.config import RewardConfig
 from jobs.scoring.rewards import NamedReward, RewardContext, RewardSet, bind
+from jobs.training.media import MEDIA, PER_TOKEN, batch_features, prompt_features
 from state import atomic_write_json
 
 # Written into each checkpoint: the reward failure totals at that step.
@@ -214,6 +215,16 @@ class PolicyTrainer(GRPOTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
+class _WithInputs:
+    """``model`` called with ``inputs`` besides those of the call (a batch's encoder inputs)."""
+
+    def __init__(self, model: Any, inputs: dict[str, torch.Tensor]):
+        self.model, self.inputs = model, inputs
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.model(**inputs, **self.inputs)
+
+
 class StoredRolloutTrainer(PolicyTrainer):
     """PolicyTrainer whose samples are read, not generated, and scored already: ``rollouts`` maps each
     problem id to its group (the round's score job, jobs.scoring.rounds), ``num_generations`` samples
@@ -221,15 +232,35 @@ class StoredRolloutTrainer(PolicyTrainer):
     temperature, as the trainer computes them), its score per reward and its advantage. TRL deals each
     problem ``num_generations`` times in a row; the k-th copy of a group trains on its k-th sample,
     with the stored scores (no reward is called) and the stored advantage (over the round's batch with
-    ``scale_rewards: batch``, where TRL's would be over the generation batch)."""
+    ``scale_rewards: batch``, where TRL's would be over the generation batch).
+
+    Problems with audio, images or video (a ``media`` column: jobs.training.media) reach the model in
+    every forward (the sampler's policy, the reference, the loss) as in generation and in SFT: each
+    prompt rendered by the processor's chat template with its media read, the encoders' inputs carried
+    with its rows through TRL's buffering and shuffling and handed to the model beside TRL's (TRL 1.16
+    forwards image inputs only). ``media/encoder_inputs`` in the step log: the values the encoders got
+    in the step's loss forward, the check that the media reached it."""
 
     def __init__(self, *args: Any, rollouts: dict[str, list[dict[str, Any]]], **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        # TRL 1.16 keeps its own sampler of a model with a processor from drawing image tokens, and reads
+        # the model's image_token_id for it, which an audio model has not; this trainer samples nothing.
+        config = kwargs["model"].config
+        lent = not hasattr(config, "image_token_id")
+        if lent:
+            config.image_token_id = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if lent:
+                del config.image_token_id
         self.rollouts = rollouts
-        # TRL weighs each token by the ratio of the trainer's probability to the sampler's only when it
+        # TRL weighs each token by the ratio of its probability to the sampler's only when it
         # believes vLLM sampled; its own generation (the one other use of the flag) is replaced below.
         self.use_vllm = True
         self._samples: list[dict[str, Any]] = []
+        # For media problems, while a batch is computed: its prompts' token ids, and each row's encoder inputs.
+        self._prompt_ids: list[list[int]] | None = None
+        self._features: list[dict[str, torch.Tensor]] | None = None
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         # This process's rows are the process_index-th slice of the generation batch, whose groups lie side by side.
@@ -238,10 +269,23 @@ class StoredRolloutTrainer(PolicyTrainer):
         if self.model.training:
             # Rounds older than the last, of the policy that sampled them (grpo.max_staleness).
             self._metrics["train"]["rollouts/staleness"].append(sum(s["staleness"] for s in self._samples) / len(self._samples))
-        output = super()._generate_and_score_completions(inputs)
+        if MEDIA in inputs[0]:
+            prompts = [prompt_features(self.processing_class, row["prompt"], row[MEDIA]) for row in inputs]
+            self._prompt_ids, self._features = [ids for ids, _ in prompts], [features for _, features in prompts]
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            features, self._prompt_ids, self._features = self._features, None, None
+        if features is not None:
+            output[MEDIA] = features  # a list: TRL shuffles and splits it with the rows
         output["advantages"] = torch.tensor([s["advantage"] for s in self._samples], dtype=output["advantages"].dtype,
                                             device=output["advantages"].device)
         return output
+
+    def _tokenize_prompts(self, prompts: list[Any]) -> tuple[list[list[int]], Any, dict[str, Any]]:
+        if self._prompt_ids is None:
+            return super()._tokenize_prompts(prompts)
+        return self._prompt_ids, None, {}
 
     def _generate_single_turn(self, prompt_ids: Any, images: Any, multimodal_fields: Any,
                               num_generations: int) -> tuple[list[list[int]], list[list[float]]]:
@@ -251,3 +295,33 @@ class StoredRolloutTrainer(PolicyTrainer):
                           completion_ids_list: list[Any]) -> torch.Tensor:
         scores = [[math.nan if s["rewards"][name] is None else s["rewards"][name] for name in self.reward_set.names] for s in self._samples]
         return gather(torch.tensor(scores, dtype=torch.float32, device=self.accelerator.device))
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        self._features = inputs.get(MEDIA)
+        if self._features is not None:
+            values = sum(value.numel() for row in self._features for key, value in row.items() if key not in PER_TOKEN)
+            self._metrics["train"]["media/encoder_inputs"].append(values)
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._features = None
+
+    def _get_per_token_logps_and_entropies(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                           logits_to_keep: int, batch_size: int | None = None, compute_entropy: bool = False,
+                                           compute_aux_loss: bool = False, **fields: Any) -> Any:
+        """TRL's, with the rows' encoder inputs (``_features``) in each chunk's forward."""
+        if self._features is None:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                                              compute_entropy, compute_aux_loss, **fields)
+        size, length = batch_size or input_ids.size(0), input_ids.size(1)
+        parts = []
+        for start in range(0, input_ids.size(0), size):
+            rows = slice(start, start + size)
+            features = batch_features(self._features[rows], length - logits_to_keep, length)
+            with_media = _WithInputs(model, {key: value.to(input_ids.device) for key, value in features.items()})
+            parts.append(super()._get_per_token_logps_and_entropies(
+                with_media, input_ids[rows], attention_mask[rows], logits_to_keep, compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss))
+        logps, entropies, aux_losses = zip(*parts, strict=True)
+        return (torch.cat(logps), torch.cat(entropies) if compute_entropy else None,
+                torch.stack(aux_losses).mean() if compute_aux_loss else None)

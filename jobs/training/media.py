@@ -33,6 +33,9 @@ from jobs.problems.media import SAMPLE_RATE, Video, read_image, read_sound, read
 
 # Frames per second that vLLM samples from a video for Qwen2-VL's video processor.
 VIDEO_FPS = 2
+# Per-token inputs some processors add for the prompt (Qwen2.5-VL's mm_token_type_ids).
+PER_TOKEN = ("token_type_ids", "mm_token_type_ids")
+AUDIO_COUNT = "num_audio_tokens"  # the processor's count of audio tokens, not a model input
 MEDIA = "media"  # column: (field, path) of each media part of the prompt, in order
 IMAGES = "images"  # column of TRL's collator: image paths, decoded just before it
 # Modules outside the language model that map an encoder's output into it: they keep training
@@ -79,6 +82,61 @@ def video_sampling(processor: Any) -> Callable[[Video], list[int]] | None:
     return lambda video: video_processor.sample_frames(video, fps=VIDEO_FPS).tolist()
 
 
+def media_inputs(processor: Any, media: list[tuple[str, str]]) -> dict[str, Any]:
+    """The processor's media arguments for ``media`` ((field, path) in the prompts' order), the
+    files read as vLLM's server reads them."""
+    found: dict[str, list[Any]] = {"audio": [], "images": [], "videos": [], "video_metadata": []}
+    frames = video_sampling(processor)
+    for field, path in media:
+        if field == "sound":
+            found["audio"].append(read_sound(Path(path)))
+        elif field == "image":
+            found["images"].append(read_image(Path(path)))
+        else:
+            video = read_video(Path(path), sample=frames)
+            found["videos"].append(video.frames)
+            found["video_metadata"].append(VideoMetadata(
+                total_num_frames=video.total_num_frames, fps=video.fps, width=video.width, height=video.height,
+                duration=video.total_num_frames / video.fps if video.fps > 0 else 0.0, video_backend="opencv",
+                frames_indices=video.frames_indices))
+    kwargs: dict[str, Any] = {key: value for key, value in found.items() if value}
+    if "audio" in kwargs:
+        kwargs["sampling_rate"] = SAMPLE_RATE
+    if "videos" in kwargs:
+        kwargs["do_sample_frames"] = False  # sampled as they were read, as vLLM does
+    return kwargs
+
+
+def prompt_features(processor: Any, prompt: list[dict[str, Any]], media: list[tuple[str, str]]) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """One chat prompt with its media as the model takes them: its token ids (each media tag
+    expanded to the processor's placeholder tokens, as vLLM expands it) and the encoders' inputs
+    (``input_features``, ``pixel_values``, ``image_grid_thw``, ...; per-token ones such as
+    ``mm_token_type_ids`` over the prompt's tokens)."""
+    text = apply_chat_template({"prompt": prompt}, processor)["prompt"]
+    inputs = processor(text=[text], return_tensors="pt", add_special_tokens=False, **media_inputs(processor, media))
+    inputs.pop(AUDIO_COUNT, None)
+    inputs.pop("attention_mask")
+    ids = inputs.pop("input_ids")[0].tolist()
+    return ids, {key: value[0] if key in PER_TOKEN else value for key, value in inputs.items()}
+
+
+def batch_features(rows: list[dict[str, torch.Tensor]], prompt_length: int, length: int) -> dict[str, torch.Tensor]:
+    """The encoders' inputs of ``rows`` (``prompt_features``) for a batch of left-padded prompts of
+    ``prompt_length`` tokens followed by completions (``length`` tokens in all): each media input
+    joined along its first dimension, as the processor joins a batch's; per-token inputs placed
+    under their prompt's tokens, zero elsewhere."""
+    batch: dict[str, torch.Tensor] = {}
+    for key in dict.fromkeys(key for row in rows for key in row):  # a row with a video only has no image inputs
+        present = [(index, row[key]) for index, row in enumerate(rows) if key in row]
+        if key in PER_TOKEN:
+            batch[key] = torch.zeros(len(rows), length, dtype=present[0][1].dtype)
+            for index, values in present:
+                batch[key][index, prompt_length - len(values):prompt_length] = values
+        else:
+            batch[key] = torch.cat([values for _, values in present])
+    return batch
+
+
 def collator_for(processor: Any, examples: list[dict[str, Any]], max_length: int | None) -> tuple[Any, list[dict[str, Any]]]:
     """TRL's collator where all media are images (the examples get TRL's ``images`` column), else ours."""
     fields = {field for example in examples for field, _ in example[MEDIA]}
@@ -108,26 +166,7 @@ class MediaCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [apply_chat_template({"prompt": e["prompt"], "completion": e["completion"]}, self.processor) for e in examples]
-        media: dict[str, list[Any]] = {"audio": [], "images": [], "videos": [], "video_metadata": []}
-        frames = video_sampling(self.processor)
-        for example in examples:
-            for field, path in example[MEDIA]:
-                if field == "sound":
-                    media["audio"].append(read_sound(Path(path)))
-                elif field == "image":
-                    media["images"].append(read_image(Path(path)))
-                else:
-                    video = read_video(Path(path), sample=frames)
-                    media["videos"].append(video.frames)
-                    media["video_metadata"].append(VideoMetadata(
-                        total_num_frames=video.total_num_frames, fps=video.fps, width=video.width, height=video.height,
-                        duration=video.total_num_frames / video.fps if video.fps > 0 else 0.0, video_backend="opencv",
-                        frames_indices=video.frames_indices))
-        kwargs: dict[str, Any] = {key: value for key, value in media.items() if value}
-        if "audio" in kwargs:
-            kwargs["sampling_rate"] = SAMPLE_RATE
-        if "videos" in kwargs:
-            kwargs["do_sample_frames"] = False  # sampled as they were read, as vLLM does
+        kwargs = media_inputs(self.processor, [part for example in examples for part in example[MEDIA]])
         prompts = self.processor(text=[t["prompt"] for t in texts], padding=True, padding_side="left",
                                  return_tensors="pt", add_special_tokens=False, **kwargs)
         completions = self.processor.tokenizer([t["completion"] for t in texts], padding=True, padding_side="right",
@@ -136,11 +175,11 @@ class MediaCollator:
         attention_mask = torch.cat((prompts["attention_mask"], completions["attention_mask"]), dim=1)
         completion_mask = torch.cat((torch.zeros_like(prompts["attention_mask"]), completions["attention_mask"]), dim=1)
         # Per-token inputs some processors add for the prompt (Qwen2.5-VL's mm_token_type_ids): zero on the completion.
-        per_token = [key for key in ("token_type_ids", "mm_token_type_ids") if key in prompts]
+        per_token = [key for key in PER_TOKEN if key in prompts]
         extra = [torch.cat((prompts[key], torch.zeros_like(completions["input_ids"])), dim=1) for key in per_token]
         attention_mask, input_ids, completion_mask, *extra = flush_left(attention_mask, input_ids, completion_mask, *extra)
         batch = dict(prompts)
-        batch.pop("num_audio_tokens", None)  # the processor's count, not a model input
+        batch.pop(AUDIO_COUNT, None)
         batch.update(zip(per_token, extra, strict=True))
         batch.update(input_ids=input_ids, attention_mask=attention_mask)
         if self.max_length is not None:

@@ -291,6 +291,7 @@ def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | No
             seed=config.seed + iteration,
             pass_rates_path=str(layout.stage_dir(iteration, pass_rates.name) / "filtered_pass_rates.jsonl") if pass_rates else None,
             scored_path=str(layout.stage_dir(iteration, scored.name) / SCORED_FILE) if scored else None,
+            media_dir=config.generate.media_dir,
         )
 
     steps = "one pass over the round's samples" if scored else f"{grpo.max_steps} steps"
