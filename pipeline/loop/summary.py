@@ -131,7 +131,7 @@ def summarize(run_dir: Path | str) -> dict[str, Any]:
         "run_name": run.get("run_name"),
         "status": run.get("status"),
         "error": run.get("error"),
-        "stage_names": planner.stage_names(),
+        "stage_names": planner.stage_names({entry["iteration"]: entry["stages"] for entry in iterations}),
         "base_heldout_accuracy": base_accuracy,
         "base_dev_accuracy": (base.get("metrics") or {}).get("dev_accuracy"),
         # Per category of the held-out problems, and each GRPO reward's mean over the greedy answers.

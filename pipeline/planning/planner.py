@@ -3,6 +3,8 @@ recipe of its method (pipeline/planning/recipes/), and the export of the final m
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+
 from pipeline.planning.recipes import Recipe, recipe_for
 from pipeline.planning.stage import RunContext, StagePlan
 from pipeline.planning.stages import eval_stage, export_stage
@@ -32,10 +34,10 @@ class Planner(RunContext):
         """One stage, planned afresh (its tasks may have changed: a re-split straggler)."""
         return next(stage for stage in self.stages() if stage.key == key)
 
-    def stage_names(self) -> list[str]:
-        """The kinds of stage the run's iterations have, in running order (status columns)."""
+    def stage_names(self, planned: Mapping[int, Collection[str]]) -> list[str]:
+        """The kinds of stage the run's iterations have, in running order (status columns), from the
+        names of the stages planned for each iteration (``planned``)."""
         names: list[str] = []
-        for iteration in range(1, self.config.num_iterations + 1):
-            planned = {stage.name for stage in self.iteration(iteration)}
-            names += [n for n in self.recipe_for(iteration).stage_names if n in planned and n not in names]
+        for iteration, here in sorted(planned.items()):
+            names += [n for n in self.recipe_for(iteration).stage_names if n in here and n not in names]
         return names

@@ -490,7 +490,7 @@ def test_resplit_parts_of_several_shards_are_ordered_by_shard(make_planner):
 def test_stage_names_lists_each_kind_once_in_running_order(make_planner, schedule):
     planner = make_planner(num_iterations=len(schedule), schedule=schedule, data={"heldout": "h.jsonl"},
                            grpo={"pass_rate_band": [0.2, 0.8]})
-    names = planner.stage_names()
+    names = planner.stage_names({i: [s.name for s in planner.iteration(i)] for i in range(1, len(schedule) + 1)})
     assert names == ["generate", "filter", "train", "eval"]
     # Each iteration's stages run in the order the names give.
     for i in range(1, len(schedule) + 1):
