@@ -295,6 +295,32 @@ def test_build_audio_makes_a_countingqa_like_set(tmp_path: Path) -> None:
     assert (assets / "random_init" / "config.json").is_file() and (assets / "random_init" / "processor_config.json").is_file()
 
 
+def test_seed_003s_videos_are_what_its_rewards_read(tmp_path: Path) -> None:
+    """tools.demo's temporal grounding set (build-vision): the videos decode as vLLM's would, and the
+    annotations score the right answers 1 with seed 003's rewards (its Refuse-IoU table), others less."""
+    from jobs.problems.media import read_video
+    from jobs.problems.prompts import check_media
+    from jobs.scoring.reward_functions import refuse_iou
+    from tools.demo import VIDEO_FPS, video_grounding
+
+    problems = video_grounding(random.Random(0), 12, tmp_path / "videos")
+    check_media(problems, str(tmp_path / "videos"), "assets")
+    assert {p["task_type"] for p in problems} == {"answerable", "refusable"}
+    for problem in problems:
+        video = read_video(tmp_path / "videos" / problem["video"])
+        assert video.total_num_frames / VIDEO_FPS == problem["duration"] and 0 <= problem["timestamps"][0] < problem["timestamps"][1]
+        lit = [i for i, frame in enumerate(video.frames) if frame.max() > 100]  # the frames the dot is in
+        assert [lit[0] / VIDEO_FPS, (lit[-1] + 1) / VIDEO_FPS] == problem["timestamps"]
+    columns = {key: [p[key] for p in problems] for key in ("task_type", "timestamps", "duration")}
+    right = [[{"role": "assistant", "content": f"<think>x</think><answer>{p['answer']}</answer><correction>NIL</correction>"}]
+             for p in problems]
+    assert refuse_iou([None] * 12, right, **columns) == [1.0] * 12
+    late = [[{"role": "assistant", "content": f"<answer>{p['timestamps'][0] + 0.5:.2f} to {p['timestamps'][1] + 0.5:.2f}</answer>"}]
+            for p in problems]
+    scores = refuse_iou([None] * 12, late, **columns)
+    assert all((0 < score < 1) if p["task_type"] == "answerable" else score == 0 for p, score in zip(problems, scores, strict=True))
+
+
 # -- GRPO on stored rollouts of media problems -------------------------------------------------------
 
 

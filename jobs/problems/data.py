@@ -127,14 +127,17 @@ def _from_conversations(record: dict[str, Any], where: str) -> Problem:
 def _problem(record: Any, where: str, index: int, stem: str) -> Problem:
     if not isinstance(record, dict):
         raise InputError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    if "conversations" in record:
-        record = _from_conversations(record, where)
-        record.setdefault("id", f"{stem}_{index}")
-    for key in ("id", "question", "answer"):
+    record = _from_conversations(record, where) if "conversations" in record else dict(record)
+    # Records without an id (GSM8K's, seed 001's conversations) are named by their place in the file.
+    record.setdefault("id", f"{stem}_{index}")
+    for key in ("question", "answer"):
         if key not in record:
             raise InputError(f"{where}: missing field {key!r}")
     if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
         raise InputError(f"{where}: field 'id' must be a string or an integer")
+    answer = record["answer"]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        record["answer"] = str(answer)  # a numeric answer given as a number (72), as the verifiers read text
     for key in ("question", "answer"):
         if not isinstance(record[key], str):
             raise InputError(f"{where}: field {key!r} must be a string")
