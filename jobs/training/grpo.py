@@ -202,6 +202,9 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         TrlReward,
     )
 
+    # (as above)
+    from jobs.training.media import MEDIA
+
     config, grpo = spec.train, spec.grpo
     output = Path(spec.output_dir)
     if "tensorboard" in config.report_to:
@@ -223,9 +226,9 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     rollouts = None
     if spec.scored_path is not None:
         rows, rollouts = stored_rollouts(spec.scored_path, rows)
-    elif multimodal:
-        # pipeline.rules refuses it first: TRL's own rollouts carry images only, and no audio or video.
-        raise PermanentJobError("grpo.rollouts: trainer trains a text-only model; a model with a processor trains with"
+    elif any(row.get(MEDIA) for row in rows):
+        # pipeline.rules refuses it first: TRL's own loop samples text, and its loss forwards images alone.
+        raise PermanentJobError("grpo.rollouts: trainer trains on text only; problems with media train with"
                                 " grpo.rollouts: arrays")
     context = RewardContext(spec.verifier, spec.answer_pattern, spec.services)
     reward_set = RewardSet(grpo.rewards, context)
@@ -275,8 +278,9 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
     if rollouts is not None:
         steps = round_steps(len(rows) * grpo.num_generations, args)
         if not steps:
-            raise PermanentJobError(f"grpo.batch_size: the round has {len(rows)} problems x {grpo.num_generations} samples, fewer"
-                                    f" than one generation batch ({args.generation_batch_size})")
+            raise PermanentJobError(f"grpo.batch_size: the round kept {len(rows)} problems x {grpo.num_generations} samples, fewer"
+                                    f" than one generation batch ({args.generation_batch_size}); raise grpo.oversample or"
+                                    " grpo.problems_per_round for more groups with a signal, or lower grpo.batch_size")
         args.max_steps = min(grpo.max_steps, steps)
         extra["rollouts"] = rollouts
     on_preemption = CheckpointOnPreemption()
