@@ -66,14 +66,14 @@ def run_warnings(config: RunConfig, base: dict[str, Any], iterations: list[dict[
     """Stages whose completions were cut at max_tokens over the run's threshold (``truncated_fraction``
     over generate.warn_truncated), each with a message saying what to change. Warnings a job computes
     itself (the filter's ``warnings`` metric) are its own, in its metrics."""
-    stages = [(0, "eval", base)] + [(e["iteration"], name, info["metrics"]) for e in iterations for name, info in e["stages"].items()]
+    stages = [(0, "eval", base, "eval.max_tokens")] + [(e["iteration"], name, info["metrics"], info.get("length_key"))
+                                                        for e in iterations for name, info in e["stages"].items()]
     found = []
     threshold = config.generate.warn_truncated
-    for iteration, name, metrics in stages:
+    for iteration, name, metrics, limit in stages:
         truncated = metrics.get("truncated_fraction")
         if truncated is not None and truncated > threshold:
             where = f"iteration {iteration} {name}" if iteration else f"{BASELINE} {name}"
-            limit = "eval.max_tokens" if name == "eval" else "generate.max_tokens"
             found.append({"iteration": iteration, "stage": name, "key": "truncated_fraction", "value": truncated, "threshold": threshold,
                           "message": f"{where}: {truncated:.0%} of the completions ({metrics.get('truncated')}) hit max_tokens"
                                      f" (over generate.warn_truncated: {threshold:g}): their answers are cut off; raise {limit}"})
@@ -118,6 +118,8 @@ def summarize(run_dir: Path | str) -> dict[str, Any]:
                     {"index": int(name.split("_")[1]), "name": name, **_job_fields(child), "executions": child.get("executions", 0)}
                     for name, child in ledger.children(stage.key).items()
                 ]
+            if stage.length_key:
+                info["length_key"] = stage.length_key
             stages[stage.name] = info
             metrics.update({key: info["metrics"].get(key) for key in stage.reports})
         iterations.append({"iteration": iteration, "name": iteration_name(iteration), "method": planner.config.method_of(iteration),

@@ -77,6 +77,9 @@ class StagePlan:
     # The key of an earlier stage beside which the driver starts it, instead of after the stages
     # before it (a GRPO round's generation with grpo.max_staleness, beside an older round's training).
     starts_beside: str | None = None
+    # The config key that bounds its completions' length (a generating stage's): what to raise when
+    # too many are cut (pipeline/loop/summary.py run_warnings).
+    length_key: str = ""
     # For --dry-run: what it submits and where it writes.
     jobs_text: str = "1"
     writes: str = ""

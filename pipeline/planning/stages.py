@@ -148,6 +148,7 @@ def generate_stage(run: RunContext, iteration: int, rollouts: bool = False) -> S
         jobs_text=f"array of {len(sizes)} (problems per shard {min(sizes)}-{max(sizes)})",
         writes=str(layout.stage_dir(iteration, "generate")),
         resplit=resplit, split=lambda task_key: generate_job.close_early(by_key[task_key].spec), starts_beside=beside,
+        length_key="grpo.max_completion_length" if rollouts else "generate.max_tokens",
     )
 
 
@@ -257,7 +258,7 @@ def eval_stage(run: RunContext, iteration: int) -> StagePlan:
     reports = ("heldout_accuracy", "heldout_categories", "heldout_rewards")
     reports += ("dev_accuracy",) if config.data.dev else ()
     return StagePlan(key, "eval", iteration, [Task(key, eval_job.run, spec)], stage_resources(config, "eval"),
-                     services=tuple(sorted(services)), reports=reports, writes=str(output))
+                     services=tuple(sorted(services)), reports=reports, writes=str(output), length_key="eval.max_tokens")
 
 
 def grpo_train_stage(run: RunContext, iteration: int, pass_rates: StagePlan | None = None,

@@ -272,6 +272,10 @@ def test_a_round_over_the_arrays_shows_the_groups_it_trained_on_and_its_shortfal
     cells = " ".join(out.split())
     assert "│ 7 of 8, 5 │ 8 of 8, 5 │" in cells and "│ alike, 1 short │ alike, 1 stale │" in cells, \
         "each round's groups, its shortfall, its staleness"
+    # A round's samples are as long as grpo.max_completion_length lets them be, not generate.max_tokens.
+    ledger.update("iter_002/generate", {"status": "done", "metrics": {"truncated": 90, "truncated_fraction": 0.9}})
+    cells = " ".join(status_of(run_dir, capsys)[1].split())
+    assert "iteration 2 generate: 90% of the completions (90) hit max_tokens" in cells and "raise grpo.max_completion_length" in cells
 
 
 def test_generation_counts_completions_cut_at_max_tokens(tmp_path: Path) -> None:
