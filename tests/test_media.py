@@ -26,6 +26,7 @@ from jobs.training.media import (
     MediaCollator,
     collator_for,
     encoder_parameters,
+    match_vllm_positions,
 )
 from jobs.training.sft import sft_examples, train_model
 from tests.conftest import run_cli, small_config, write_config
@@ -47,12 +48,15 @@ def write_media(folder: Path) -> Path:
     soundfile.write(str(folder / "cd_quality.wav"), beeps(rng, 2), 44100, subtype="PCM_16")
     Image.new("RGB", (96, 64), (220, 30, 30)).save(folder / "red.png")
     Image.new("RGB", (64, 96), (30, 30, 220)).save(folder / "blue.png")
-    writer = cv2.VideoWriter(str(folder / "dot.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 4, (112, 84))
-    for i in range(16):  # a white dot moving right over 4 s
-        frame = np.zeros((84, 112, 3), np.uint8)
-        cv2.circle(frame, (8 + 6 * i, 42), 6, (255, 255, 255), -1)
-        writer.write(frame)
-    writer.release()
+    # A white dot moving right over 4 s, and over 6 s: 12 frames sampled, 6 temporal patches, more
+    # than the 4 merged columns of its 112 x 84 frames.
+    for name, frames in (("dot.mp4", 16), ("long_dot.mp4", 24)):
+        writer = cv2.VideoWriter(str(folder / name), cv2.VideoWriter_fourcc(*"mp4v"), 4, (112, 84))
+        for i in range(frames):
+            frame = np.zeros((84, 112, 3), np.uint8)
+            cv2.circle(frame, (8 + 96 * i // frames, 42), 6, (255, 255, 255), -1)
+            writer.write(frame)
+        writer.release()
     (folder / "broken.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEnot a clip")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42not a video")
@@ -185,6 +189,7 @@ def collated(model_dir: Path, problems: list[dict[str, Any]], media: Path, tmp_p
     collator, examples = collator_for(processor, examples, max_length=2048)
     torch.manual_seed(0)
     model = AutoModelForMultimodalLM.from_pretrained(model_dir, dtype=torch.float32)
+    match_vllm_positions(model)  # as the training job prepares it
     return model, collator, collator(examples)
 
 
@@ -233,6 +238,36 @@ def test_video_reaches_the_model_in_training(vision_model: Path, media: Path, tm
     # 16 frames at 4 fps: vLLM samples 2 a second, 8 frames, 4 steps of 2 frames for the encoder.
     assert batch["video_grid_thw"][:, 0].tolist() == [4, 4] and batch["image_grid_thw"].shape[0] == 1
     assert encoder_gradient(model, batch) > 0
+
+
+@pytest.mark.parametrize(("problem", "differs"), [
+    ({"id": "v", "video": "dot.mp4", "question": "<video> Where does the dot go?"}, False),
+    ({"id": "v", "video": "long_dot.mp4", "question": "<video> Where does the dot go?"}, True),
+    ({"id": "i", "image": ["red.png", "blue.png"], "question": "<image> or <image>: which is red?"}, False),
+])
+def test_qwen2_vl_trains_with_the_positions_vllm_serves(vision_model: Path, media: Path, problem: dict[str, Any],
+                                                        differs: bool) -> None:
+    """The text after an image or video goes on from the largest position of its grid, the temporal
+    one included (Qwen2-VL's own code, vLLM's get_mrope_input_positions); transformers 5 goes on from
+    the largest of height and width, which moves everything after a video of 6 temporal patches."""
+    from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+    from jobs.training.media import prompt_features, vllm_rope_index
+
+    processor = AutoProcessor.from_pretrained(vision_model)
+    model = AutoModelForMultimodalLM.from_pretrained(vision_model, dtype=torch.float32)
+    prompt, files = template_messages({**problem, "answer": "x"}, None, str(media))
+    ids, features = prompt_features(processor, prompt, files)
+    inputs = {"input_ids": torch.tensor([ids]), "mm_token_type_ids": features["mm_token_type_ids"][None],
+              "image_grid_thw": features.get("image_grid_thw"), "video_grid_thw": features.get("video_grid_thw")}
+    theirs, _ = model.model.get_rope_index(**inputs)
+    ours, _ = vllm_rope_index(model.model, **inputs)
+    kinds = inputs["mm_token_type_ids"][0]
+    last = int(kinds.nonzero().max())  # the last media token; text follows
+    assert int(ours[:, 0, last + 1].unique()) == int(ours[:, 0, : last + 1].max()) + 1
+    assert torch.equal(theirs, ours) is not differs
+    match_vllm_positions(model)
+    assert torch.equal(model.model.get_rope_index(**inputs)[0], ours), "the model trains with them"
 
 
 def one_step(model_dir: Path, problems: list[dict[str, Any]], media: Path, out: Path, **train: Any) -> Path:

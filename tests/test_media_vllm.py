@@ -93,6 +93,18 @@ def assert_same_prompt_as_training(model_dir: Path, endpoint: Endpoint, problems
         for candidate in reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]:
             token = int(candidate["token"].removeprefix("token_id:"))
             assert abs(candidate["logprob"] - float(log_probs[token])) < 0.01, (problem["id"], candidate)
+        # Every token of the server's answer, as training computes it after that prompt (the positions
+        # after a video among them: jobs.training.media.vllm_rope_index).
+        answer = reply["choices"][0]["token_ids"]
+        full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], torch.tensor([answer])], dim=1)}
+        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        if "mm_token_type_ids" in inputs:
+            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(answer), dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            answer_logps = model(**full).logits[0, prompt_length - 1:-1].log_softmax(-1)
+        served = [entry["logprob"] for entry in reply["choices"][0]["logprobs"]["content"]]
+        trained = [float(answer_logps[i, token]) for i, token in enumerate(answer)]
+        assert max(abs(a - b) for a, b in zip(served, trained, strict=True)) < 0.01, (problem["id"], served, trained)
 
 
 @pytest.mark.usefixtures("vllm_installed")
@@ -197,8 +209,10 @@ class TestVision:
 
     def test_image_and_video_requests_get_answers_from_the_prompt_training_sees(self, server: tuple[Path, Endpoint],
                                                                                 media: Path, tmp_path: Path) -> None:
-        # One image, two images in one question (seed 002's candidates), a video, an image and a video.
-        assert_same_prompt_as_training(*server, [*IMAGE_PROBLEMS, *VIDEO_PROBLEMS], media, tmp_path)
+        # One image, two images in one question (seed 002's candidates), a video, an image and a video,
+        # a video of more temporal patches than merged rows and columns.
+        long_video = {"id": "v3", "video": "long_dot.mp4", "question": "<video> Where does the dot go?", "answer": "right"}
+        assert_same_prompt_as_training(*server, [*IMAGE_PROBLEMS, *VIDEO_PROBLEMS, long_video], media, tmp_path)
 
     def test_rest_on_seed_002s_game_with_images_the_speaker_and_the_listener_look_at_the_candidates(
         self, server: tuple[Path, Endpoint], media: Path, tiny_assets: Path, tmp_path: Path

@@ -242,10 +242,7 @@ def _train(spec: GrpoSpec, metrics: dict[str, Any], primary: bool, server: tuple
         # Imported here for import cost: TRL and the trainer stack load only in the job, not in the driver that plans it.
         from jobs.training import media
 
-        if config.method == "lora":
-            target_modules = media.language_model_targets(model, config.target_modules)
-        elif config.freeze_encoders:
-            log.info("froze %d encoder parameters (train.freeze_encoders)", media.freeze_encoders(model))
+        target_modules = media.prepare_model(model, config)
     peft_config = lora_config(config, target_modules)
     checkpoints = output / "checkpoints"
     args = GRPOConfig(

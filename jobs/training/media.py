@@ -11,6 +11,10 @@ template's text to the model's processor, so training sees the prompt that gener
   apply_chat_template, processed apart and joined, loss on the completion only, cut at
   ``max_length`` from the end.
 
+Qwen2-VL and Qwen2.5-VL train with the 3-D positions their original code and vLLM give them
+(``vllm_rope_index``): transformers 5 places the text after a long video elsewhere, and training would
+compute another model than the one that generated.
+
 LoRA adapters go on the language model only: the modules of train.target_modules inside it, not
 the encoders' modules of the same names. train.freeze_encoders freezes the audio / vision encoders
 of a full fine-tune but not the projector that feeds their output to the language model (seed
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import torch
@@ -30,6 +35,8 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from trl.trainer.utils import flush_left
 
 from jobs.problems.media import SAMPLE_RATE, Video, read_image, read_sound, read_video
+from jobs.runtime import log
+from jobs.training.config import TrainConfig
 
 # Frames per second that vLLM samples from a video for Qwen2-VL's video processor.
 VIDEO_FPS = 2
@@ -69,6 +76,72 @@ def freeze_encoders(model: torch.nn.Module) -> int:
     for parameter in frozen.values():
         parameter.requires_grad_(False)
     return sum(p.numel() for p in frozen.values())
+
+
+# Models whose transformers 5 positions after a video differ from the model's original M-RoPE, which
+# vLLM serves (match_vllm_positions).
+MROPE_MODELS = ("qwen2_vl", "qwen2_5_vl")
+
+
+def vllm_rope_index(self: Any, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                    video_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                    second_per_grid_ts: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL's and Qwen2.5-VL's 3-D positions as the models' original code and vLLM compute them
+    (vLLM's Qwen2VLForConditionalGeneration.get_mrope_input_positions): text after an image or video
+    goes on from the largest position of its grid, the temporal one included. transformers 5 goes on
+    from the largest of height and width alone, so a video with more temporal patches than merged rows
+    and columns moved every later token (training's log-probabilities of vLLM's samples were several
+    nats off). The same signature as the models' get_rope_index, whose place it takes."""
+    merge = self.config.vision_config.spatial_merge_size
+    per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+    grids = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+             2: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
+    seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+    batch, length = input_ids.shape
+    position_ids = torch.ones(3, batch, length, dtype=input_ids.dtype, device=input_ids.device)
+    deltas = []
+    for row in range(batch):
+        kept = attention_mask[row].bool() if attention_mask is not None else torch.ones(length, dtype=torch.bool, device=input_ids.device)
+        kinds = mm_token_type_ids[row][kept].tolist()
+        pieces, start, index = [], 0, 0
+        while index < len(kinds):
+            end = index
+            while end < len(kinds) and kinds[end] == kinds[index]:
+                end += 1
+            if kinds[index] == 0:
+                pieces.append(torch.arange(start, start + end - index).expand(3, -1))
+            else:
+                t, h, w = next(grids[kinds[index]])
+                step = per_second * next(seconds, 1.0) if kinds[index] == 2 else 1.0
+                temporal = (torch.arange(t) * step).long()
+                grid = torch.stack(torch.meshgrid(temporal, torch.arange(h // merge), torch.arange(w // merge), indexing="ij"))
+                pieces.append(grid.reshape(3, -1) + start)
+            start = int(pieces[-1].max()) + 1
+            index = end
+        positions = torch.cat(pieces, dim=1).to(position_ids)
+        position_ids[:, row, kept] = positions
+        deltas.append(int(positions.max()) + 1 - length)
+    return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+def match_vllm_positions(model: torch.nn.Module) -> None:
+    """Give a Qwen2-VL / Qwen2.5-VL model the positions vLLM serves it with (``vllm_rope_index``), so
+    that training computes the model that generated the samples. Other models are left as they are."""
+    for module in model.modules():
+        if getattr(getattr(module, "config", None), "model_type", None) in MROPE_MODELS and hasattr(module, "get_rope_index"):
+            module.get_rope_index = MethodType(vllm_rope_index, module)
+
+
+def prepare_model(model: torch.nn.Module, config: TrainConfig) -> list[str]:
+    """A multimodal model made ready to train as ``config`` says, for SFT and GRPO alike: the
+    positions vLLM serves it with (``match_vllm_positions``), the encoders frozen
+    (train.freeze_encoders, full fine-tuning); the LoRA target modules, the language model's only."""
+    match_vllm_positions(model)
+    if config.method == "lora":
+        return language_model_targets(model, config.target_modules)
+    if config.freeze_encoders:
+        log.info("froze %d encoder parameters (train.freeze_encoders)", freeze_encoders(model))
+    return config.target_modules
 
 
 def video_sampling(processor: Any) -> Callable[[Video], list[int]] | None:

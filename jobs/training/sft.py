@@ -149,10 +149,7 @@ def train_model(spec: TrainSpec, metrics: dict[str, Any]) -> None:
 
         collator, examples = media.collator_for(processing, examples, config.max_length)
         log.info("multimodal SFT with %s", type(collator).__name__)
-        if config.method == "lora":
-            target_modules = media.language_model_targets(model, config.target_modules)
-        elif config.freeze_encoders:
-            log.info("froze %d encoder parameters (train.freeze_encoders)", media.freeze_encoders(model))
+        target_modules = media.prepare_model(model, config)
     peft_config = lora_config(config, target_modules)
     checkpoints = output / "checkpoints"
     args = SFTConfig(
