@@ -82,3 +82,22 @@ def test_a_job_the_ledger_no_longer_expects_steps_aside(tiny_assets: Path, tmp_p
     output.unlink()
     generate.run(spec_for(tiny_assets, output))
     assert output.exists()
+
+
+@pytest.mark.unit
+def test_samples_may_not_hold_a_media_models_placeholder_tokens(tmp_path: Path) -> None:
+    """The tokens a multimodal model's prompts stand media with (Qwen2-Audio's audio_token_index,
+    Qwen2-VL's image and video ids, a Qwen3-Omni thinker's), which the vLLM client bans from samples."""
+    from jobs.generation.backends import placeholder_tokens
+
+    configs = {
+        "audio": {"model_type": "qwen2_audio", "audio_token_index": 259},
+        "vision": {"model_type": "qwen2_vl", "image_token_id": 261, "video_token_id": 262, "vision_start_token_id": 258},
+        "omni": {"model_type": "qwen3_omni_moe", "thinker_config": {"audio_token_id": 7, "image_token_id": 8, "video_token_id": 9}},
+        "text": {"model_type": "qwen2", "eos_token_id": 2},
+    }
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert [placeholder_tokens(str(tmp_path / name)) for name in configs] == [[259], [261, 262], [7, 8, 9], []]
+    assert placeholder_tokens("Qwen/Qwen2-Audio-7B-Instruct") == [], "a served model's name, not a folder: nothing to read"
