@@ -142,16 +142,9 @@ def build_model(out: Path, seed: int = 0) -> None:
     model.save_pretrained(str(out))
 
 
-def warm_start(out: Path, seed: int, target: float, config: TrainConfig, learning_rate: float,
-               accuracy: Callable[[Path], float], media_dir: str | None = None) -> float:
-    """Train ``out/random_init`` on the worked solutions (``config.replay_data``, a checkpoint every
-    ``config.save_steps``), then keep the first checkpoint whose greedy dev ``accuracy`` reaches
-    ``target`` (the final model if none does).
-
-    Where a run crosses "weak but not hopeless" depends on the machine's arithmetic down to
-    thread scheduling, so the build measures it instead of hard-coding a step count. Returns the
-    dev accuracy of the model written to ``out/base_model``.
-    """
+def train_warm_start(out: Path, seed: int, config: TrainConfig, learning_rate: float, media_dir: str | None = None) -> Path:
+    """SFT of ``out/random_init`` on the worked solutions (``config.replay_data``); the folder it wrote
+    (its ``model`` and ``checkpoints``)."""
     # Imported here for import cost: the training and evaluation stack loads only for the builds that use it.
     from jobs.training.sft import train_model
 
@@ -162,6 +155,20 @@ def warm_start(out: Path, seed: int, target: float, config: TrainConfig, learnin
                   train=config, system_prompt=None, seed=seed, media_dir=media_dir),
         {},
     )
+    return folder
+
+
+def warm_start(out: Path, seed: int, target: float, config: TrainConfig, learning_rate: float,
+               accuracy: Callable[[Path], float], media_dir: str | None = None) -> float:
+    """Train ``out/random_init`` on the worked solutions (``config.replay_data``, a checkpoint every
+    ``config.save_steps``), then keep the first checkpoint whose greedy dev ``accuracy`` reaches
+    ``target`` (the final model if none does).
+
+    Where a run crosses "weak but not hopeless" depends on the machine's arithmetic down to
+    thread scheduling, so the build measures it instead of hard-coding a step count. Returns the
+    dev accuracy of the model written to ``out/base_model``.
+    """
+    folder = train_warm_start(out, seed, config, learning_rate, media_dir)
     checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
     def dev_accuracy(checkpoint: Path) -> float:
@@ -518,16 +525,11 @@ def build_vision(out: Path, seed: int = 0, steps: int = 150) -> None:
     except ImportError:
         log.info("no all-MiniLM-L6-v2 here: give seed 003's explain_correction a Sentence-BERT folder of your own")
     build_vision_model(out / "random_init", seed)
-    # Imported here for import cost: the training stack loads only for the builds that use it.
-    from jobs.training.sft import train_model
-
     config = TrainConfig(method="full", max_steps=steps, batch_size=8, gradient_accumulation_steps=1, warmup_ratio=0.05,
                          gradient_checkpointing=False, replay_data=str(out / "video_warmstart.json"), logging_steps=10)
-    train_model(TrainSpec(target=JobTarget(str(out), "warm_start"), data_path=None, init_model=str(out / "random_init"),
-                          base_model=str(out / "random_init"), iteration=0, output_dir=str(out / "warm_start"),
-                          learning_rate=1e-3, train=config, system_prompt=None, seed=seed, media_dir=str(out / "videos")), {})
-    shutil.copytree(out / "warm_start" / "model", out / "base_model")
-    shutil.rmtree(out / "warm_start")
+    folder = train_warm_start(out, seed, config, 1e-3, str(out / "videos"))
+    (folder / "model").rename(out / "base_model")
+    shutil.rmtree(folder)
     # Last: the model's config.json says the build is complete.
     (out / "random_init").rename(out / "model")
 
